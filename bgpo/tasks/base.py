@@ -1,0 +1,77 @@
+"""A task = data source + prompt renderers + reward (SPEC §5). Tasks know nothing of models.
+
+Every task registers itself by name with ``@register_task("name")`` and implements ``Task``.
+Two renderers share the same data: ``compact`` (the embedded tiny dLLM, character tokens) and
+``d1`` (LLaDA-class instruct models, the d1 paper's reasoning/answer format).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+Format = Literal["compact", "d1"]
+FORMATS: tuple[str, ...] = ("compact", "d1")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One problem. ``fields`` holds the task's own data (numbers, puzzle, question...);
+    ``solution`` is a reference answer in the compact format (pretraining target), or None."""
+
+    fields: dict[str, Any]
+    solution: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class Task(Protocol):
+    name: str
+
+    def train_examples(self, n: int, seed: int) -> list[Example]:
+        """``n`` training problems, deterministic in ``seed``, disjoint from the test set in use."""
+        ...
+
+    def test_examples(self) -> list[Example]:
+        """The test set in use: the suite's own seeded set, or ``test_file`` when given."""
+        ...
+
+    def render(self, ex: Example, fmt: Format) -> str:
+        """The prompt text (no chat template: the model adapter applies it)."""
+        ...
+
+    def target(self, ex: Example, fmt: Format) -> str:
+        """A correct completion in ``fmt`` (for supervised pretraining)."""
+        ...
+
+    def reward(self, ex: Example, completion: str, fmt: Format) -> float:
+        """SPEC §5 reward of a decoded completion (text after the prompt, EOS stripped)."""
+        ...
+
+    def correct(self, ex: Example, completion: str, fmt: Format) -> bool:
+        """Accuracy criterion (full credit)."""
+        ...
+
+
+_REGISTRY: dict[str, Callable[..., Task]] = {}
+
+
+def register_task(name: str) -> Callable[[Callable[..., Task]], Callable[..., Task]]:
+    def deco(cls: Callable[..., Task]) -> Callable[..., Task]:
+        if name in _REGISTRY:
+            raise ValueError(f"task {name!r} registered twice")
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def task_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_task(name: str, **kwargs: Any) -> Task:
+    """Build a registered task; unknown names fail naming the key and the allowed values."""
+    if name not in _REGISTRY:
+        raise ValueError(f"task.name={name!r} is not a registered task; allowed: {task_names()}")
+    return _REGISTRY[name](**kwargs)

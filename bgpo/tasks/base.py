@@ -7,6 +7,7 @@ Two renderers share the same data: ``compact`` (the embedded tiny dLLM, characte
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -75,3 +76,31 @@ def get_task(name: str, **kwargs: Any) -> Task:
     if name not in _REGISTRY:
         raise ValueError(f"task.name={name!r} is not a registered task; allowed: {task_names()}")
     return _REGISTRY[name](**kwargs)
+
+
+# ---- d1 format helpers shared by the tasks (SPEC §5) ----
+
+D1_INSTRUCTIONS = (
+    "Work through the problem step by step inside <reasoning> </reasoning> tags, then give only the "
+    "final answer inside <answer> </answer> tags, laid out as:\n"
+    "<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>"
+)
+
+_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
+def last_answer(text: str) -> str | None:
+    """Content of the last ``<answer>...</answer>`` pair (stripped), or None when there is none."""
+    found = _ANSWER_RE.findall(text)
+    return found[-1].strip() if found else None
+
+
+def d1_completion(reasoning: str, answer: str) -> str:
+    """A completion in the d1 layout (used as the supervised ``target`` of d1-format tasks)."""
+    return f"<reasoning>\n{reasoning.strip()}\n</reasoning>\n<answer>\n{answer.strip()}\n</answer>"
+
+
+def check_format(fmt: str) -> None:
+    """Fail on an unknown format, naming the allowed values."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format={fmt!r} is not a task format; allowed: {list(FORMATS)}")

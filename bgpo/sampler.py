@@ -1,0 +1,101 @@
+"""Rollout generation: LLaDA's block-wise low-confidence remasking sampler (SPEC §1).
+
+The completion of length ``gen_length`` starts all-masked and is decoded block by block, left to
+right; each block gets ``steps / num_blocks`` denoising steps. At every step all masked positions
+of the current block are predicted (argmax at temperature 0, Gumbel-max in float64 otherwise) and
+the ``k`` most confident predictions are committed, ``k`` spreading the block evenly over its
+steps. Prompts are left-padded and the attention mask is passed to the model, so a prompt's
+tokens are the same whatever else is in the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from bgpo.model import DLLM
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    gen_length: int = 32
+    """completion length L (tokens), EOS padding included"""
+    block_length: int = 8
+    """semi-autoregressive block size; must divide gen_length"""
+    steps: int = 32
+    """total denoising steps; must be a multiple of the number of blocks"""
+    temperature: float = 0.0
+    """0 = greedy; > 0 = Gumbel-max sampling in float64"""
+
+    def __post_init__(self) -> None:
+        validate_schedule(self.gen_length, self.block_length, self.steps, self.temperature)
+
+
+def validate_schedule(gen_length: int, block_length: int, steps: int, temperature: float = 0.0) -> None:
+    """Clear start-up errors naming the key (``sampler.*``)."""
+    for key, v in (("gen_length", gen_length), ("block_length", block_length), ("steps", steps)):
+        if not isinstance(v, int) or v <= 0:
+            raise ValueError(f"sampler.{key}={v!r} must be a positive integer")
+    if gen_length % block_length:
+        raise ValueError(
+            f"sampler.gen_length={gen_length} must be a multiple of sampler.block_length={block_length}"
+        )
+    blocks = gen_length // block_length
+    if steps % blocks:
+        raise ValueError(f"sampler.steps={steps} must be a multiple of the number of blocks "
+                         f"(gen_length/block_length = {blocks})")
+    if temperature < 0:
+        raise ValueError(f"sampler.temperature={temperature} must be >= 0")
+
+
+def transfer_schedule(n_masked: Tensor, steps: int) -> Tensor:
+    """How many tokens to commit at each step: ``[B, steps]``, spread evenly, extras first."""
+    base = n_masked // steps  # [B]
+    extra = n_masked % steps  # [B]
+    idx = torch.arange(steps, device=n_masked.device)
+    return base[:, None] + (idx[None, :] < extra[:, None]).long()
+
+
+def gumbel_argmax(logits: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:
+    """argmax at temperature 0; Gumbel-max sample of softmax(logits / T) in float64 otherwise."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    u = torch.rand(logits.shape, generator=generator, dtype=torch.float64, device=logits.device)
+    gumbel = -torch.log(-torch.log(u.clamp_min(1e-300)))
+    return (logits.double() / temperature + gumbel).argmax(-1)
+
+
+@torch.no_grad()
+def generate(model: DLLM, prompt_ids: Tensor, prompt_mask: Tensor, cfg: SamplerConfig,
+             generator: torch.Generator | None = None, progress: bool = False) -> Tensor:
+    """Sample completions ``[B, gen_length]`` for left-padded prompts ``[B, P]``."""
+    B, P = prompt_ids.shape
+    L, bl = cfg.gen_length, cfg.block_length
+    n_blocks = L // bl
+    steps_per_block = cfg.steps // n_blocks
+    dev = prompt_ids.device
+    x = torch.full((B, P + L), model.mask_token_id, dtype=torch.long, device=dev)  # [B, P+L]
+    x[:, :P] = prompt_ids
+    attn = torch.cat([prompt_mask, torch.ones(B, L, dtype=prompt_mask.dtype, device=dev)], 1)
+    bar = tqdm(total=cfg.steps, desc="rollout", disable=not progress, leave=False)
+    for b in range(n_blocks):
+        lo, hi = P + b * bl, P + (b + 1) * bl
+        n_masked = (x[:, lo:hi] == model.mask_token_id).sum(-1)  # [B]
+        schedule = transfer_schedule(n_masked, steps_per_block)  # [B, steps_per_block]
+        for s in range(steps_per_block):
+            logits = model.logits(x, attn)[:, lo:hi].double()  # [B, bl, V]
+            x0 = gumbel_argmax(logits, cfg.temperature, generator)  # [B, bl]
+            conf = logits.softmax(-1).gather(-1, x0[..., None]).squeeze(-1)  # [B, bl]
+            masked = x[:, lo:hi] == model.mask_token_id  # [B, bl]
+            conf = torch.where(masked, conf, torch.full_like(conf, -torch.inf))
+            # commit the k most confident masked predictions of each row (k varies by row)
+            order = conf.argsort(-1, descending=True, stable=True)  # [B, bl]
+            rank = order.argsort(-1)  # [B, bl]: rank of each position
+            commit = (rank < schedule[:, s : s + 1]) & masked  # [B, bl]
+            x[:, lo:hi] = torch.where(commit, x0, x[:, lo:hi])
+            bar.update(1)
+    bar.close()
+    return x[:, P:]

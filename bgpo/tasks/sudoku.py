@@ -1,0 +1,235 @@
+"""4×4 Sudoku (SPEC §5): 16-character strings read row by row, ``0`` = empty cell.
+
+Grids. There are exactly 288 valid 4×4 grids (``all_grids``, by backtracking). The split is BY
+GRID, so a test score never measures memorised grids:
+
+- default: the sorted grids shuffled with ``split_seed`` -> 200 training grids, 88 test grids; the
+  suite's own test set is ``n_test`` (default 256) distinct puzzles made from test grids only,
+  seed ``TEST_SEED``;
+- ``test_file`` (d1's CSV ``Puzzle,Solution``): the test set is the file, and training uses only
+  the grids that occur in none of its solutions (59 for d1's file). ``n_test=k`` draws k rows the
+  way d1 does (``np.random.seed(42); np.random.choice(len, k, replace=False)``, assuming nothing
+  else draws from numpy's global state in between); ``n_test=None`` keeps all rows in file order.
+
+Puzzles. ``n_empty`` cells (default 8: every puzzle in d1's test file has exactly 8 empty cells)
+are blanked at random, re-drawing up to 50 times until the puzzle has a unique solution (a bitmask
+count over the 288 grids; d1's own file is only 75% unique: 376 of 500).
+
+Reward (SPEC §5). The fraction of originally-empty cells filled correctly: the answer (whole
+completion for ``compact``; the last ``<answer>...</answer>`` for ``d1``, none -> 0) is reduced
+to its ASCII digits, the first 16 are read as the grid, and each empty cell of the puzzle counts
+if that digit equals the reference solution's; missing digits count as wrong. ``correct`` is
+reward == 1.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import random
+
+from bgpo.tasks.base import (
+    D1_INSTRUCTIONS,
+    Example,
+    Format,
+    check_format,
+    d1_completion,
+    last_answer,
+    register_task,
+)
+
+N_TRAIN_GRIDS = 200  # SPG's re-split: 200 training grids, 88 test grids
+TEST_SEED = 20240502  # seed of the suite's own test puzzles
+D1_SAMPLE_SEED = 42  # d1 evaluates n rows drawn with numpy seed 42
+_DIGITS = frozenset("0123456789")
+
+
+def _peers(i: int) -> set[int]:
+    r, c = divmod(i, 4)
+    return {
+        j
+        for j in range(16)
+        if j != i and (j // 4 == r or j % 4 == c or (j // 8 == i // 8 and (j % 4) // 2 == c // 2))
+    }
+
+
+_PEERS = [_peers(i) for i in range(16)]
+
+
+@functools.lru_cache(maxsize=1)
+def all_grids() -> tuple[str, ...]:
+    """The 288 valid 4×4 Sudoku grids, sorted."""
+    out: list[str] = []
+    g = [0] * 16
+
+    def fill(i: int) -> None:
+        if i == 16:
+            out.append("".join(map(str, g)))
+            return
+        for d in range(1, 5):
+            if all(g[j] != d for j in _PEERS[i]):
+                g[i] = d
+                fill(i + 1)
+                g[i] = 0
+
+    fill(0)
+    return tuple(sorted(out))
+
+
+def is_valid_grid(s: str) -> bool:
+    """A complete grid obeying the row, column and 2×2 box rules."""
+    return (
+        len(s) == 16
+        and set(s) <= set("1234")
+        and all(s[i] != s[j] for i in range(16) for j in _PEERS[i])
+    )
+
+
+def grid_split(split_seed: int = 0) -> tuple[list[str], list[str]]:
+    """(200 training grids, 88 test grids), deterministic in ``split_seed``."""
+    grids = list(all_grids())
+    random.Random(split_seed).shuffle(grids)
+    return sorted(grids[:N_TRAIN_GRIDS]), sorted(grids[N_TRAIN_GRIDS:])
+
+
+@functools.lru_cache(maxsize=1)
+def _masks() -> list[list[int]]:
+    """masks[cell][digit]: bitmask over ``all_grids()`` of grids holding ``digit`` at ``cell``."""
+    masks = [[0] * 5 for _ in range(16)]
+    for k, g in enumerate(all_grids()):
+        for cell, ch in enumerate(g):
+            masks[cell][int(ch)] |= 1 << k
+    return masks
+
+
+def n_solutions(puzzle: str) -> int:
+    """Number of valid grids consistent with the givens of ``puzzle``."""
+    masks = _masks()
+    m = (1 << len(all_grids())) - 1
+    for cell, ch in enumerate(puzzle):
+        if ch != "0":
+            m &= masks[cell][int(ch)]
+    return m.bit_count()
+
+
+def make_puzzle(grid: str, rng: random.Random, n_empty: int = 8, tries: int = 50) -> str:
+    """Blank ``n_empty`` random cells of ``grid``; prefer a uniquely solvable puzzle."""
+    puzzle = grid
+    for _ in range(tries):
+        empty = set(rng.sample(range(16), n_empty))
+        puzzle = "".join("0" if i in empty else ch for i, ch in enumerate(grid))
+        if n_solutions(puzzle) == 1:
+            break
+    return puzzle
+
+
+def read_d1_csv(path: str) -> list[tuple[str, str]]:
+    """(puzzle, solution) rows of a d1 CSV with header ``Puzzle,Solution``."""
+    with open(path, newline="", encoding="utf-8") as f:
+        return [(row["Puzzle"].strip(), row["Solution"].strip()) for row in csv.DictReader(f)]
+
+
+@register_task("sudoku")
+class SudokuTask:
+    """SPEC §5 Sudoku 4×4 with a by-grid train/test split (see the module docstring)."""
+
+    name = "sudoku"
+
+    def __init__(
+        self, test_file: str | None = None, n_test: int | None = None, n_empty: int = 8, split_seed: int = 0
+    ) -> None:
+        self.test_file = test_file
+        self.n_test = n_test
+        self.n_empty = n_empty
+        self.split_seed = split_seed
+        self._test: list[Example] | None = None
+
+    # ---- data ----
+    def test_examples(self) -> list[Example]:
+        if self._test is None:
+            self._test = self._load_file() if self.test_file else self._own_test()
+        return self._test
+
+    def _load_file(self) -> list[Example]:
+        assert self.test_file is not None
+        rows = read_d1_csv(self.test_file)
+        if self.n_test is None:
+            idx = list(range(len(rows)))
+        else:
+            import numpy as np  # d1's draw: np.random.seed(42); np.random.choice(...)
+
+            idx = np.random.RandomState(D1_SAMPLE_SEED).choice(len(rows), self.n_test, replace=False).tolist()
+        return [
+            Example({"puzzle": rows[i][0]}, rows[i][1], {"source": self.test_file, "index": i}) for i in idx
+        ]
+
+    def _own_test(self) -> list[Example]:
+        n = 256 if self.n_test is None else self.n_test
+        test_grids = grid_split(self.split_seed)[1]
+        rng = random.Random(TEST_SEED)
+        seen: set[str] = set()
+        exs: list[Example] = []
+        while len(exs) < n:
+            grid = rng.choice(test_grids)
+            puzzle = make_puzzle(grid, rng, self.n_empty)
+            if puzzle not in seen:
+                seen.add(puzzle)
+                exs.append(Example({"puzzle": puzzle}, grid, {"source": "generated-test", "index": len(exs)}))
+        return exs
+
+    def train_grids(self) -> list[str]:
+        """Grids training may use: never a grid of the test set in use."""
+        if self.test_file:
+            used = {sol for _, sol in read_d1_csv(self.test_file)}
+            return [g for g in all_grids() if g not in used]
+        return grid_split(self.split_seed)[0]
+
+    def train_examples(self, n: int, seed: int) -> list[Example]:
+        grids = self.train_grids()
+        rng = random.Random(seed)
+        exs = []
+        for _ in range(n):
+            grid = rng.choice(grids)
+            exs.append(Example({"puzzle": make_puzzle(grid, rng, self.n_empty)}, grid, {"source": "train"}))
+        return exs
+
+    # ---- text ----
+    def render(self, ex: Example, fmt: Format) -> str:
+        check_format(fmt)
+        puzzle = ex.fields["puzzle"]
+        if fmt == "compact":
+            return f"{puzzle}|"
+        return (
+            "Solve this 4x4 Sudoku. The grid is written as 16 digits, row by row from the top left, "
+            f"with 0 for an empty cell: {puzzle}\n"
+            "Every row, every column and each of the four 2x2 boxes must contain 1, 2, 3 and 4 "
+            "exactly once; keep the given digits.\n"
+            + D1_INSTRUCTIONS
+            + "\nThe final answer is the completed grid as 16 digits with no spaces."
+        )
+
+    def target(self, ex: Example, fmt: Format) -> str:
+        check_format(fmt)
+        if ex.solution is None:
+            raise ValueError("this Sudoku example has no solution")
+        if fmt == "compact":
+            return ex.solution
+        rows = " / ".join(ex.solution[i : i + 4] for i in range(0, 16, 4))
+        return d1_completion(f"Filling each empty cell with the one digit its row, column and box lack: {rows}",
+                             ex.solution)
+
+    # ---- reward (SPEC §5) ----
+    def reward(self, ex: Example, completion: str, fmt: Format) -> float:
+        check_format(fmt)
+        answer = completion if fmt == "compact" else last_answer(completion)
+        if answer is None or ex.solution is None:
+            return 0.0
+        digits = [ch for ch in answer if ch in _DIGITS][:16]
+        empty = [i for i, ch in enumerate(ex.fields["puzzle"]) if ch == "0"]
+        if not empty:
+            return 0.0
+        hits = sum(1 for i in empty if i < len(digits) and digits[i] == ex.solution[i])
+        return hits / len(empty)
+
+    def correct(self, ex: Example, completion: str, fmt: Format) -> bool:
+        return self.reward(ex, completion, fmt) == 1.0

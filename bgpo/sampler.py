@@ -92,8 +92,8 @@ def generate(model: DLLM, prompt_ids: Tensor, prompt_mask: Tensor, cfg: SamplerC
             masked = x[:, lo:hi] == model.mask_token_id  # [B, bl]
             conf = torch.where(masked, conf, torch.full_like(conf, -torch.inf))
             # commit the k most confident masked predictions of each row (k varies by row)
-            order = conf.argsort(-1, descending=True, stable=True)  # [B, bl]
-            rank = order.argsort(-1)  # [B, bl]: rank of each position
+            order = conf.argsort(dim=-1, descending=True, stable=True)  # [B, bl]
+            rank = order.argsort(dim=-1)  # [B, bl]: rank of each position
             commit = (rank < schedule[:, s : s + 1]) & masked  # [B, bl]
             x[:, lo:hi] = torch.where(commit, x0, x[:, lo:hi])
             bar.update(1)

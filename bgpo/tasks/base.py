@@ -104,3 +104,11 @@ def check_format(fmt: str) -> None:
     """Fail on an unknown format, naming the allowed values."""
     if fmt not in FORMATS:
         raise ValueError(f"format={fmt!r} is not a task format; allowed: {list(FORMATS)}")
+
+
+_LAYOUT_RE = re.compile(r"^\s*<reasoning>.*?</reasoning>\s*<answer>.*?</answer>\s*$", re.DOTALL)
+
+
+def has_d1_layout(text: str) -> bool:
+    """True when ``text`` is exactly ``<reasoning>...</reasoning>`` then ``<answer>...</answer>``."""
+    return _LAYOUT_RE.match(text) is not None

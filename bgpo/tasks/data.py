@@ -11,8 +11,11 @@ import csv
 import gzip
 import json
 import os
+import random
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 D1_ENV = "BGPO_D1_DATA"
 COUNTDOWN_D1_FILE = "countdown_cd3_test_d1.jsonl"
@@ -59,3 +62,17 @@ def load_records(source: str, config: str | None = None, split: str = "train") -
     import datasets  # lazy: only here may the hub be contacted
 
     return list(datasets.load_dataset(source, config, split=split))
+
+
+def sample_pool(pool: list[T], n: int, seed: int) -> list[T]:
+    """``n`` items of ``pool``: seeded shuffles of the whole pool, concatenated until ``n`` are drawn
+    (so no item repeats before every item has been used)."""
+    if not pool:
+        raise ValueError("empty training pool")
+    rng = random.Random(seed)
+    out: list[T] = []
+    while len(out) < n:
+        order = list(pool)
+        rng.shuffle(order)
+        out.extend(order[: n - len(out)])
+    return out

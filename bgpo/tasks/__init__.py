@@ -1,0 +1,15 @@
+"""Tasks of the suite (SPEC §5). Importing this package registers every task by name."""
+
+from bgpo.tasks import countdown, gsm8k, humaneval, math500, mbpp, sudoku  # noqa: F401  (registration)
+from bgpo.tasks.base import (
+    FORMATS,
+    Example,
+    Format,
+    Task,
+    get_task,
+    register_task,
+    task_names,
+)
+from bgpo.tasks.data import d1_data_dir
+
+__all__ = ["FORMATS", "Example", "Format", "Task", "d1_data_dir", "get_task", "register_task", "task_names"]

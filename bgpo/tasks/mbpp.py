@@ -1,0 +1,84 @@
+"""MBPP (SPEC §5): basic Python problems, pass@1 by running the tests in a sandbox.
+
+Data. ``google-research-datasets/mbpp`` (config ``full``: ``train`` 374, ``test`` 500; rows
+``task_id``, ``text``, ``code``, ``test_list``, ``test_setup_code``; the ``sanitized`` config's
+``prompt``/``test_imports`` columns are read too), or local JSON/JSONL/CSV/parquet files with the
+same columns (``train_file``, ``test_file``). Loaded on first use, never in the constructor.
+
+Reward: the code (``sandbox.extract_code``: last fenced block inside the last ``<answer>``, or the
+raw completion) is run as ``setup + code + asserts`` by ``sandbox.run_program`` (time limit
+``timeout``; see that module for what the sandbox does and does not cover): 1.0 if every assert
+passes, else 0. ``correct`` is reward == 1.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bgpo.tasks.base import D1_INSTRUCTIONS, Example, Format, check_format, d1_completion, register_task
+from bgpo.tasks.data import load_records, sample_pool
+from bgpo.tasks.sandbox import extract_code, run_program
+
+
+def _to_example(row: dict[str, Any], source: str) -> Example:
+    setup = "\n".join(x for x in [row.get("test_setup_code") or "", *(row.get("test_imports") or [])] if x)
+    fields = {"task_id": row.get("task_id"), "text": row.get("text") or row.get("prompt", ""),
+              "tests": list(row["test_list"]), "setup": setup}
+    return Example(fields, row.get("code"), {"source": source})
+
+
+@register_task("mbpp")
+class MBPPTask:
+    """SPEC §5 MBPP; see the module docstring for the sources and the sandbox."""
+
+    name = "mbpp"
+
+    def __init__(
+        self,
+        train_file: str | None = None,
+        test_file: str | None = None,
+        n_test: int | None = None,
+        hub_name: str = "google-research-datasets/mbpp",
+        hub_config: str = "full",
+        timeout: float = 5.0,
+    ) -> None:
+        self.train_file, self.test_file, self.n_test = train_file, test_file, n_test
+        self.hub_name, self.hub_config, self.timeout = hub_name, hub_config, timeout
+        self._cache: dict[str, list[Example]] = {}
+
+    def _split(self, split: str, path: str | None) -> list[Example]:
+        if split not in self._cache:
+            source = path or self.hub_name
+            rows = load_records(source, None if path else self.hub_config, split)
+            self._cache[split] = [_to_example(r, source) for r in rows]
+        return self._cache[split]
+
+    def test_examples(self) -> list[Example]:
+        return self._split("test", self.test_file)[: self.n_test]
+
+    def train_examples(self, n: int, seed: int) -> list[Example]:
+        """``n`` problems of the train split (seeded shuffles, no repeat within a pass)."""
+        return sample_pool(self._split("train", self.train_file), n, seed)
+
+    def render(self, ex: Example, fmt: Format) -> str:
+        check_format(fmt)  # compact == d1 for this GPU-scale task
+        tests = "\n".join(ex.fields["tests"])
+        return (f"{ex.fields['text']}\nYour code should pass these tests:\n{tests}\n" + D1_INSTRUCTIONS
+                + "\nThe final answer is the complete Python code in a ```python ... ``` block.")
+
+    def target(self, ex: Example, fmt: Format) -> str:
+        check_format(fmt)
+        if ex.solution is None:
+            raise ValueError("this MBPP example has no reference code")
+        return d1_completion("A direct implementation.", f"```python\n{ex.solution.strip()}\n```")
+
+    def program(self, ex: Example, completion: str) -> str:
+        """The script that is run: setup, the extracted code, then every test assert."""
+        return "\n".join([ex.fields["setup"], extract_code(completion), "", *ex.fields["tests"], ""])
+
+    def reward(self, ex: Example, completion: str, fmt: Format) -> float:
+        check_format(fmt)
+        return 1.0 if run_program(self.program(ex, completion), timeout=self.timeout) else 0.0
+
+    def correct(self, ex: Example, completion: str, fmt: Format) -> bool:
+        return self.reward(ex, completion, fmt) == 1.0

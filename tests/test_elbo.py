@@ -1,0 +1,133 @@
+"""The shared ELBO sampler (SPEC §2): draws, exact-ELBO convergence, coupling, memory."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+
+import pytest
+import torch
+
+from baselines.vrpo import VRPO, VRPOConfig
+from bgpo import elbo
+from bgpo.elbo import ELBOConfig
+from bgpo.method import Prepared
+from bgpo.objective import BGPO, BGPOConfig
+from tests.helpers import micro_model, perturb, random_batch
+
+
+def test_count_draws_mask_exactly_l_scored_tokens():
+    model = micro_model()
+    batch = random_batch(model, eos_at=3)
+    for window in ("full", "eos"):
+        cfg = ELBOConfig(level="count", window=window, stratified=True)
+        d = elbo.draw(batch, cfg, 6, model.eos_token_id, torch.Generator().manual_seed(0))
+        comp = d.masked[..., batch.prompt_len:]  # [n_t, B, L]
+        l = (comp & d.scored).sum(-1)  # [n_t, B]
+        L = d.scored.sum(-1).double()  # [B]
+        assert torch.allclose(d.weight, L / l.double())
+        assert torch.all(comp | d.scored)  # unscored (post-EOS) positions always masked
+        assert not d.masked[..., : batch.prompt_len].any()  # the prompt is never masked
+    assert int(L[0]) == 4  # eos window: 3 tokens + the first EOS
+
+
+def test_stratified_levels_cover_the_range():
+    model = micro_model()
+    batch = random_batch(model, L=8)
+    cfg = ELBOConfig(level="count", stratified=True)
+    d = elbo.draw(batch, cfg, 8, model.eos_token_id, torch.Generator().manual_seed(0))
+    l = (d.masked[..., batch.prompt_len:]).sum(-1)  # [n_t, B]
+    for b in range(l.shape[1]):  # n_t = L strata: every count 1..L exactly once
+        assert sorted(l[:, b].tolist()) == list(range(1, 9))
+
+
+def test_one_step_mode():
+    model = micro_model()
+    batch = random_batch(model)
+    cfg = ELBOConfig(mode="one_step", p_prompt=0.5)
+    d = elbo.draw(batch, cfg, 3, model.eos_token_id, torch.Generator().manual_seed(0))
+    P = batch.prompt_len
+    assert d.masked[..., P:].all() and torch.all(d.weight == 1)
+    pm = d.masked[..., :P]
+    assert pm.any() and not torch.equal(pm[0], pm[1])  # fresh prompt mask per draw
+    assert not (pm & ~batch.attention_mask[:, :P].bool()).any()  # padding is never masked
+
+
+def exact_elbo(model, batch, b: int) -> float:
+    """Σ_l S_l / (l·C(L,l)) by enumerating every completion mask (both weightings' expectation)."""
+    P = batch.prompt_len
+    y = batch.input_ids[b : b + 1]
+    L = y.shape[1] - P
+    total = 0.0
+    for l in range(1, L + 1):
+        S_l = 0.0
+        for idx in itertools.combinations(range(L), l):
+            x = y.clone()
+            x[0, [P + i for i in idx]] = model.mask_token_id
+            with torch.no_grad():
+                logp = model.logits(x, batch.attention_mask[b : b + 1])[0, P:].log_softmax(-1)
+            S_l += sum(logp[i, y[0, P + i]].item() for i in idx)
+        total += S_l / (l * math.comb(L, l))
+    return total
+
+
+@pytest.mark.parametrize("level", ["time", "count"])
+def test_mc_mean_converges_to_exact_elbo(level):
+    model = micro_model()
+    batch = random_batch(model, n_prompts=1, G=1, L=4)
+    exact = exact_elbo(model, batch, 0)
+    d = elbo.draw(batch, ELBOConfig(level=level), 4000, model.eos_token_id,
+                  torch.Generator().manual_seed(1))
+    ells = elbo.ell_all(model, batch, d, 500)[:, 0]  # [n_t]
+    se = ells.std().item() / math.sqrt(len(ells))
+    assert abs(ells.mean().item() - exact) < 4 * se, (ells.mean().item(), exact, se)
+    assert se < 0.05 * abs(exact)  # the check has teeth
+
+
+def test_coupled_draws_lower_variance_of_the_difference():
+    """Var(B̂_θ − B̂_ref) is far smaller when θ and ref see the same masks (SPEC §2, VRPO)."""
+    ref = micro_model()
+    batch = random_batch(ref, n_prompts=1, G=1, L=6)
+    theta = copy.deepcopy(ref)
+    perturb(theta, 0.02)
+    cfg = ELBOConfig(level="time")
+    d1 = elbo.draw(batch, cfg, 400, ref.eos_token_id, torch.Generator().manual_seed(1))
+    d2 = elbo.draw(batch, cfg, 400, ref.eos_token_id, torch.Generator().manual_seed(2))
+    coupled = elbo.ell_all(theta, batch, d1, 400) - elbo.ell_all(ref, batch, d1, 400)
+    independent = elbo.ell_all(theta, batch, d1, 400) - elbo.ell_all(ref, batch, d2, 400)
+    assert coupled.var() * 10 < independent.var()
+
+
+def saved_bytes_peak(fn) -> int:
+    """Peak bytes held by autograd for backward (saved tensors), deterministic on CPU."""
+    live = {"now": 0, "peak": 0}
+
+    class Handle:
+        def __init__(self, t):
+            self.t, self.n = t, t.numel() * t.element_size()
+            live["now"] += self.n
+            live["peak"] = max(live["peak"], live["now"])
+
+        def __del__(self):
+            live["now"] -= self.n
+
+    with torch.autograd.graph.saved_tensors_hooks(Handle, lambda h: h.t):
+        fn()
+    return live["peak"]
+
+
+def test_bgpo_memory_flat_in_n_t_vrpo_grows():
+    model = micro_model(dtype=torch.float32)
+    batch = random_batch(model, n_prompts=2, G=4, L=12)
+    adv = torch.linspace(-1, 1, 8)
+
+    def peak(method, n_t):
+        d = elbo.draw(batch, ELBOConfig(), n_t, model.eos_token_id, torch.Generator().manual_seed(0))
+        model.net.zero_grad(set_to_none=True)
+        return saved_bytes_peak(lambda: method.backward(model, batch, adv, Prepared(d), 0))
+
+    b1, b16 = peak(BGPO(BGPOConfig(n_t=1)), 1), peak(BGPO(BGPOConfig(n_t=16)), 16)
+    v1, v4 = peak(VRPO(VRPOConfig(n_t=1)), 1), peak(VRPO(VRPOConfig(n_t=4)), 4)
+    assert b16 <= 1.10 * b1
+    assert v4 >= 3.5 * v1

@@ -67,8 +67,11 @@ def same_number(pred: str | None, ref: str) -> bool:
 
 
 def _to_example(row: dict[str, Any], index: int, source: str) -> Example:
-    return Example({"question": row["question"], "answer": reference_answer(row["answer"])}, row["answer"],
-                   {"source": source, "index": index})
+    return Example(
+        {"question": row["question"], "answer": reference_answer(row["answer"])},
+        row["answer"],
+        {"source": source, "index": index},
+    )
 
 
 @register_task("gsm8k")

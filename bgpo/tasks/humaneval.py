@@ -45,7 +45,10 @@ class HumanEvalTask:
     name = "humaneval"
 
     def __init__(
-        self, test_file: str | None = None, train_file: str | None = None, n_test: int | None = None,
+        self,
+        test_file: str | None = None,
+        train_file: str | None = None,
+        n_test: int | None = None,
         timeout: float = 5.0,
     ) -> None:
         self.test_file, self.train_file, self.n_test, self.timeout = test_file, train_file, n_test, timeout
@@ -67,8 +70,13 @@ class HumanEvalTask:
 
     def render(self, ex: Example, fmt: Format) -> str:
         check_format(fmt)  # compact == d1 for this GPU-scale task
-        return ("Complete the following Python function.\n```python\n" + ex.fields["prompt"] + "```\n"
-                + D1_INSTRUCTIONS + "\nThe final answer is the complete function in a ```python ... ``` block.")
+        return (
+            "Complete the following Python function.\n```python\n"
+            + ex.fields["prompt"]
+            + "```\n"
+            + D1_INSTRUCTIONS
+            + "\nThe final answer is the complete function in a ```python ... ``` block."
+        )
 
     def target(self, ex: Example, fmt: Format) -> str:
         check_format(fmt)

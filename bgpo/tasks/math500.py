@@ -73,8 +73,17 @@ def normalize(ans: str) -> str:
     """Light normal form of a LaTeX answer (string comparison after this)."""
     s = ans.strip()
     s = re.sub(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}", r"\1", s)
-    for old, new in (("\\left", ""), ("\\right", ""), ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"),
-                     ("^{\\circ}", ""), ("^\\circ", ""), ("\\circ", ""), ("\\$", ""), ("$", "")):
+    for old, new in (
+        ("\\left", ""),
+        ("\\right", ""),
+        ("\\dfrac", "\\frac"),
+        ("\\tfrac", "\\frac"),
+        ("^{\\circ}", ""),
+        ("^\\circ", ""),
+        ("\\circ", ""),
+        ("\\$", ""),
+        ("$", ""),
+    ):
         s = s.replace(old, new)
     s = re.sub(r"\\[!,;: ]", "", s)  # LaTeX spacing commands
     s = re.sub(r"\s+", "", s)
@@ -113,8 +122,11 @@ def answers_match(pred: str, ref: str) -> bool:
 
 def _to_example(row: dict[str, Any], index: int, source: str) -> Example:
     answer = row.get("answer") or last_boxed(row["solution"]) or ""
-    return Example({"problem": row["problem"], "answer": str(answer)}, row.get("solution"),
-                   {"source": source, "index": index, "unique_id": row.get("unique_id")})
+    return Example(
+        {"problem": row["problem"], "answer": str(answer)},
+        row.get("solution"),
+        {"source": source, "index": index, "unique_id": row.get("unique_id")},
+    )
 
 
 @register_task("math500")
@@ -152,14 +164,20 @@ class Math500Task:
         if self._train is None:
             test_problems = {ex.fields["problem"].strip() for ex in self.test_examples()}
             rows = load_records(self.train_source, self.train_config, self.train_split)
-            self._train = [_to_example(r, i, self.train_source) for i, r in enumerate(rows)
-                           if r["problem"].strip() not in test_problems]
+            self._train = [
+                _to_example(r, i, self.train_source)
+                for i, r in enumerate(rows)
+                if r["problem"].strip() not in test_problems
+            ]
         return sample_pool(self._train, n, seed)
 
     def render(self, ex: Example, fmt: Format) -> str:
         check_format(fmt)  # compact == d1 for this GPU-scale task
-        return (f"{ex.fields['problem']}\n" + D1_INSTRUCTIONS
-                + "\nPut the final answer inside \\boxed{} within the answer tags.")
+        return (
+            f"{ex.fields['problem']}\n"
+            + D1_INSTRUCTIONS
+            + "\nPut the final answer inside \\boxed{} within the answer tags."
+        )
 
     def target(self, ex: Example, fmt: Format) -> str:
         check_format(fmt)
@@ -173,4 +191,3 @@ class Math500Task:
         check_format(fmt)
         bonus = self.format_bonus if self.format_bonus and has_d1_layout(completion) else 0.0
         return float(self.correct(ex, completion, fmt)) + bonus
-

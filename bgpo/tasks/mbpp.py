@@ -22,8 +22,12 @@ from bgpo.tasks.sandbox import extract_code, run_program
 
 def _to_example(row: dict[str, Any], source: str) -> Example:
     setup = "\n".join(x for x in [row.get("test_setup_code") or "", *(row.get("test_imports") or [])] if x)
-    fields = {"task_id": row.get("task_id"), "text": row.get("text") or row.get("prompt", ""),
-              "tests": list(row["test_list"]), "setup": setup}
+    fields = {
+        "task_id": row.get("task_id"),
+        "text": row.get("text") or row.get("prompt", ""),
+        "tests": list(row["test_list"]),
+        "setup": setup,
+    }
     return Example(fields, row.get("code"), {"source": source})
 
 
@@ -63,8 +67,11 @@ class MBPPTask:
     def render(self, ex: Example, fmt: Format) -> str:
         check_format(fmt)  # compact == d1 for this GPU-scale task
         tests = "\n".join(ex.fields["tests"])
-        return (f"{ex.fields['text']}\nYour code should pass these tests:\n{tests}\n" + D1_INSTRUCTIONS
-                + "\nThe final answer is the complete Python code in a ```python ... ``` block.")
+        return (
+            f"{ex.fields['text']}\nYour code should pass these tests:\n{tests}\n"
+            + D1_INSTRUCTIONS
+            + "\nThe final answer is the complete Python code in a ```python ... ``` block."
+        )
 
     def target(self, ex: Example, fmt: Format) -> str:
         check_format(fmt)

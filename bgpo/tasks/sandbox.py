@@ -15,6 +15,8 @@ NOT covered (this is not a security boundary; run untrusted code inside a contai
 - processes that leave the process group (``setsid``) escape the kill; the number of processes is
   not limited (``RLIMIT_NPROC`` counts per user and is ignored for root);
 - a program can fake success by calling ``os._exit(0)`` before the tests run.
+- ``preexec_fn`` runs between fork and exec; Python warns it is not safe in a parent with threads
+  (rare deadlocks). Call rewards from the main thread or a process pool.
 """
 
 from __future__ import annotations

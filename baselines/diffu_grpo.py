@@ -33,6 +33,8 @@ class DiffuGRPOConfig:
     """PPO clip ε on the per-token ratio (d1: 0.5)"""
     beta: float = 0.04
     """k3 KL coefficient to the reference (d1: 0.04)"""
+    std_adv: bool = False
+    """A = r − mean_G r, no std normalisation (SPEC §3)"""
     elbo: ELBOConfig = field(default_factory=lambda: ELBOConfig(mode="one_step", window="eos"))
 
 

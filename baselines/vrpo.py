@@ -37,6 +37,8 @@ class VRPOConfig:
     """dual-clip c for A < 0; 0 = off"""
     beta: float = 0.0
     """k3 KL coefficient to the reference; 0 = off"""
+    std_adv: bool = True
+    """A = (r − mean_G r)/std_G r (SPEC §3)"""
     elbo: ELBOConfig = field(default_factory=ELBOConfig)
 
 

@@ -30,6 +30,8 @@ class WD1Config:
     """one-step draws (prompt masks) per update"""
     psi: float = 1.0
     """temperature ψ of the group softmax weights (wd1: 1)"""
+    std_adv: bool = False
+    """A = r − mean_G r, no std normalisation (SPEC §3)"""
     elbo: ELBOConfig = field(default_factory=lambda: ELBOConfig(mode="one_step", window="eos"))
 
 

@@ -68,6 +68,13 @@ class Batch:
     prompt_len: int  # P
     group_size: int  # G
 
+    @classmethod
+    def build(cls, prompt_ids: Tensor, prompt_mask: Tensor, completion: Tensor, G: int) -> Batch:
+        """Prompt ``[B, P]`` (left-padded) + completion ``[B, L]`` (always attended)."""
+        ones = torch.ones_like(completion, dtype=prompt_mask.dtype)
+        return cls(torch.cat([prompt_ids, completion], 1), torch.cat([prompt_mask, ones], 1),
+                   prompt_ids.shape[1], G)
+
     @property
     def completion(self) -> Tensor:
         return self.input_ids[:, self.prompt_len :]  # [B, L]

@@ -138,6 +138,17 @@ class DLLM:
         )
         return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
 
+    def encode_completions(self, texts: list[str], gen_length: int) -> Tensor:
+        """Target completions ``[B, gen_length]``: the text, then EOS up to the window's end."""
+        rows = []
+        for t in texts:
+            ids = self.tokenizer(t, add_special_tokens=False)["input_ids"]
+            if len(ids) >= gen_length:
+                raise ValueError(f"task.gen_length={gen_length} is too short for a target of "
+                                 f"{len(ids)} tokens + EOS: {t!r}")
+            rows.append(ids + [self.eos_token_id] * (gen_length - len(ids)))
+        return torch.tensor(rows, dtype=torch.long, device=self.device)
+
     def decode_completions(self, completion_ids: Tensor) -> list[str]:
         """Completion text up to the first EOS (EOS, pad and mask tokens dropped)."""
         texts = []

@@ -40,6 +40,8 @@ class BGPOConfig:
     """dual-clip c for A < 0; 0 = off (paper)"""
     beta: float = 0.0
     """k3 KL coefficient to the reference; 0 = off (paper)"""
+    std_adv: bool = True
+    """A = (r − mean_G r)/std_G r (SPEC §3)"""
     elbo: ELBOConfig = field(default_factory=ELBOConfig)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bgpo.model import LLADA_MASK_ID, DLLM, build_char_tokenizer, load_dllm
+from bgpo.model import DLLM, LLADA_MASK_ID, build_char_tokenizer, load_dllm
 from bgpo.sampler import SamplerConfig, generate, transfer_schedule
 from tests.helpers import micro_model
 

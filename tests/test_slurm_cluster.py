@@ -56,7 +56,7 @@ def _describe(job: submitit.Job, cluster: SlurmCluster) -> str:
     def read(f) -> str:
         try:
             return f() or ""
-        except Exception as e:  # noqa: BLE001 - diagnostics only
+        except Exception as e:  # diagnostics only
             return f"<{e}>"
 
     return (
@@ -76,11 +76,30 @@ def _wait_done(job: submitit.Job, cluster: SlurmCluster, timeout_s: float) -> fl
 
 
 def _wait_state(job: submitit.Job, cluster: SlurmCluster, state: str, timeout_s: float) -> None:
+    """Poll sacct (what submitit reads; it may lag slurmctld by a few seconds) until `state`."""
     t0 = time.monotonic()
     while job.watcher.get_state(job.job_id, mode="force") != state:
         if time.monotonic() - t0 > timeout_s:
             pytest.fail(f"job not {state} after {timeout_s}s:\n{_describe(job, cluster)}")
         time.sleep(0.5)
+
+
+def _wait_running(job: submitit.Job, cluster: SlurmCluster, timeout_s: float) -> None:
+    """Poll squeue (slurmctld's own view) until the job runs."""
+    t0 = time.monotonic()
+    while True:
+        out = subprocess.run(
+            ["squeue", "-h", "-j", str(job.job_id), "-o", "%T"],
+            env=cluster.env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout.strip()
+        if out == "RUNNING":
+            return
+        if time.monotonic() - t0 > timeout_s:
+            pytest.fail(f"job not RUNNING after {timeout_s}s (squeue: {out!r}):\n{_describe(job, cluster)}")
+        time.sleep(0.2)
 
 
 def test_function_result_arrives(executor: submitit.AutoExecutor, slurm_cluster: SlurmCluster) -> None:
@@ -91,14 +110,15 @@ def test_function_result_arrives(executor: submitit.AutoExecutor, slurm_cluster:
     _wait_state(job, slurm_cluster, "COMPLETED", JOB_TIMEOUT_S)
 
 
-def test_scancel_is_reported_as_failure(
-    executor: submitit.AutoExecutor, slurm_cluster: SlurmCluster
-) -> None:
+def test_scancel_is_reported_as_failure(executor: submitit.AutoExecutor, slurm_cluster: SlurmCluster) -> None:
     job = executor.submit(sleep_long)
-    _wait_state(job, slurm_cluster, "RUNNING", JOB_TIMEOUT_S)
+    _wait_running(job, slurm_cluster, JOB_TIMEOUT_S)
     subprocess.run(["scancel", str(job.job_id)], env=slurm_cluster.env, check=True, timeout=30)
     took = _wait_done(job, slurm_cluster, CANCEL_TIMEOUT_S)
     assert took < CANCEL_TIMEOUT_S
+    # result() waits up to 15 s for a result file a slow shared filesystem may not show yet;
+    # here the filesystem is local (submitit's own tests shorten this the same way)
+    job._results_timeout_s = 1
     with pytest.raises(UncompletedJobError, match="CANCELLED"):
         job.result()
 

@@ -1,0 +1,216 @@
+"""Structured config schemas (Hydra ConfigStore) and start-up validation.
+
+A typo in a key or a wrong type fails when Hydra composes (the schemas below); values that are
+well-typed but wrong (unknown task, gen_length not a multiple of block_length, mc = 0...) fail in
+``validate`` — before any model is built — with a message naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+@dataclass
+class TaskConfig:
+    name: str = "countdown"
+    """registered task: countdown, sudoku, gsm8k, math500, humaneval, mbpp"""
+    format: str = "compact"
+    """prompt renderer: compact (tiny model) or d1 (LLaDA-class)"""
+    test_file: str | None = None
+    """evaluate on this file instead of the suite's own test set (e.g. d1's test sets)"""
+    n_test: int | None = None
+    """evaluate on the first/seeded n_test problems (None: the whole test set)"""
+    gen_length: int = 16
+    """completion length L, EOS padding included"""
+    block_length: int = 8
+    """semi-autoregressive block length; must divide gen_length"""
+    diffusion_steps: int = 16
+    """denoising steps per completion; a multiple of gen_length / block_length"""
+    options: dict[str, Any] = field(default_factory=dict)
+    """extra constructor arguments of the task (dataset paths...)"""
+
+
+@dataclass
+class LoraConf:
+    enabled: bool = False
+    r: int = 128
+    alpha: int = 64
+    dropout: float = 0.05
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "tiny"
+    """tiny (embedded, CPU), llada, dream"""
+    path: str | None = None
+    """local folder or hub name; tiny: None = the cached base model of the task (built if missing)"""
+    dtype: str = "float32"
+    use_chat_template: bool = False
+    mask_token_id: int | None = None
+    lora: LoraConf = field(default_factory=LoraConf)
+    hidden: int = 192
+    """tiny architecture: hidden size, layers, heads, MLP size"""
+    layers: int = 6
+    heads: int = 4
+    intermediate: int = 512
+
+
+@dataclass
+class PretrainConfig:
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    seed: int = 0
+    steps: int = 700
+    """optimizer steps of masked-diffusion SFT (deliberately short of mastery)"""
+    batch_size: int = 128
+    lr: float = 1e-3
+    n_train: int = 100_000
+    """generated training problems (cycled)"""
+    eval_n: int = 256
+    out: str | None = None
+    """output folder (default: $BGPO_CACHE/tiny-<task>)"""
+    device: str = "auto"
+
+
+@dataclass
+class TrainConfig:
+    method: Any = MISSING
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mc: int = 16
+    """n_t: Monte Carlo samples of the ELBO per response"""
+    seed: int = 0
+    steps: int = 200
+    """RL steps (rollout batches)"""
+    prompts_per_step: int = 8
+    group_size: int = 8
+    """G: completions per prompt"""
+    updates: int = 1
+    """μ: optimizer updates per rollout batch (1 = on-policy)"""
+    temperature: float = 0.6
+    """rollout sampling temperature (evaluation is greedy)"""
+    lr: float = 1e-4
+    warmup_steps: int = 0
+    weight_decay: float = 0.01
+    adam_beta2: float = 0.999
+    grad_clip: float = 1.0
+    eval_every: int = 20
+    """evaluate every this many RL steps (0 = only at the end)"""
+    eval_n: int = 128
+    ckpt_every: int = 10
+    shards: int | None = None
+    """units of rollout randomness per step (default: the number of processes)"""
+    results_dir: str = "results"
+    run_dir: str | None = None
+    """explicit run folder (default: results_dir/<method>-<task>-mc<mc>-s<seed>-<hash>)"""
+    device: str = "auto"
+    progress: bool = True
+
+
+def register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="pretrain_schema", node=PretrainConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+def check_types(obj: Any, prefix: str) -> None:
+    """Check a (nested) dataclass instance's field values against its annotations."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        val, tp, key = getattr(obj, f.name), hints[f.name], f"{prefix}.{f.name}"
+        if dataclasses.is_dataclass(val):
+            check_types(val, key)
+        elif not _matches(val, tp):
+            raise ValueError(f"{key}={val!r} is not of type {tp}")
+
+
+def _matches(val: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return val in typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(val, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return val is None
+    if tp is float:
+        return isinstance(val, (int, float)) and not isinstance(val, bool)
+    if tp is int:
+        return isinstance(val, int) and not isinstance(val, bool)
+    if isinstance(tp, type):
+        return isinstance(val, tp)
+    return True
+
+
+def validate_task(task: TaskConfig | DictConfig) -> None:
+    from bgpo.sampler import validate_schedule
+    from bgpo.tasks import task_names
+
+    if task.name not in task_names():
+        raise ValueError(f"task.name={task.name!r} is not a registered task; allowed: {task_names()}")
+    if task.format not in ("compact", "d1"):
+        raise ValueError(f"task.format={task.format!r} is not one of ['compact', 'd1']")
+    try:
+        validate_schedule(task.gen_length, task.block_length, task.diffusion_steps)
+    except ValueError as e:  # name the keys as the user writes them
+        raise ValueError(str(e).replace("sampler.steps", "task.diffusion_steps")
+                         .replace("sampler.", "task.")) from None
+
+
+def validate_model(model: ModelConfig | DictConfig) -> None:
+    from bgpo.model import _DTYPES, KINDS
+
+    if model.kind not in KINDS:
+        raise ValueError(f"model.kind={model.kind!r} is not one of {list(KINDS)}")
+    if model.dtype not in _DTYPES:
+        raise ValueError(f"model.dtype={model.dtype!r} is not one of {list(_DTYPES)}")
+    if model.kind != "tiny" and not model.path:
+        raise ValueError(f"model.path must name a checkpoint for model.kind={model.kind!r}")
+
+
+def _positive(cfg: Any, keys: tuple[str, ...], allow_zero: tuple[str, ...] = ()) -> None:
+    for k in keys:
+        v = getattr(cfg, k)
+        if v < 0 or (v == 0 and k not in allow_zero):
+            raise ValueError(f"{k}={v} must be {'>= 0' if k in allow_zero else '>= 1'}")
+
+
+def build_method(cfg: DictConfig) -> Any:
+    """Instantiate the method's partial (its dataclass config is built and type-checked here)."""
+    from hydra.utils import instantiate
+
+    if "_target_" not in cfg.method:
+        raise ValueError("method: choose one of bgpo, vrpo, diffu_grpo, wd1 (method=<name>)")
+    from hydra.errors import InstantiationException
+
+    try:
+        partial = instantiate(cfg.method)
+    except InstantiationException as e:  # a config's own check: keep its message, naming the key
+        raise ValueError(f"method.cfg: {e.__cause__ or e}") from None
+    check_types(partial.keywords["cfg"], "method.cfg")
+    return partial
+
+
+def validate_train(cfg: DictConfig) -> None:
+    """Everything that can be checked before a model is built."""
+    _positive(cfg, ("mc", "steps", "prompts_per_step", "group_size", "updates", "eval_n",
+                    "ckpt_every"), allow_zero=("steps",))
+    _positive(cfg, ("eval_every", "warmup_steps"), allow_zero=("eval_every", "warmup_steps"))
+    if cfg.lr <= 0:
+        raise ValueError(f"lr={cfg.lr} must be > 0")
+    if cfg.temperature < 0:
+        raise ValueError(f"temperature={cfg.temperature} must be >= 0")
+    validate_task(cfg.task)
+    validate_model(cfg.model)
+    build_method(cfg)
+
+
+def to_container(cfg: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]

@@ -1,0 +1,62 @@
+"""Prompts → completions → rewards: the rollout sampler wired to a task (SPEC §1, §5).
+
+Used by the RL trainer (sampled rollouts), by pretraining and by periodic evaluation (greedy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from bgpo.config import TaskConfig
+from bgpo.elbo import Batch
+from bgpo.model import DLLM
+from bgpo.sampler import SamplerConfig, generate
+from bgpo.tasks import Example, Task
+
+
+@dataclass
+class Rollouts:
+    batch: Batch  # prompt + completion ids, G per prompt
+    texts: list[str]  # decoded completions
+    rewards: torch.Tensor  # [B] float
+
+
+def sampler_config(task_cfg: TaskConfig, temperature: float, eval_mode: bool = False) -> SamplerConfig:
+    """Rollouts use task.diffusion_steps; evaluation uses one token per step (SPEC §4)."""
+    steps = task_cfg.gen_length if eval_mode else task_cfg.diffusion_steps
+    return SamplerConfig(task_cfg.gen_length, task_cfg.block_length, steps, temperature)
+
+
+def rollout(model: DLLM, task: Task, examples: list[Example], task_cfg: TaskConfig, G: int,
+            temperature: float, generator: torch.Generator | None = None,
+            eval_mode: bool = False) -> Rollouts:
+    """G completions for each example (grouped, prompt-major) and their rewards."""
+    texts = [task.render(ex, task_cfg.format) for ex in examples for _ in range(G)]
+    prompt_ids, prompt_mask = model.encode_prompts(texts)
+    comp = generate(model, prompt_ids, prompt_mask, sampler_config(task_cfg, temperature, eval_mode),
+                    generator)
+    decoded = model.decode_completions(comp)
+    rewards = [task.reward(ex, y, task_cfg.format)
+               for ex, y in zip([ex for ex in examples for _ in range(G)], decoded, strict=True)]
+    return Rollouts(Batch.build(prompt_ids, prompt_mask, comp, G), decoded,
+                    torch.tensor(rewards, dtype=torch.float64))
+
+
+@torch.no_grad()
+def evaluate(model: DLLM, task: Task, examples: list[Example], task_cfg: TaskConfig,
+             batch_size: int = 64, progress: bool = False) -> dict[str, float]:
+    """Greedy accuracy and mean reward on ``examples``."""
+    was_training = model.net.training
+    model.net.eval()
+    correct, reward = 0, 0.0
+    for lo in tqdm(range(0, len(examples), batch_size), desc="eval", disable=not progress, leave=False):
+        chunk = examples[lo : lo + batch_size]
+        r = rollout(model, task, chunk, task_cfg, 1, 0.0, eval_mode=True)
+        correct += sum(task.correct(ex, y, task_cfg.format) for ex, y in zip(chunk, r.texts, strict=True))
+        reward += r.rewards.sum().item()
+    model.net.train(was_training)
+    n = max(len(examples), 1)
+    return {"accuracy": correct / n, "reward": reward / n, "n": len(examples)}

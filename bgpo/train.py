@@ -1,0 +1,42 @@
+"""Entry point of one RL run (parse and wire only):
+
+    python -m bgpo.train method=bgpo task=countdown mc=16 steps=200
+
+The run lives in the results store (``results_dir/<method>-<task>-mc<mc>-s<seed>-<hash>``); a
+completed run is not repeated, an interrupted one resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from bgpo.config import register, to_container, validate_train
+from bgpo.results import finish_run, open_run
+
+
+def run(cfg: DictConfig) -> dict:
+    """Validate, then train in the results store (skip when complete). Used by train and sweep."""
+    validate_train(cfg)  # before any model is built
+    from bgpo.trainer import train
+
+    resolved = to_container(cfg)
+    path, done = open_run(resolved)
+    if done is not None:
+        print(f"[bgpo] {path} is complete (summary.json exists): nothing to train")
+        return done
+    summary = finish_run(path, resolved, train(cfg, path))
+    print(f"[bgpo] {path}: final eval {summary['final'].get('eval/accuracy')}")
+    return summary
+
+
+register()
+
+
+@hydra.main(config_path="conf", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""The RL trainer, written once for every method (SPEC §3–§4).
+
+    rollout → reward → advantages → method.prepare / method.backward → all-reduce → step
+
+Randomness is keyed by (seed, step, shard), never by process: the prompts of a step are cut into
+``shards`` and each shard's rollouts and MC draws come from its own generator, so a run on N
+processes (each taking shards round-robin) computes exactly what one process computes, and a
+resumed run repeats the steps it lost bit for bit. Gradients are summed locally over shards and
+MC samples and all-reduced ONCE per optimizer step (no DDP hooks: BGPO's per-sample backward
+passes never trigger communication).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import resource
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from bgpo.config import build_method
+from bgpo.model import DLLM, apply_lora, load_dllm
+from bgpo.pretrain import ensure_base_model, pick_device
+from bgpo.results import provenance
+from bgpo.rollout import evaluate, rollout
+from bgpo.tasks import get_task
+
+
+def advantages(rewards: torch.Tensor, G: int, std_norm: bool) -> torch.Tensor:
+    """Group advantages (SPEC §3): ``r − mean_G r``, divided by ``std_G r`` when ``std_norm``."""
+    r = rewards.view(-1, G)  # [n_prompts, G]
+    a = r - r.mean(-1, keepdim=True)
+    if std_norm:
+        a = a / (r.std(-1, keepdim=True) + 1e-4)
+    return a.flatten()  # [B]
+
+
+def shard_generator(seed: int, step: int, shard: int, device: str) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(hash((seed, step, shard)) % 2**62)
+
+
+@dataclass
+class Dist:
+    """Process layout through accelerate (one process: rank 0 of 1)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def from_env(cls, device: str) -> Dist:
+        if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            return cls()
+        from accelerate import Accelerator
+
+        acc = Accelerator(cpu=device == "cpu")
+        return cls(acc.process_index, acc.num_processes)
+
+    def all_reduce_grads(self, params: list[torch.nn.Parameter], n_shards: int) -> None:
+        """Mean over shards: one all-reduce of one flat buffer per optimizer step."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.flatten() for g in grads])
+        if self.world > 1:
+            torch.distributed.all_reduce(flat)
+        flat /= n_shards
+        for p, g in zip(params, flat.split([q.numel() for q in params]), strict=True):
+            p.grad = g.view_as(p).clone()
+
+    def gather(self, values: list[float]) -> list[float]:
+        if self.world == 1:
+            return values
+        out: list[Any] = [None] * self.world
+        torch.distributed.all_gather_object(out, values)
+        return [v for part in out for v in part]
+
+
+def load_policy(cfg: DictConfig, device: str) -> DLLM:
+    m = cfg.model
+    path = ensure_base_model(cfg.task, m) if m.kind == "tiny" else m.path
+    policy = load_dllm(m.kind, path, m.dtype, device, m.mask_token_id, m.use_chat_template)
+    if m.lora.enabled:
+        apply_lora(policy, m.lora.r, m.lora.alpha, m.lora.dropout)
+    return policy
+
+
+class Preempted(Exception):
+    """Raised after a checkpoint when SIGUSR2/SIGTERM asked the run to stop (Slurm preemption)."""
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Run (or resume) one RL run in ``run_dir``; return its summary (written by the caller)."""
+    device = pick_device(cfg.device)
+    dist = Dist.from_env(device)
+    shards = cfg.shards or dist.world
+    if cfg.prompts_per_step % shards or shards % dist.world:
+        raise ValueError(f"prompts_per_step={cfg.prompts_per_step} must be a multiple of shards={shards}, "
+                         f"itself a multiple of the {dist.world} processes")
+    torch.manual_seed(cfg.seed)
+    task = get_task(cfg.task.name, test_file=cfg.task.test_file, n_test=cfg.task.n_test, **cfg.task.options)
+    policy = load_policy(cfg, device)
+    make_method = build_method(cfg)
+    beta = getattr(make_method.keywords["cfg"], "beta", 0.0)
+    ref = copy.deepcopy(policy).net.requires_grad_(False) if beta > 0 else None
+    method = make_method(ref=DLLM(**{**policy.__dict__, "net": ref}) if ref is not None else None)
+    std_adv = make_method.keywords["cfg"].std_adv
+    params = [p for p in policy.net.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, cfg.adam_beta2), weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
+
+    ckpt, metrics_path = run_dir / "checkpoints" / "last.pt", run_dir / "metrics.jsonl"
+    start = 0
+    if ckpt.exists():  # resume: model, optimizer, scheduler, RNG, step
+        state = torch.load(ckpt, map_location=device, weights_only=False)
+        policy.net.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        torch.set_rng_state(state["rng"])
+        start = state["step"]
+    if dist.rank == 0:
+        truncate_metrics(metrics_path, start)
+
+    stop = {"now": False}
+    for sig in (signal.SIGUSR2, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.update(now=True))
+
+    train_data = task.train_examples(cfg.steps * cfg.prompts_per_step, cfg.seed)
+    test_data = task.test_examples()[: cfg.eval_n]
+    per_shard = cfg.prompts_per_step // shards
+    my_shards = list(range(dist.rank, shards, dist.world))
+    t_run = time.time()
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(start, cfg.steps), desc=run_dir.name, disable=not cfg.progress or dist.rank != 0,
+               initial=start, total=cfg.steps)
+    for step in bar:
+        t0 = time.time()
+        policy.net.train()
+        step_prompts = train_data[step * cfg.prompts_per_step : (step + 1) * cfg.prompts_per_step]
+        work, rewards, lengths, gen_s = [], [], [], 0.0
+        for s in my_shards:
+            g = shard_generator(cfg.seed, step, s, device)
+            # rollout
+            t_gen = time.time()
+            ro = rollout(policy, task, step_prompts[s * per_shard : (s + 1) * per_shard], cfg.task,
+                         cfg.group_size, cfg.temperature, g)
+            gen_s += time.time() - t_gen
+            # reward → advantages
+            adv = advantages(ro.rewards, cfg.group_size, std_adv).to(device)
+            # method.prepare: MC draws once per rollout batch, θ_old / reference statistics
+            work.append((ro.batch, adv, method.prepare(policy, ro.batch, cfg.updates, g)))
+            rewards += ro.rewards.tolist()
+            lengths += (ro.batch.completion != policy.eos_token_id).sum(-1).tolist()
+        stats: dict[str, float] = {}
+        for it in range(cfg.updates):
+            opt.zero_grad(set_to_none=True)
+            for batch, adv, prep in work:
+                # method.backward: the method calls .backward() itself (BGPO once per MC chunk)
+                for k, v in method.backward(policy, batch, adv, prep, it).items():
+                    stats[k] = stats.get(k, 0.0) + v / (len(work) * cfg.updates)
+            dist.all_reduce_grads(params, shards)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
+            opt.step()
+            sched.step()
+        rewards, lengths = dist.gather(rewards), dist.gather(lengths)
+        r = torch.tensor(rewards).view(-1, cfg.group_size)
+        row = {"step": step + 1, "reward": r.mean().item(), "reward_std": r.std(-1).mean().item(),
+               "frac_reward_zero_std": (r.std(-1) == 0).float().mean().item(),
+               "completions/mean_length": sum(lengths) / len(lengths), "grad_norm": grad_norm,
+               "lr": sched.get_last_lr()[0], **stats, "time/step_s": time.time() - t0,
+               "time/tokens_per_s": sum(lengths) / max(gen_s, 1e-9), "mem/peak_bytes": peak_bytes(device)}
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            row.update({f"eval/{k}": v for k, v in evaluate(policy, task, test_data, cfg.task).items()})
+        if dist.rank == 0:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        bar.set_postfix(reward=f"{row['reward']:.3f}")
+        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps or stop["now"]:
+            if dist.rank == 0:
+                save_checkpoint(ckpt, policy, opt, sched, step + 1)
+            if stop["now"] and step + 1 < cfg.steps:
+                raise Preempted(f"stopped by signal after step {step + 1}; checkpoint in {ckpt}")
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()] if dist.rank == 0 else []
+    evals = [r for r in rows if "eval/accuracy" in r]
+    return {"final": evals[-1] if evals else {}, "best_eval_accuracy": max(
+        (r["eval/accuracy"] for r in evals), default=None), "steps": cfg.steps,
+            "wall_s_this_session": round(time.time() - t_run, 1), **provenance(device)}
+
+
+def save_checkpoint(path: Path, policy: DLLM, opt: torch.optim.Optimizer, sched: Any, step: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"step": step, "model": policy.net.state_dict(), "opt": opt.state_dict(),
+                "sched": sched.state_dict(), "rng": torch.get_rng_state()}, tmp)
+    os.replace(tmp, path)
+
+
+def truncate_metrics(path: Path, start: int) -> None:
+    """Keep only complete rows of steps ≤ start (a killed run may have written past its checkpoint)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            break  # a line cut by the kill
+        if row["step"] <= start:
+            keep.append(line)
+    path.write_text("".join(k + "\n" for k in keep))
+
+
+def peak_bytes(device: str) -> int:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

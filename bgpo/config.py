@@ -114,7 +114,20 @@ class TrainConfig:
     progress: bool = True
 
 
+# SPEC §4: n_t per method (and the task exceptions) in BGPO's comparison
+PAPER_MC = {"bgpo": 16, "vrpo": 4, "diffugrpo": 1, "wd1": 1}
+PAPER_MC_EXCEPTIONS = {("bgpo", "sudoku"): 32, ("vrpo", "humaneval"): 2, ("vrpo", "mbpp"): 2}
+
+
+def paper_mc(target: str, task: str) -> int:
+    """``${paper_mc:${method._target_},${task.name}}``: the paper's n_t for a method and task."""
+    method = target.rsplit(".", 1)[-1].lower()
+    return PAPER_MC_EXCEPTIONS.get((method, task), PAPER_MC[method])
+
+
 def register() -> None:
+    if not OmegaConf.has_resolver("paper_mc"):
+        OmegaConf.register_new_resolver("paper_mc", paper_mc)
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="pretrain_schema", node=PretrainConfig)

@@ -114,7 +114,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
 
     ckpt, metrics_path = run_dir / "checkpoints" / "last.pt", run_dir / "metrics.jsonl"
-    start = 0
+    start, resumed_at = 0, []
     if ckpt.exists():  # resume: model, optimizer, scheduler, RNG, step
         state = torch.load(ckpt, map_location=device, weights_only=False)
         policy.net.load_state_dict(state["model"])
@@ -122,12 +122,16 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         sched.load_state_dict(state["sched"])
         torch.set_rng_state(state["rng"])
         start = state["step"]
+        resumed_at = [*state.get("resumed_at", []), start]
     if dist.rank == 0:
         truncate_metrics(metrics_path, start)
 
-    stop = {"now": False}
-    for sig in (signal.SIGUSR2, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.update(now=True))
+    # Preemption (Slurm sends USR2 through submitit): finish the step, checkpoint, then hand the
+    # signal to the handler that was there before (submitit's: requeue) or stop with Preempted.
+    stop: dict[str, Any] = {}
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR2, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, lambda signum, frame: stop.update(signum=signum, frame=frame))
 
     train_data = task.train_examples(cfg.steps * cfg.prompts_per_step, cfg.seed)
     test_data = task.test_examples()[: cfg.eval_n]
@@ -180,23 +184,32 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
         bar.set_postfix(reward=f"{row['reward']:.3f}")
-        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps or stop["now"]:
+        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps or stop:
             if dist.rank == 0:
-                save_checkpoint(ckpt, policy, opt, sched, step + 1)
-            if stop["now"] and step + 1 < cfg.steps:
+                save_checkpoint(ckpt, policy, opt, sched, step + 1, resumed_at)
+            if stop and step + 1 < cfg.steps:
+                handler = previous[stop["signum"]]
+                for sig, h in previous.items():
+                    signal.signal(sig, h)
+                if callable(handler):
+                    handler(stop["signum"], stop["frame"])  # submitit: checkpoint() + requeue + exit
                 raise Preempted(f"stopped by signal after step {step + 1}; checkpoint in {ckpt}")
+    for sig, h in previous.items():
+        signal.signal(sig, h)
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines()] if dist.rank == 0 else []
     evals = [r for r in rows if "eval/accuracy" in r]
-    return {"final": evals[-1] if evals else {}, "best_eval_accuracy": max(
-        (r["eval/accuracy"] for r in evals), default=None), "steps": cfg.steps,
-            "wall_s_this_session": round(time.time() - t_run, 1), **provenance(device)}
+    best = max((r["eval/accuracy"] for r in evals), default=None)
+    return {"final": evals[-1] if evals else {}, "best_eval_accuracy": best, "steps": cfg.steps,
+            "resumed_at": resumed_at, "wall_s_this_session": round(time.time() - t_run, 1),
+            **provenance(device)}
 
 
-def save_checkpoint(path: Path, policy: DLLM, opt: torch.optim.Optimizer, sched: Any, step: int) -> None:
+def save_checkpoint(path: Path, policy: DLLM, opt: torch.optim.Optimizer, sched: Any, step: int,
+                    resumed_at: list[int]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save({"step": step, "model": policy.net.state_dict(), "opt": opt.state_dict(),
-                "sched": sched.state_dict(), "rng": torch.get_rng_state()}, tmp)
+                "sched": sched.state_dict(), "rng": torch.get_rng_state(), "resumed_at": resumed_at}, tmp)
     os.replace(tmp, path)
 
 

@@ -9,40 +9,12 @@ import torch
 from hydra import compose, initialize_config_module
 
 import bgpo.trainer as trainer
+import tests.toy_task  # noqa: F401  (registers the toy task)
 from bgpo.config import register
-from bgpo.tasks import Example, register_task
 from bgpo.train import run
 from tests.helpers import micro_model
 
 register()
-
-
-@register_task("toy")
-class ToyTask:
-    """A reward that random micro-model text already varies on: the share of vowels."""
-
-    name = "toy"
-
-    def __init__(self, test_file=None, n_test=None):
-        pass
-
-    def train_examples(self, n, seed):
-        return [Example({"i": (seed + i) % 7}) for i in range(n)]
-
-    def test_examples(self):
-        return self.train_examples(8, 99)
-
-    def render(self, ex, fmt):
-        return f"{ex.fields['i']}|"
-
-    def target(self, ex, fmt):
-        return "aeiou"
-
-    def reward(self, ex, completion, fmt):
-        return sum(c in "aeiouAEIOU" for c in completion) / max(len(completion), 1)
-
-    def correct(self, ex, completion, fmt):
-        return self.reward(ex, completion, fmt) > 0.5
 
 
 VOLATILE = ("time/", "mem/")  # wall-clock and RSS differ between runs; everything else must not

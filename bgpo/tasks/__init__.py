@@ -13,3 +13,16 @@ from bgpo.tasks.base import (
 from bgpo.tasks.data import d1_data_dir
 
 __all__ = ["FORMATS", "Example", "Format", "Task", "d1_data_dir", "get_task", "register_task", "task_names"]
+
+
+def _import_user_tasks() -> None:
+    """``BGPO_TASK_MODULES=pkg.mod1,pkg.mod2`` registers tasks from outside the suite (the
+    variable reaches Slurm jobs too, since sbatch exports the environment)."""
+    import importlib
+    import os
+
+    for mod in filter(None, os.environ.get("BGPO_TASK_MODULES", "").split(",")):
+        importlib.import_module(mod.strip())
+
+
+_import_user_tasks()

@@ -5,7 +5,7 @@ replacement), then a target drawn uniformly from the integers in 1..100 that som
 all three numbers reaches. This matches d1's test file (``countdown_cd3_test_d1.jsonl``: numbers
 1..100, mean 50.7, 8 of 256 problems with a repeated number, i.e. drawn with replacement; integer
 targets 1..100, mean 45.5, median 43, skewed to small values; the generator gives mean 44.5,
-median 42). The ``solution`` is one of the shortest expressions reaching the target.
+median 42). The ``solution`` is canonical: fewest parentheses, then numbers in prompt order.
 
 Split. A problem is (sorted numbers, target). A stable hash (sha256) puts 1 in ``TEST_MOD`` of
 all problems in the test bucket; training never draws from it, and the suite's own test set
@@ -26,6 +26,7 @@ import hashlib
 import itertools
 import json
 import random
+import re
 from collections.abc import Sequence
 from fractions import Fraction
 
@@ -93,6 +94,18 @@ def reachable(numbers: Sequence[int]) -> dict[int, list[str]]:
     return out
 
 
+def _canonical_key(expr: str, numbers: Sequence[int]) -> tuple:
+    """Order of preference among correct expressions, so the SFT target is a learnable function
+    of the problem: fewest parentheses, then the numbers in the order the prompt gives them."""
+    free = list(range(len(numbers)))
+    positions = []
+    for lit in re.findall(r"\d+", expr):
+        i = next(j for j in free if numbers[j] == int(lit))
+        free.remove(i)
+        positions.append(i)
+    return (expr.count("("), tuple(positions), expr)
+
+
 def _draw(rng: random.Random) -> tuple[list[int], int, str]:
     """One random problem (numbers, target, a solving expression)."""
     while True:
@@ -101,10 +114,7 @@ def _draw(rng: random.Random) -> tuple[list[int], int, str]:
         if not table:
             continue
         target = rng.choice(sorted(table))
-        exprs = sorted(set(table[target]), key=lambda e: (len(e), e))
-        shortest = [e for e in exprs if len(e) == len(exprs[0])]
-        rng.shuffle(shortest)
-        exprs = shortest + exprs[len(shortest) :]  # prefer the fewest parentheses
+        exprs = sorted(set(table[target]), key=lambda e: _canonical_key(e, numbers))
         for expr in exprs:  # the float search may round; keep an exactly correct one
             ev = try_evaluate(expr)
             if ev is not None and ev.value == target:

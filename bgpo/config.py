@@ -71,6 +71,8 @@ class PretrainConfig:
     """optimizer steps of masked-diffusion SFT (deliberately short of mastery)"""
     batch_size: int = 128
     lr: float = 1e-3
+    level: str = "time"
+    """mask level of the SFT draws: time (t ~ U(0,1], weight 1/t: LLaDA's SFT) or count (L/l)"""
     n_train: int = 100_000
     """generated training problems (cycled)"""
     eval_n: int = 256

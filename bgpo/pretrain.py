@@ -28,8 +28,6 @@ from bgpo.results import atomic_write_json, provenance
 from bgpo.rollout import evaluate
 from bgpo.tasks import get_task
 
-SFT_ELBO = ELBOConfig(mode="elbo", level="time", window="full")
-
 
 def default_path(task_name: str) -> Path:
     return cache_dir() / f"tiny-{task_name}"
@@ -44,6 +42,7 @@ def pick_device(name: str) -> str:
 def pretrain(cfg: PretrainConfig | DictConfig) -> dict:
     """Train, save (model + tokenizer + pretrain.json) and return the evaluation."""
     validate_task(cfg.task)
+    sft_elbo = ELBOConfig(mode="elbo", level=cfg.level, window="full")  # validates pretrain.level
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise ValueError("steps and batch_size must be >= 1")
     device = pick_device(cfg.device)
@@ -67,7 +66,7 @@ def pretrain(cfg: PretrainConfig | DictConfig) -> dict:
         prompt_ids, prompt_mask = model.encode_prompts([task.render(e, fmt) for e in exs])
         comp = model.encode_completions([task.target(e, fmt) for e in exs], cfg.task.gen_length)
         batch = Batch.build(prompt_ids, prompt_mask, comp, 1)
-        draws = elbo.draw(batch, SFT_ELBO, 1, model.eos_token_id, g)
+        draws = elbo.draw(batch, sft_elbo, 1, model.eos_token_id, g)
         loss = -elbo.ell(model, batch, draws, slice(0, 1)).mean() / cfg.task.gen_length
         opt.zero_grad(set_to_none=True)
         loss.backward()

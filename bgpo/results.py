@@ -75,7 +75,7 @@ def run_dir_of(cfg: dict[str, Any]) -> Path:
     return Path(cfg["run_dir"]) if cfg.get("run_dir") else Path(cfg["results_dir"]) / run_name(cfg)
 
 
-def open_run(cfg: dict[str, Any]) -> tuple[Path, dict[str, Any] | None]:
+def open_run(cfg: dict[str, Any], write: bool = True) -> tuple[Path, dict[str, Any] | None]:
     """Create the run folder with its resolved config; return the summary if the run is complete."""
     import yaml
 
@@ -83,8 +83,9 @@ def open_run(cfg: dict[str, Any]) -> tuple[Path, dict[str, Any] | None]:
     summary = path / "summary.json"
     if summary.exists():
         return path, json.loads(summary.read_text())
-    path.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path / "config.yaml", yaml.safe_dump(cfg, sort_keys=True))
+    if write:
+        path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path / "config.yaml", yaml.safe_dump(cfg, sort_keys=True))
     return path, None
 
 

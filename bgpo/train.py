@@ -8,6 +8,8 @@ completed run is not repeated, an interrupted one resumes from its last checkpoi
 
 from __future__ import annotations
 
+import os
+
 import hydra
 from omegaconf import DictConfig
 
@@ -21,11 +23,15 @@ def run(cfg: DictConfig) -> dict:
     from bgpo.trainer import train
 
     resolved = to_container(cfg)
-    path, done = open_run(resolved)
+    rank = int(os.environ.get("RANK", "0"))  # torchrun / accelerate: only rank 0 writes
+    path, done = open_run(resolved, write=rank == 0)
     if done is not None:
         print(f"[bgpo] {path} is complete (summary.json exists): nothing to train")
         return done
-    summary = finish_run(path, resolved, train(cfg, path))
+    result = train(cfg, path)
+    if rank != 0:
+        return result
+    summary = finish_run(path, resolved, result)
     print(f"[bgpo] {path}: final eval {summary['final'].get('eval/accuracy')}")
     return summary
 

@@ -62,15 +62,14 @@ class Dist:
         acc = Accelerator(cpu=device == "cpu")
         return cls(acc.process_index, acc.num_processes)
 
-    def all_reduce_grads(self, params: list[torch.nn.Parameter], n_shards: int) -> None:
-        """Mean over shards: one all-reduce of one flat buffer per optimizer step."""
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.flatten() for g in grads])
+    def all_reduce_grads(self, params: list[torch.nn.Parameter], flat: torch.Tensor, n_shards: int) -> None:
+        """Sum the per-shard gradients of all processes (one all-reduce of one flat buffer per
+        optimizer step), average over shards and put the result in ``p.grad``."""
         if self.world > 1:
             torch.distributed.all_reduce(flat)
         flat /= n_shards
         for p, g in zip(params, flat.split([q.numel() for q in params]), strict=True):
-            p.grad = g.view_as(p).clone()
+            p.grad = g.view_as(p)
 
     def gather(self, values: list[float]) -> list[float]:
         if self.world == 1:
@@ -162,12 +161,14 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             lengths += (ro.batch.completion != policy.eos_token_id).sum(-1).tolist()
         stats: dict[str, float] = {}
         for it in range(cfg.updates):
-            opt.zero_grad(set_to_none=True)
+            total = torch.zeros(sum(p.numel() for p in params), device=device)
             for batch, adv, prep in work:
+                opt.zero_grad(set_to_none=True)
                 # method.backward: the method calls .backward() itself (BGPO once per MC chunk)
                 for k, v in method.backward(policy, batch, adv, prep, it).items():
                     stats[k] = stats.get(k, 0.0) + v / (len(work) * cfg.updates)
-            dist.all_reduce_grads(params, shards)
+                total += flat_grads(params)  # shard by shard: the same sums on 1 or N processes
+            dist.all_reduce_grads(params, total, shards)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
             opt.step()
             sched.step()
@@ -199,9 +200,17 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines()] if dist.rank == 0 else []
     evals = [r for r in rows if "eval/accuracy" in r]
     best = max((r["eval/accuracy"] for r in evals), default=None)
+    with torch.no_grad():  # one fingerprint of the final parameters per rank: they must agree
+        flat = torch.cat([p.detach().double().flatten() for p in policy.net.parameters()])
+        fingerprint = [flat.sum().item(), flat.square().sum().item()]
     return {"final": evals[-1] if evals else {}, "best_eval_accuracy": best, "steps": cfg.steps,
-            "resumed_at": resumed_at, "wall_s_this_session": round(time.time() - t_run, 1),
+            "resumed_at": resumed_at, "param_fingerprints": dist.gather([fingerprint]),
+            "world_size": dist.world, "wall_s_this_session": round(time.time() - t_run, 1),
             **provenance(device)}
+
+
+def flat_grads(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
 
 
 def save_checkpoint(path: Path, policy: DLLM, opt: torch.optim.Optimizer, sched: Any, step: int,

@@ -27,3 +27,28 @@ def pretrain(session: nox.Session) -> None:
     """Pretrain both tiny base models (Countdown, Sudoku) into $BGPO_CACHE."""
     for task in ("countdown", "sudoku"):
         session.run(sys.executable, "-m", "bgpo.pretrain", f"task={task}", *session.posargs)
+
+
+@nox.session(python=False)
+def reproduce_tables(session: nox.Session) -> None:
+    """results/ → paper/ tables and figures (offline, seconds).
+
+    `nox -s reproduce_tables -- --check` only compares the committed paper/tables/* with a
+    regeneration; `-- --tables-only` skips the figures."""
+    session.run(sys.executable, "-m", "bgpo.paper", *session.posargs)
+
+
+@nox.session(python=False)
+def sweep_tiny(session: nox.Session) -> None:
+    """The CPU reproduction sweep (sweeps/tiny_repro.yaml) into results/tiny_repro.
+
+    The trainer pretrains the two tiny base models first if they are missing. Then run
+    `nox -s reproduce_tables`."""
+    session.run(sys.executable, "-m", "bgpo.sweep", "-m", "+sweeps=tiny_repro", *session.posargs)
+
+
+@nox.session(python=False)
+def bench(session: nox.Session) -> None:
+    """Benchmarks into results/bench/ (memory, rollout; `-- variance` picks others)."""
+    for name in session.posargs or ["memory", "rollout"]:
+        session.run(sys.executable, "-m", "bgpo.bench", name)

@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 from bgpo.config import build_method
 from bgpo.model import DLLM, apply_lora, load_dllm
 from bgpo.pretrain import ensure_base_model, pick_device
-from bgpo.results import provenance
+from bgpo.results import atomic_write_json, provenance
 from bgpo.rollout import evaluate, rollout
 from bgpo.tasks import get_task
 
@@ -141,6 +141,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
     bar = tqdm(range(start, cfg.steps), desc=run_dir.name, disable=not cfg.progress or dist.rank != 0,
                initial=start, total=cfg.steps)
+    if start == 0 and dist.rank == 0:  # the base model's accuracy, for the tables' base row
+        t0 = time.time()
+        row0 = {f"eval/{k}": v for k, v in periodic_eval(policy, task, test_data, cfg).items()}
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps({"step": 0, **row0, "time/step_s": time.time() - t0}) + "\n")
     for step in bar:
         t0 = time.time()
         policy.net.train()
@@ -180,7 +185,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                "lr": sched.get_last_lr()[0], **stats, "time/step_s": time.time() - t0,
                "time/tokens_per_s": sum(lengths) / max(gen_s, 1e-9), "mem/peak_bytes": peak_bytes(device)}
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            row.update({f"eval/{k}": v for k, v in evaluate(policy, task, test_data, cfg.task).items()})
+            row.update({f"eval/{k}": v for k, v in periodic_eval(policy, task, test_data, cfg).items()})
         if dist.rank == 0:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -198,15 +203,34 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     for sig, h in previous.items():
         signal.signal(sig, h)
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines()] if dist.rank == 0 else []
-    evals = [r for r in rows if "eval/accuracy" in r]
+    base = next((r for r in rows if r["step"] == 0), {})
+    evals = [r for r in rows if "eval/accuracy" in r and r["step"] > 0]  # RL checkpoints only
     best = max((r["eval/accuracy"] for r in evals), default=None)
+    if evals and dist.rank == 0:
+        atomic_write_json(run_dir / "eval.json", {"task": cfg.task.name, "step": evals[-1]["step"],
+                                                  **{k[5:]: v for k, v in evals[-1].items()
+                                                     if k.startswith("eval/")}})
     with torch.no_grad():  # one fingerprint of the final parameters per rank: they must agree
         flat = torch.cat([p.detach().double().flatten() for p in policy.net.parameters()])
         fingerprint = [flat.sum().item(), flat.square().sum().item()]
-    return {"final": evals[-1] if evals else {}, "best_eval_accuracy": best, "steps": cfg.steps,
+    return {"final": evals[-1] if evals else {}, "best_eval_accuracy": best,
+            "base_eval_accuracy": base.get("eval/accuracy"), "steps": cfg.steps,
             "resumed_at": resumed_at, "param_fingerprints": dist.gather([fingerprint]),
             "world_size": dist.world, "wall_s_this_session": round(time.time() - t_run, 1),
             **provenance(device)}
+
+
+def periodic_eval(policy: DLLM, task: Any, test_data: list, cfg: DictConfig) -> dict[str, float]:
+    """Greedy evaluation through lm-eval's ``bgpo_dllm`` — the path of ``python -m bgpo.evaluate``
+    — for the suite's lm-eval tasks (Countdown, Sudoku); other tasks (GSM8K..., user tasks) use
+    the rollout sampler and the task's reward directly. Both take the first ``eval_n`` problems."""
+    from bgpo.lm_eval_tasks import D1_FILES
+
+    if cfg.task.name in D1_FILES:
+        from bgpo.lm_eval_model import evaluate_suite_task
+
+        return evaluate_suite_task(policy, cfg.task.name, cfg.task, cfg.eval_n)
+    return evaluate(policy, task, test_data, cfg.task)
 
 
 def flat_grads(params: list[torch.nn.Parameter]) -> torch.Tensor:
@@ -223,8 +247,10 @@ def save_checkpoint(path: Path, policy: DLLM, opt: torch.optim.Optimizer, sched:
 
 
 def truncate_metrics(path: Path, start: int) -> None:
-    """Keep only complete rows of steps ≤ start (a killed run may have written past its checkpoint)."""
-    if not path.exists():
+    """Keep only complete rows of steps ≤ start (a killed run may have written past its checkpoint);
+    a run that starts from scratch starts a new file."""
+    if not path.exists() or start == 0:
+        path.unlink(missing_ok=True)
         return
     keep = []
     for line in path.read_text().splitlines():

@@ -55,8 +55,9 @@ def test_each_method_trains(method, base_model, tmp_path):
     summary = run(cfg)
     run_dir = tmp_path / summary["run"]
     rows = metrics(run_dir)
-    assert [r["step"] for r in rows] == [1, 2, 3] and "eval/accuracy" in rows[-1]
-    assert all(r["grad_norm"] > 0 for r in rows)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3] and "eval/accuracy" in rows[-1]
+    assert "eval/accuracy" in rows[0]  # the base model, before any update
+    assert all(r["grad_norm"] > 0 for r in rows[1:])
     state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["model"]
     base = micro_model(dtype=torch.float32).net.state_dict()
     assert any(not torch.equal(state[k], base[k]) for k in base)  # parameters moved

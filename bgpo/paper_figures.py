@@ -1,0 +1,184 @@
+"""The figures of ``paper/figures/`` (called by ``python -m bgpo.paper``; matplotlib, Agg backend).
+
+Output is deterministic for one matplotlib version: PNGs carry no "Software" entry and PDFs no
+creation date. A figure with no data is not drawn (and a stale copy is removed); the generated
+``README.md`` says which figures exist, from which files, and why any is missing.
+
+Benchmark rows read here (``results/bench/*.jsonl``, one JSON object per line):
+
+* ``memory-*.jsonl``: ``{"method", "mc", "peak_bytes", "rss_peak_bytes", "floor_bytes",
+  "step_time_s", "device", "model", "commit"}``; optional ``"oom": true`` (no peak then).
+* ``variance-*.jsonl``, told apart by ``kind``:
+
+  - ``{"kind": "grad", "method", "mc", "grad_std_mean", "grad_bias_rel", "device", "model",
+    "commit"}`` — SPEC §4 Fig. 3: the gradient of one batch computed repeatedly with fresh MC
+    draws; ``grad_std_mean`` = the per-parameter std over repeats, averaged over parameters;
+    ``grad_bias_rel`` = ‖mean gradient − gold‖ / ‖gold‖ with the n_t = 256 gradient as gold
+    (``null`` for the gold point itself).
+  - ``{"kind": "elbo_diff", "coupled", "level", "stratified", "n", "variance", "commit"}`` — the
+    variance of the ELBO difference ℓ_θ − ℓ_old estimated with ``n`` draws, for coupled
+    (shared masks) or independent draws, mask level ``time``|``count``, stratified or iid.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+COLORS = {"bgpo": "C0", "bgpo_offpolicy": "C4", "vrpo": "C1", "diffugrpo": "C2", "wd1": "C3"}
+LABELS = {"bgpo": "BGPO", "bgpo_offpolicy": "BGPO (off-policy)", "vrpo": "VRPO-OL",
+          "diffugrpo": "diffu-GRPO", "wd1": "wd1"}
+ORDER = list(LABELS)
+
+
+def _key(method: str) -> str:
+    return method.replace("_", "").replace("-", "").lower()
+
+
+def _methods(items: Any) -> list[str]:
+    return sorted(set(items), key=lambda m: (ORDER.index(m) if m in ORDER else len(ORDER), m))
+
+
+def _save(fig: Any, out: Path, stem: str, formats: tuple[str, ...]) -> list[str]:
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"png": {"Software": None}, "pdf": {"CreationDate": None, "ModDate": None}}
+    for fmt in formats:
+        fig.savefig(out / f"{stem}.{fmt}", format=fmt, metadata=meta[fmt], dpi=150)
+    plt.close(fig)
+    return [f"{stem}.{fmt}" for fmt in formats]
+
+
+def _panels(n: int, width: float = 4.2) -> tuple[Any, list[Any]]:
+    fig, axes = plt.subplots(1, max(n, 1), figsize=(width * max(n, 1), 3.4), squeeze=False)
+    return fig, list(axes[0])
+
+
+def bench_vs_mc(rows: list[dict[str, Any]], field: str, ylabel: str, scale: float, floor: bool) -> Any:
+    """One panel per (device, model): ``field`` against n_t (log2 axis), one line per method."""
+    last: dict[tuple, dict[str, Any]] = {}
+    for r in rows:
+        last[(str(r.get("device")), str(r.get("model")), _key(str(r["method"])), int(r["mc"]))] = r
+    groups = sorted({k[:2] for k in last})
+    fig, axes = _panels(len(groups))
+    for ax, (device, model) in zip(axes, groups, strict=True):
+        pts = {k: v for k, v in last.items() if k[:2] == (device, model)}
+        for m in _methods(k[2] for k in pts):
+            xy = sorted((k[3], v[field] / scale) for k, v in pts.items()
+                        if k[2] == m and isinstance(v.get(field), (int, float)))
+            if xy:
+                ax.plot(*zip(*xy, strict=True), "o-", color=COLORS.get(m), label=LABELS.get(m, m))
+        fl = sorted((k[3], v["floor_bytes"] / scale) for k, v in pts.items()
+                    if floor and isinstance(v.get("floor_bytes"), (int, float)))
+        if fl:
+            mcs = sorted({x for x, _ in fl})
+            means = [sum(y for x, y in fl if x == mc) / sum(1 for x, _ in fl if x == mc) for mc in mcs]
+            ax.plot(mcs, means, "--", color="0.4", label="floor")
+        ax.set_xscale("log", base=2)
+        ax.set(xlabel="n_t (MC samples per response)", ylabel=ylabel, title=f"{device} · {model}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def training_curves(runs: list[Any]) -> Any:
+    """One panel per (sweep, task): mean reward vs step per method, band = ± std over seeds."""
+    curves: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    for r in runs:
+        if r.curve:
+            curves[(r.sweep, r.task)][r.method].append(dict(r.curve))
+    fig, axes = _panels(len(curves))
+    for ax, (sweep, task) in zip(axes, sorted(curves), strict=True):
+        for m in _methods(curves[(sweep, task)]):
+            seeds = curves[(sweep, task)][m]
+            steps = sorted({s for c in seeds for s in c})
+            vals = [[c[s] for c in seeds if s in c] for s in steps]
+            mean = [sum(v) / len(v) for v in vals]
+            std = [(sum((x - mu) ** 2 for x in v) / (len(v) - 1)) ** 0.5 if len(v) > 1 else 0.0
+                   for v, mu in zip(vals, mean, strict=True)]
+            color = COLORS.get(m)
+            ax.plot(steps, mean, color=color, label=f"{LABELS.get(m, m)} (n={len(seeds)})")
+            ax.fill_between(steps, [a - b for a, b in zip(mean, std, strict=True)],
+                            [a + b for a, b in zip(mean, std, strict=True)], color=color, alpha=0.2, lw=0)
+        ax.set(xlabel="RL step", ylabel="mean reward", title=f"{task} ({sweep})")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def gradient_std_bias(rows: list[dict[str, Any]]) -> Any:
+    """Gradient std and bias against n_t per method (kind=grad); ELBO-difference variance (elbo_diff)."""
+    grad = [r for r in rows if r.get("kind") == "grad"]
+    elbo = [r for r in rows if r.get("kind") == "elbo_diff"]
+    specs = [(f, lab) for f, lab in (("grad_std_mean", "gradient std (mean over parameters)"),
+                                     ("grad_bias_rel", "relative gradient bias vs n_t = 256"))
+             if any(isinstance(r.get(f), (int, float)) for r in grad)]
+    fig, axes = _panels(len(specs) + bool(elbo))
+    for ax, (f, lab) in zip(axes, specs, strict=False):
+        for m in _methods(_key(str(r["method"])) for r in grad):
+            xy = sorted((int(r["mc"]), r[f]) for r in grad
+                        if _key(str(r["method"])) == m and isinstance(r.get(f), (int, float)))
+            if xy:
+                ax.plot(*zip(*xy, strict=True), "o-", color=COLORS.get(m), label=LABELS.get(m, m))
+        ax.set(yscale="log", xlabel="n_t", ylabel=lab)
+        ax.set_xscale("log", base=2)
+    if elbo:
+        ax = axes[-1]
+        configs = sorted({(bool(r["coupled"]), str(r["level"]), bool(r["stratified"])) for r in elbo})
+        for c in configs:
+            xy = sorted((int(r["n"]), r["variance"]) for r in elbo
+                        if (bool(r["coupled"]), str(r["level"]), bool(r["stratified"])) == c)
+            label = f"{'coupled' if c[0] else 'independent'}, {c[1]}{', stratified' if c[2] else ''}"
+            ax.plot(*zip(*xy, strict=True), "o-", label=label)
+        ax.set(yscale="log", xlabel="n (MC draws)", ylabel="Var[ℓ_θ − ℓ_old estimate]")
+        ax.set_xscale("log", base=2)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def make_figures(runs: list[Any], memory: list[dict[str, Any]], variance: list[dict[str, Any]],
+                 out: Path) -> str:
+    """Draw every figure that has data into ``out``; return the README listing (Markdown)."""
+    plt.rcParams.update({"svg.hashsalt": "bgpo", "font.size": 8})
+    both, png = ("png", "pdf"), ("png",)
+    made_from = {
+        "memory_vs_mc": (bool(memory), "peak memory of one RL update against n_t (log2 axis), one line per "
+                         "method, the floor (model + optimizer state) dashed; one panel per device · model",
+                         "results/bench/memory-*.jsonl", both,
+                         lambda: bench_vs_mc(memory, "peak_bytes", "peak memory (MiB)", 2**20, True)),
+        "step_time_vs_mc": (any(isinstance(r.get("step_time_s"), (int, float)) for r in memory),
+                            "time of one RL update step against n_t, one line per method",
+                            "results/bench/memory-*.jsonl", both,
+                            lambda: bench_vs_mc(memory, "step_time_s", "step time (s)", 1.0, False)),
+        "training_curves": (any(r.curve for r in runs),
+                            "mean rollout reward against RL step per method, shaded ± std over seeds; "
+                            "one panel per sweep and task",
+                            "results/{tiny_repro,paper_main}/*/metrics.jsonl", both,
+                            lambda: training_curves(runs)),
+        "gradient_std_bias": (any(r.get("kind") in ("grad", "elbo_diff") for r in variance),
+                              "gradient std and bias against n_t per method (SPEC §4, Fig. 3) and the "
+                              "variance of the ELBO-difference estimate", "results/bench/variance-*.jsonl",
+                              png, lambda: gradient_std_bias(variance)),
+    }
+    lines = ["# Figures", "", "Made by `python -m bgpo.paper` from the files named below; "
+             "a figure with no data is not drawn.", "", "| figure | shows | data |", "|---|---|---|"]
+    missing = []
+    for stem, (has_data, caption, source, formats, draw) in made_from.items():
+        if has_data:
+            files = _save(draw(), out, stem, formats)
+            lines.append(f"| {', '.join(files)} | {caption} | `{source}` |")
+        else:
+            for fmt in both:
+                (out / f"{stem}.{fmt}").unlink(missing_ok=True)
+            missing.append(f"- `{stem}`: not drawn, no rows in `{source}`.")
+    return "\n".join(lines + ([""] + missing if missing else [])) + "\n"

@@ -35,6 +35,8 @@ class TaskConfig:
     """denoising steps per completion; a multiple of gen_length / block_length"""
     options: dict[str, Any] = field(default_factory=dict)
     """extra constructor arguments of the task (dataset paths...)"""
+    pretrain_steps: int = 700
+    """SFT steps of the tiny base model: stopped short of mastery so that RL has headroom"""
 
 
 @dataclass
@@ -67,8 +69,8 @@ class PretrainConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     seed: int = 0
-    steps: int = 700
-    """optimizer steps of masked-diffusion SFT (deliberately short of mastery)"""
+    steps: int | None = None
+    """optimizer steps of masked-diffusion SFT (default: task.pretrain_steps)"""
     batch_size: int = 128
     lr: float = 1e-3
     level: str = "time"

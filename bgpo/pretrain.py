@@ -43,8 +43,9 @@ def pretrain(cfg: PretrainConfig | DictConfig) -> dict:
     """Train, save (model + tokenizer + pretrain.json) and return the evaluation."""
     validate_task(cfg.task)
     sft_elbo = ELBOConfig(mode="elbo", level=cfg.level, window="full")  # validates pretrain.level
-    if cfg.steps < 1 or cfg.batch_size < 1:
-        raise ValueError("steps and batch_size must be >= 1")
+    steps = cfg.steps if cfg.steps is not None else cfg.task.pretrain_steps
+    if steps < 1 or cfg.batch_size < 1:
+        raise ValueError(f"steps={steps} and batch_size={cfg.batch_size} must be >= 1")
     device = pick_device(cfg.device)
     out = Path(cfg.out) if cfg.out else default_path(cfg.task.name)
     t0 = time.time()
@@ -60,7 +61,7 @@ def pretrain(cfg: PretrainConfig | DictConfig) -> dict:
     g = torch.Generator(device=device).manual_seed(cfg.seed)
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     losses: list[float] = []
-    for step in (bar := tqdm(range(cfg.steps), desc=f"pretrain {cfg.task.name}")):
+    for step in (bar := tqdm(range(steps), desc=f"pretrain {cfg.task.name}")):
         lo = (step * cfg.batch_size) % len(data)
         exs = [data[order[(lo + i) % len(data)]] for i in range(cfg.batch_size)]
         prompt_ids, prompt_mask = model.encode_prompts([task.render(e, fmt) for e in exs])

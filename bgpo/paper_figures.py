@@ -10,12 +10,12 @@ Benchmark rows read here (``results/bench/*.jsonl``, one JSON object per line):
   "step_time_s", "device", "model", "commit"}``; optional ``"oom": true`` (no peak then).
 * ``variance-*.jsonl``, told apart by ``kind``:
 
-  - ``{"kind": "grad", "method", "mc", "grad_std_mean", "grad_bias_rel", "device", "model",
+  - ``{"kind": "grad", "method", "mc", "grad_std", "bias_rel", "device", "model",
     "commit"}`` — SPEC §4 Fig. 3: the gradient of one batch computed repeatedly with fresh MC
-    draws; ``grad_std_mean`` = the per-parameter std over repeats, averaged over parameters;
-    ``grad_bias_rel`` = ‖mean gradient − gold‖ / ‖gold‖ with the n_t = 256 gradient as gold
+    draws; ``grad_std`` = the per-parameter std over repeats, averaged over parameters;
+    ``bias_rel`` = ‖mean gradient − gold‖ / ‖gold‖ with the n_t = 256 gradient as gold
     (``null`` for the gold point itself).
-  - ``{"kind": "elbo_diff", "coupled", "level", "stratified", "n", "variance", "commit"}`` — the
+  - ``{"kind": "elbo_diff", "coupled", "level", "stratified", "n", "var", "commit"}`` — the
     variance of the ELBO difference ℓ_θ − ℓ_old estimated with ``n`` draws, for coupled
     (shared masks) or independent draws, mask level ``time``|``count``, stratified or iid.
 """
@@ -35,6 +35,9 @@ COLORS = {"bgpo": "C0", "bgpo_offpolicy": "C4", "vrpo": "C1", "diffugrpo": "C2",
 LABELS = {"bgpo": "BGPO", "bgpo_offpolicy": "BGPO (off-policy)", "vrpo": "VRPO-OL",
           "diffugrpo": "diffu-GRPO", "wd1": "wd1"}
 ORDER = list(LABELS)
+# methods with identical curves (memory: VRPO-OL, diffu-GRPO, wd1) stay visible: own marker and dash
+STYLES = {"bgpo": ("o", "-", 7), "bgpo_offpolicy": ("P", "-", 7), "vrpo": ("s", "-", 9),
+          "diffugrpo": ("^", "--", 6), "wd1": ("x", ":", 6)}
 
 
 def _key(method: str) -> str:
@@ -72,7 +75,9 @@ def bench_vs_mc(rows: list[dict[str, Any]], field: str, ylabel: str, scale: floa
             xy = sorted((k[3], v[field] / scale) for k, v in pts.items()
                         if k[2] == m and isinstance(v.get(field), (int, float)))
             if xy:
-                ax.plot(*zip(*xy, strict=True), "o-", color=COLORS.get(m), label=LABELS.get(m, m))
+                marker, dash, size = STYLES.get(m, ("o", "-", 6))
+                ax.plot(*zip(*xy, strict=True), marker=marker, linestyle=dash, markersize=size,
+                        color=COLORS.get(m), label=LABELS.get(m, m), markerfacecolor="none")
         fl = sorted((k[3], v["floor_bytes"] / scale) for k, v in pts.items()
                     if floor and isinstance(v.get("floor_bytes"), (int, float)))
         if fl:
@@ -80,6 +85,7 @@ def bench_vs_mc(rows: list[dict[str, Any]], field: str, ylabel: str, scale: floa
             means = [sum(y for x, y in fl if x == mc) / sum(1 for x, _ in fl if x == mc) for mc in mcs]
             ax.plot(mcs, means, "--", color="0.4", label="floor")
         ax.set_xscale("log", base=2)
+        ax.set_yscale("log", base=2)
         ax.set(xlabel="n_t (MC samples per response)", ylabel=ylabel, title=f"{device} · {model}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -117,8 +123,8 @@ def gradient_std_bias(rows: list[dict[str, Any]]) -> Any:
     """Gradient std and bias against n_t per method (kind=grad); ELBO-difference variance (elbo_diff)."""
     grad = [r for r in rows if r.get("kind") == "grad"]
     elbo = [r for r in rows if r.get("kind") == "elbo_diff"]
-    specs = [(f, lab) for f, lab in (("grad_std_mean", "gradient std (mean over parameters)"),
-                                     ("grad_bias_rel", "relative gradient bias vs n_t = 256"))
+    specs = [(f, lab) for f, lab in (("grad_std", "gradient std (mean over parameters)"),
+                                     ("bias_rel", "relative gradient bias vs n_t = 256"))
              if any(isinstance(r.get(f), (int, float)) for r in grad)]
     fig, axes = _panels(len(specs) + bool(elbo))
     for ax, (f, lab) in zip(axes, specs, strict=False):
@@ -133,7 +139,7 @@ def gradient_std_bias(rows: list[dict[str, Any]]) -> Any:
         ax = axes[-1]
         configs = sorted({(bool(r["coupled"]), str(r["level"]), bool(r["stratified"])) for r in elbo})
         for c in configs:
-            xy = sorted((int(r["n"]), r["variance"]) for r in elbo
+            xy = sorted((int(r["n"]), r["var"]) for r in elbo
                         if (bool(r["coupled"]), str(r["level"]), bool(r["stratified"])) == c)
             label = f"{'coupled' if c[0] else 'independent'}, {c[1]}{', stratified' if c[2] else ''}"
             ax.plot(*zip(*xy, strict=True), "o-", label=label)

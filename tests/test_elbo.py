@@ -11,6 +11,7 @@ import torch
 
 from baselines.vrpo import VRPO, VRPOConfig
 from bgpo import elbo
+from bgpo.bench.memory import saved_bytes_peak
 from bgpo.elbo import ELBOConfig
 from bgpo.method import Prepared
 from bgpo.objective import BGPO, BGPOConfig
@@ -97,24 +98,6 @@ def test_coupled_draws_lower_variance_of_the_difference():
     coupled = elbo.ell_all(theta, batch, d1, 400) - elbo.ell_all(ref, batch, d1, 400)
     independent = elbo.ell_all(theta, batch, d1, 400) - elbo.ell_all(ref, batch, d2, 400)
     assert coupled.var() * 10 < independent.var()
-
-
-def saved_bytes_peak(fn) -> int:
-    """Peak bytes held by autograd for backward (saved tensors), deterministic on CPU."""
-    live = {"now": 0, "peak": 0}
-
-    class Handle:
-        def __init__(self, t):
-            self.t, self.n = t, t.numel() * t.element_size()
-            live["now"] += self.n
-            live["peak"] = max(live["peak"], live["now"])
-
-        def __del__(self):
-            live["now"] -= self.n
-
-    with torch.autograd.graph.saved_tensors_hooks(Handle, lambda h: h.t):
-        fn()
-    return live["peak"]
 
 
 def test_bgpo_memory_flat_in_n_t_vrpo_grows():

@@ -56,10 +56,10 @@ def tree(tmp_path: Path) -> tuple[Path, Path]:
     mem.append({"method": "vrpo", "mc": 32, "oom": True, "device": "cpu", "model": "tiny",
                 "commit": "c" * 40})
     (bench / "memory-cpu.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mem))
-    var = [{"kind": "grad", "method": m, "mc": mc, "grad_std_mean": 1 / mc, "grad_bias_rel": 0.1 / mc}
+    var = [{"kind": "grad", "method": m, "mc": mc, "grad_std": 1 / mc, "bias_rel": 0.1 / mc}
            for m in ("bgpo", "vrpo", "diffugrpo") for mc in (1, 4, 16)]
     var += [{"kind": "elbo_diff", "coupled": c, "level": "time", "stratified": False, "n": n,
-             "variance": (0.1 if c else 1.0) / n} for c in (True, False) for n in (1, 4, 16)]
+             "var": (0.1 if c else 1.0) / n} for c in (True, False) for n in (1, 4, 16)]
     (bench / "variance-cpu.jsonl").write_text("".join(json.dumps(r) + "\n" for r in var))
     out.mkdir()
     shutil.copy(REPORTED, out / "reported.yaml")

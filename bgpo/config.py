@@ -84,10 +84,23 @@ class PretrainConfig:
 
 
 @dataclass
+class SamplerConf:
+    """Rollout sampler of RL training (evaluation always uses the reference sampler)."""
+
+    mode: str = "reference"
+    """reference (LLaDA's algorithm, bit for bit) or cached (KV cache + threshold decoding)"""
+    threshold: float = 1.0
+    """cached mode: also commit masked positions whose confidence exceeds this (1.0 = off)"""
+    cache: str = "prefix"
+    """cached mode: prefix, dual (also the masked suffix) or none (threshold decoding only)"""
+
+
+@dataclass
 class TrainConfig:
     method: Any = MISSING
     task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    sampler: SamplerConf = field(default_factory=SamplerConf)
     mc: int = 16
     """n_t: Monte Carlo samples of the ELBO per response"""
     seed: int = 0
@@ -226,6 +239,9 @@ def validate_train(cfg: DictConfig) -> None:
         raise ValueError(f"temperature={cfg.temperature} must be >= 0")
     validate_task(cfg.task)
     validate_model(cfg.model)
+    from bgpo.sampler import validate_mode
+
+    validate_mode(cfg.sampler.mode, cfg.sampler.threshold, cfg.sampler.cache)
     build_method(cfg)
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from bgpo.config import TaskConfig
+from bgpo.config import SamplerConf, TaskConfig
 from bgpo.elbo import Batch
 from bgpo.model import DLLM
 from bgpo.sampler import SamplerConfig, generate
@@ -24,19 +24,24 @@ class Rollouts:
     rewards: torch.Tensor  # [B] float
 
 
-def sampler_config(task_cfg: TaskConfig, temperature: float, eval_mode: bool = False) -> SamplerConfig:
-    """Rollouts use task.diffusion_steps; evaluation uses one token per step (SPEC §4)."""
-    steps = task_cfg.gen_length if eval_mode else task_cfg.diffusion_steps
-    return SamplerConfig(task_cfg.gen_length, task_cfg.block_length, steps, temperature)
+def sampler_config(task_cfg: TaskConfig, temperature: float, eval_mode: bool = False,
+                   fast: SamplerConf | None = None) -> SamplerConfig:
+    """Rollouts use task.diffusion_steps (and the ``sampler.*`` mode); evaluation uses the
+    reference sampler with one token per step (SPEC §4)."""
+    if eval_mode:
+        return SamplerConfig(task_cfg.gen_length, task_cfg.block_length, task_cfg.gen_length, temperature)
+    fast = fast or SamplerConf()
+    return SamplerConfig(task_cfg.gen_length, task_cfg.block_length, task_cfg.diffusion_steps, temperature,
+                         fast.mode, fast.threshold, fast.cache)
 
 
 def rollout(model: DLLM, task: Task, examples: list[Example], task_cfg: TaskConfig, G: int,
             temperature: float, generator: torch.Generator | None = None,
-            eval_mode: bool = False) -> Rollouts:
+            eval_mode: bool = False, fast: SamplerConf | None = None) -> Rollouts:
     """G completions for each example (grouped, prompt-major) and their rewards."""
     texts = [task.render(ex, task_cfg.format) for ex in examples for _ in range(G)]
     prompt_ids, prompt_mask = model.encode_prompts(texts)
-    comp = generate(model, prompt_ids, prompt_mask, sampler_config(task_cfg, temperature, eval_mode),
+    comp = generate(model, prompt_ids, prompt_mask, sampler_config(task_cfg, temperature, eval_mode, fast),
                     generator)
     decoded = model.decode_completions(comp)
     rewards = [task.reward(ex, y, task_cfg.format)

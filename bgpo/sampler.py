@@ -6,6 +6,10 @@ of the current block are predicted (argmax at temperature 0, Gumbel-max in float
 the ``k`` most confident predictions are committed, ``k`` spreading the block evenly over its
 steps. Prompts are left-padded and the attention mask is passed to the model, so a prompt's
 tokens are the same whatever else is in the batch.
+
+``SamplerConfig.mode = "cached"`` dispatches to the fast sampler of ``bgpo.sampler_cached``
+(block-wise KV cache + confidence-threshold parallel decoding); the reference path below is
+untouched by it.
 """
 
 from __future__ import annotations
@@ -29,9 +33,17 @@ class SamplerConfig:
     """total denoising steps; must be a multiple of the number of blocks"""
     temperature: float = 0.0
     """0 = greedy; > 0 = Gumbel-max sampling in float64"""
+    mode: str = "reference"
+    """reference (LLaDA's sampler, above) or cached (bgpo.sampler_cached: KV cache + parallel decoding)"""
+    threshold: float = 1.0
+    """cached mode: also commit every masked position of the block whose confidence exceeds this
+    (1.0 = none: the reference schedule's k tokens per step)"""
+    cache: str = "prefix"
+    """cached mode: prefix (cache prompt + decoded blocks), dual (also the masked suffix) or none"""
 
     def __post_init__(self) -> None:
         validate_schedule(self.gen_length, self.block_length, self.steps, self.temperature)
+        validate_mode(self.mode, self.threshold, self.cache)
 
 
 def validate_schedule(gen_length: int, block_length: int, steps: int, temperature: float = 0.0) -> None:
@@ -49,6 +61,20 @@ def validate_schedule(gen_length: int, block_length: int, steps: int, temperatur
                          f"(gen_length/block_length = {blocks})")
     if temperature < 0:
         raise ValueError(f"sampler.temperature={temperature} must be >= 0")
+
+
+MODES = ("reference", "cached")
+CACHES = ("prefix", "dual", "none")
+
+
+def validate_mode(mode: str, threshold: float = 1.0, cache: str = "prefix") -> None:
+    """Clear start-up errors for the fast-rollout keys (``sampler.mode/threshold/cache``)."""
+    if mode not in MODES:
+        raise ValueError(f"sampler.mode={mode!r} is not one of {list(MODES)}")
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"sampler.threshold={threshold} must be in [0, 1]")
+    if cache not in CACHES:
+        raise ValueError(f"sampler.cache={cache!r} is not one of {list(CACHES)}")
 
 
 def transfer_schedule(n_masked: Tensor, steps: int) -> Tensor:
@@ -72,6 +98,10 @@ def gumbel_argmax(logits: Tensor, temperature: float, generator: torch.Generator
 def generate(model: DLLM, prompt_ids: Tensor, prompt_mask: Tensor, cfg: SamplerConfig,
              generator: torch.Generator | None = None, progress: bool = False) -> Tensor:
     """Sample completions ``[B, gen_length]`` for left-padded prompts ``[B, P]``."""
+    if cfg.mode == "cached":  # the fast sampler (imported here: it builds on this module)
+        from bgpo.sampler_cached import generate_cached
+
+        return generate_cached(model, prompt_ids, prompt_mask, cfg, generator, progress)
     B, P = prompt_ids.shape
     L, bl = cfg.gen_length, cfg.block_length
     n_blocks = L // bl

@@ -156,7 +156,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             # rollout
             t_gen = time.time()
             ro = rollout(policy, task, step_prompts[s * per_shard : (s + 1) * per_shard], cfg.task,
-                         cfg.group_size, cfg.temperature, g)
+                         cfg.group_size, cfg.temperature, g, fast=cfg.sampler)
             gen_s += time.time() - t_gen
             # reward → advantages
             adv = advantages(ro.rewards, cfg.group_size, std_adv).to(device)

@@ -45,7 +45,7 @@ def test_every_model_composes(model):
 def test_pretrain_config_composes():
     with initialize_config_module("bgpo.conf", version_base="1.3"):
         cfg = compose("pretrain", overrides=["task=sudoku"])
-    assert cfg.task.name == "sudoku" and cfg.steps > 0
+    assert cfg.task.name == "sudoku" and cfg.steps is None and cfg.task.pretrain_steps > 0
 
 
 BAD = [
@@ -63,6 +63,7 @@ BAD = [
     (["method.cfg.clip_eps=abc"], "method.cfg.clip_eps"),
     (["lr=0"], "lr"),
     (["mcc=4"], "mcc"),
+    (["sampler.mode=fast"], "sampler.mode"),
 ]
 
 

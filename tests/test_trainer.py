@@ -89,3 +89,18 @@ def test_killed_run_resumes_exactly(base_model, tmp_path, monkeypatch):
     monkeypatch.setattr(trainer, "peak_bytes", real)
     run(cfg)
     assert metrics(run_dir) == expected
+
+
+def test_lora_trains_only_adapters(base_model, tmp_path):
+    """model.lora.enabled wraps the policy with peft: adapters move, base weights stay."""
+    summary = run(cfg_of(base_model, tmp_path, "method=bgpo", "temperature=1.0", "model.lora.enabled=true",
+                         "model.lora.r=4", "model.lora.alpha=8", "model.lora.dropout=0.0", "lr=1e-2"))
+    state = torch.load(tmp_path / summary["run"] / "checkpoints" / "last.pt", weights_only=False)["model"]
+    lora_b = [v for k, v in state.items() if "lora_B" in k]
+    assert lora_b and any(v.abs().max() > 0 for v in lora_b)  # B starts at zero: it moved
+    base = micro_model(dtype=torch.float32).net.state_dict()
+    frozen = [k for k in state if "base_layer.weight" in k]
+    assert frozen
+    for k in frozen:
+        name = k.replace("base_model.model.", "").replace(".base_layer", "")
+        assert torch.equal(state[k], base[name]), k

@@ -66,6 +66,23 @@ def argv_of(argv: list[str] | None) -> list[str]:
     return sys.argv[1:] if argv is None else list(argv)
 
 
+def bench_main(bench: str, argv: list[str] | None, parse: Any, run: Any, summary: Any) -> int:
+    """Shared entry of the benchmarks: parse, run with ``--threads`` torch threads (restored
+    afterwards), print where the rows went and their summary."""
+    argv = argv_of(argv)
+    args = parse(argv)
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        path, rows = run(args, command_line(bench, argv))
+    finally:
+        torch.set_num_threads(threads)
+    print(f"[bench {bench}] {len(rows)} rows -> {path}")
+    print(summary(rows))
+    return 0
+
+
 # ---- the model ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ModelSpec:

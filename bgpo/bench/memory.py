@@ -58,8 +58,7 @@ from bgpo.bench._common import (
     METHODS,
     BatchSpec,
     ModelSpec,
-    argv_of,
-    command_line,
+    bench_main,
     common_meta,
     count_params,
     ints,
@@ -429,18 +428,7 @@ def summary(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = argv_of(argv)
-    args = parse(argv)
-    threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        path, rows = run(args, command_line("memory", argv))
-    finally:
-        torch.set_num_threads(threads)
-    print(f"[bench memory] {len(rows)} rows -> {path}")
-    print(summary(rows))
-    return 0
+    return bench_main("memory", argv, parse, run, summary)
 
 
 if __name__ == "__main__":

@@ -44,8 +44,7 @@ from torch import Tensor
 from bgpo import elbo
 from bgpo.bench._common import (
     ModelSpec,
-    argv_of,
-    command_line,
+    bench_main,
     common_meta,
     compose_train,
     ints,
@@ -345,18 +344,7 @@ def summary(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = argv_of(argv)
-    args = parse(argv)
-    threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        path, rows = run(args, command_line("variance", argv))
-    finally:
-        torch.set_num_threads(threads)
-    print(f"[bench variance] {len(rows)} rows -> {path}")
-    print(summary(rows))
-    return 0
+    return bench_main("variance", argv, parse, run, summary)
 
 
 if __name__ == "__main__":

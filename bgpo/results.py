@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -14,6 +16,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -98,3 +101,17 @@ def finish_run(path: Path, cfg: dict[str, Any], result: dict[str, Any]) -> dict[
                "wall_s": round(sum(r["time/step_s"] for r in rows), 1), **result}
     atomic_write_json(path / "summary.json", summary)
     return summary
+
+
+@contextlib.contextmanager
+def run_lock(path: Path) -> Iterator[bool]:
+    """Hold an exclusive lock on a run folder while training it: yields False (and holds nothing)
+    when another process — a second sweep, a requeued duplicate — is training the same run."""
+    path.mkdir(parents=True, exist_ok=True)
+    with open(path / ".lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True

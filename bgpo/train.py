@@ -14,7 +14,7 @@ import hydra
 from omegaconf import DictConfig
 
 from bgpo.config import register, to_container, validate_train
-from bgpo.results import finish_run, open_run
+from bgpo.results import finish_run, open_run, run_lock
 
 
 def run(cfg: DictConfig) -> dict:
@@ -28,10 +28,13 @@ def run(cfg: DictConfig) -> dict:
     if done is not None:
         print(f"[bgpo] {path} is complete (summary.json exists): nothing to train")
         return done
-    result = train(cfg, path)
     if rank != 0:
-        return result
-    summary = finish_run(path, resolved, result)
+        return train(cfg, path)
+    with run_lock(path) as mine:
+        if not mine:
+            print(f"[bgpo] {path} is being trained by another process: skipped here")
+            return {"run": path.name, "skipped": "locked"}
+        summary = finish_run(path, resolved, train(cfg, path))
     print(f"[bgpo] {path}: final eval {summary['final'].get('eval/accuracy')}")
     return summary
 

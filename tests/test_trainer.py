@@ -104,3 +104,17 @@ def test_lora_trains_only_adapters(base_model, tmp_path):
     for k in frozen:
         name = k.replace("base_model.model.", "").replace(".base_layer", "")
         assert torch.equal(state[k], base[name]), k
+
+
+def test_a_run_being_trained_elsewhere_is_skipped(base_model, tmp_path):
+    """Two sweeps over the same runs never write the same files: the second skips a locked run."""
+    from bgpo.config import to_container
+    from bgpo.results import run_dir_of, run_lock
+
+    cfg = cfg_of(base_model, tmp_path, "method=wd1")
+    path = run_dir_of(to_container(cfg))
+    with run_lock(path) as mine:
+        assert mine
+        assert run(cfg) == {"run": path.name, "skipped": "locked"}
+        assert not (path / "metrics.jsonl").exists()
+    assert run(cfg)["steps"] == 3  # once released, the run trains

@@ -66,6 +66,17 @@ def argv_of(argv: list[str] | None) -> list[str]:
     return sys.argv[1:] if argv is None else list(argv)
 
 
+def check_model_args(parser: Any, args: Any) -> None:
+    """The model options every benchmark shares: a clear argparse error for a bad --arch/--dtype."""
+    try:
+        if args.arch:
+            parse_arch(args.arch)
+        if args.dtype not in ("float32", "bfloat16", "float16", "float64"):
+            raise ValueError(f"--dtype={args.dtype!r} is not one of float32, bfloat16, float16, float64")
+    except ValueError as e:
+        parser.error(str(e))
+
+
 def bench_main(bench: str, argv: list[str] | None, parse: Any, run: Any, summary: Any) -> int:
     """Shared entry of the benchmarks: parse, run with ``--threads`` torch threads (restored
     afterwards), print where the rows went and their summary."""

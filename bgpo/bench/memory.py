@@ -59,6 +59,7 @@ from bgpo.bench._common import (
     BatchSpec,
     ModelSpec,
     bench_main,
+    check_model_args,
     common_meta,
     count_params,
     ints,
@@ -68,7 +69,6 @@ from bgpo.bench._common import (
     method_partial,
     model_spec,
     needs_ref,
-    parse_arch,
     std_adv,
     strs,
     synthetic_batch,
@@ -259,13 +259,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--out", default="results/bench")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     args = p.parse_args(argv)
-    try:
-        if args.arch:
-            parse_arch(args.arch)
-        if args.dtype not in ("float32", "bfloat16", "float16", "float64"):
-            raise ValueError(f"--dtype={args.dtype!r} is not one of float32, bfloat16, float16, float64")
-    except ValueError as e:
-        p.error(str(e))
+    check_model_args(p, args)
     bad = sorted(set(args.methods) - set(METHODS))
     if bad or not args.methods:
         p.error(f"--methods: {bad} not in {list(METHODS)}")

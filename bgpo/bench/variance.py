@@ -45,6 +45,7 @@ from bgpo import elbo
 from bgpo.bench._common import (
     ModelSpec,
     bench_main,
+    check_model_args,
     common_meta,
     compose_train,
     ints,
@@ -54,7 +55,6 @@ from bgpo.bench._common import (
     method_partial,
     model_spec,
     needs_ref,
-    parse_arch,
     std_adv,
     strs,
     write_rows,
@@ -99,13 +99,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--out", default="results/bench")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     args = p.parse_args(argv)
-    try:
-        if args.arch:
-            parse_arch(args.arch)
-        if args.dtype not in ("float32", "bfloat16", "float16", "float64"):
-            raise ValueError(f"--dtype={args.dtype!r} is not one of float32, bfloat16, float16, float64")
-    except ValueError as e:
-        p.error(str(e))
+    check_model_args(p, args)
     bad = sorted(set(args.methods) - {"bgpo", "vrpo", "diffu_grpo", "wd1"})
     if bad:
         p.error(f"--methods: unknown {bad}")

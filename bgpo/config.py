@@ -124,6 +124,8 @@ class TrainConfig:
     ckpt_every: int = 10
     shards: int | None = None
     """units of rollout randomness per step (default: the number of processes)"""
+    parallel: str = "ddp"
+    """multi-process layout: ddp (whole model per rank, one all-reduce per step) or fsdp (FSDP2)"""
     results_dir: str = "results"
     run_dir: str | None = None
     """explicit run folder (default: results_dir/<method>-<task>-mc<mc>-s<seed>-<hash>)"""
@@ -242,6 +244,10 @@ def validate_train(cfg: DictConfig) -> None:
     from bgpo.sampler import validate_mode
 
     validate_mode(cfg.sampler.mode, cfg.sampler.threshold, cfg.sampler.cache)
+    from bgpo.parallel import STRATEGIES
+
+    if cfg.parallel not in STRATEGIES:
+        raise ValueError(f"parallel={cfg.parallel!r} is not one of {list(STRATEGIES)}")
     build_method(cfg)
 
 

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 # keys that say WHERE or HOW a run executes, not WHAT it computes: excluded from the run key
-NON_IDENTITY_KEYS = ("results_dir", "run_dir", "device", "progress", "hydra")
+# (``parallel``: ddp is bit-exact to one process; fsdp changes only the order of float sums)
+NON_IDENTITY_KEYS = ("results_dir", "run_dir", "device", "progress", "hydra", "parallel")
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -20,7 +20,10 @@ from bgpo.results import finish_run, open_run, run_lock
 def run(cfg: DictConfig) -> dict:
     """Validate, then train in the results store (skip when complete). Used by train and sweep."""
     validate_train(cfg)  # before any model is built
+    from bgpo.parallel import export_launcher_env
     from bgpo.trainer import train
+
+    export_launcher_env()  # the tasks of one Slurm job form one process group
 
     resolved = to_container(cfg)
     rank = int(os.environ.get("RANK", "0"))  # torchrun / accelerate: only rank 0 writes

@@ -4,10 +4,10 @@
 
 Randomness is keyed by (seed, step, shard), never by process: the prompts of a step are cut into
 ``shards`` and each shard's rollouts and MC draws come from its own generator, so a run on N
-processes (each taking shards round-robin) computes exactly what one process computes, and a
-resumed run repeats the steps it lost bit for bit. Gradients are summed locally over shards and
-MC samples and all-reduced ONCE per optimizer step (no DDP hooks: BGPO's per-sample backward
-passes never trigger communication).
+processes (each taking shards round-robin) computes what one process computes, and a resumed run
+repeats the steps it lost bit for bit. How gradients cross processes (``parallel=ddp``: one
+all-reduce per optimizer step, bit-exact; ``parallel=fsdp``: sharded parameters) is
+``bgpo.parallel``'s business; this loop is the same for both.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import os
 import resource
 import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from omegaconf import DictConfig
 
 from bgpo.config import build_method
 from bgpo.model import DLLM, apply_lora, load_dllm
+from bgpo.parallel import Dist
 from bgpo.pretrain import ensure_base_model, pick_device
 from bgpo.results import atomic_write_json, provenance
 from bgpo.rollout import evaluate, rollout
@@ -46,39 +46,6 @@ def shard_generator(seed: int, step: int, shard: int, device: str) -> torch.Gene
     return torch.Generator(device=device).manual_seed(hash((seed, step, shard)) % 2**62)
 
 
-@dataclass
-class Dist:
-    """Process layout through accelerate (one process: rank 0 of 1)."""
-
-    rank: int = 0
-    world: int = 1
-
-    @classmethod
-    def from_env(cls, device: str) -> Dist:
-        if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-            return cls()
-        from accelerate import Accelerator
-
-        acc = Accelerator(cpu=device == "cpu")
-        return cls(acc.process_index, acc.num_processes)
-
-    def all_reduce_grads(self, params: list[torch.nn.Parameter], flat: torch.Tensor, n_shards: int) -> None:
-        """Sum the per-shard gradients of all processes (one all-reduce of one flat buffer per
-        optimizer step), average over shards and put the result in ``p.grad``."""
-        if self.world > 1:
-            torch.distributed.all_reduce(flat)
-        flat /= n_shards
-        for p, g in zip(params, flat.split([q.numel() for q in params]), strict=True):
-            p.grad = g.view_as(p)
-
-    def gather(self, values: list[float]) -> list[float]:
-        if self.world == 1:
-            return values
-        out: list[Any] = [None] * self.world
-        torch.distributed.all_gather_object(out, values)
-        return [v for part in out for v in part]
-
-
 def load_policy(cfg: DictConfig, device: str) -> DLLM:
     m = cfg.model
     path = ensure_base_model(cfg.task, m) if m.kind == "tiny" else m.path
@@ -95,7 +62,7 @@ class Preempted(Exception):
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Run (or resume) one RL run in ``run_dir``; return its summary (written by the caller)."""
     device = pick_device(cfg.device)
-    dist = Dist.from_env(device)
+    dist = Dist.from_env(device, cfg.parallel)
     shards = cfg.shards or dist.world
     if cfg.prompts_per_step % shards or shards % dist.world:
         raise ValueError(f"prompts_per_step={cfg.prompts_per_step} must be a multiple of shards={shards}, "
@@ -106,8 +73,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     make_method = build_method(cfg)
     beta = getattr(make_method.keywords["cfg"], "beta", 0.0)
     ref = copy.deepcopy(policy).net.requires_grad_(False) if beta > 0 else None
-    method = make_method(ref=DLLM(**{**policy.__dict__, "net": ref}) if ref is not None else None)
+    method = make_method(ref=DLLM(**{**policy.__dict__, "net": dist.shard(ref)}) if ref is not None else None)
     std_adv = make_method.keywords["cfg"].std_adv
+    dist.shard(policy.net)  # parallel=fsdp: sharded before the optimizer sees the parameters
     params = [p for p in policy.net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, cfg.adam_beta2), weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
@@ -115,9 +83,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     ckpt, metrics_path = run_dir / "checkpoints" / "last.pt", run_dir / "metrics.jsonl"
     start, resumed_at = 0, []
     if ckpt.exists():  # resume: model, optimizer, scheduler, RNG, step
-        state = torch.load(ckpt, map_location=device, weights_only=False)
-        policy.net.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
+        state = torch.load(ckpt, map_location=device, weights_only=False, mmap=True)
+        dist.load_state_dicts(policy.net, opt, state["model"], state["opt"])
         sched.load_state_dict(state["sched"])
         torch.set_rng_state(state["rng"])
         start = state["step"]
@@ -141,11 +108,12 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
     bar = tqdm(range(start, cfg.steps), desc=run_dir.name, disable=not cfg.progress or dist.rank != 0,
                initial=start, total=cfg.steps)
-    if start == 0 and dist.rank == 0:  # the base model's accuracy, for the tables' base row
+    if start == 0:  # the base model's accuracy, for the tables' base row
         t0 = time.time()
-        row0 = {f"eval/{k}": v for k, v in periodic_eval(policy, task, test_data, cfg).items()}
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps({"step": 0, **row0, "time/step_s": time.time() - t0}) + "\n")
+        row0 = periodic_eval(policy, task, test_data, cfg, dist)
+        if dist.rank == 0:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps({"step": 0, **row0, "time/step_s": time.time() - t0}) + "\n")
     for step in bar:
         t0 = time.time()
         policy.net.train()
@@ -155,8 +123,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             g = shard_generator(cfg.seed, step, s, device)
             # rollout
             t_gen = time.time()
-            ro = rollout(policy, task, step_prompts[s * per_shard : (s + 1) * per_shard], cfg.task,
-                         cfg.group_size, cfg.temperature, g, fast=cfg.sampler)
+            with dist.full_params(policy.net):
+                ro = rollout(policy, task, step_prompts[s * per_shard : (s + 1) * per_shard], cfg.task,
+                             cfg.group_size, cfg.temperature, g, fast=cfg.sampler)
             gen_s += time.time() - t_gen
             # reward → advantages
             adv = advantages(ro.rewards, cfg.group_size, std_adv).to(device)
@@ -166,18 +135,19 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             lengths += (ro.batch.completion != policy.eos_token_id).sum(-1).tolist()
         stats: dict[str, float] = {}
         for it in range(cfg.updates):
-            total = torch.zeros(sum(p.numel() for p in params), device=device)
+            grads = dist.grad_sum(params)  # zeroes p.grad
             for batch, adv, prep in work:
-                opt.zero_grad(set_to_none=True)
                 # method.backward: the method calls .backward() itself (BGPO once per MC chunk)
                 for k, v in method.backward(policy, batch, adv, prep, it).items():
                     stats[k] = stats.get(k, 0.0) + v / (len(work) * cfg.updates)
-                total += flat_grads(params)  # shard by shard: the same sums on 1 or N processes
-            dist.all_reduce_grads(params, total, shards)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
+                grads.add_shard()
+            grads.reduce(shards)  # mean over all shards of all processes, in p.grad
+            grad_norm = dist.grad_norm(params, cfg.grad_clip)
             opt.step()
             sched.step()
         rewards, lengths = dist.gather(rewards), dist.gather(lengths)
+        per_rank = dist.gather([stats])  # every rank computes the same number of shards
+        stats = {k: sum(r[k] for r in per_rank) / len(per_rank) for k in stats}
         r = torch.tensor(rewards).view(-1, cfg.group_size)
         row = {"step": step + 1, "reward": r.mean().item(), "reward_std": r.std(-1).mean().item(),
                "frac_reward_zero_std": (r.std(-1) == 0).float().mean().item(),
@@ -185,21 +155,21 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                "lr": sched.get_last_lr()[0], **stats, "time/step_s": time.time() - t0,
                "time/tokens_per_s": sum(lengths) / max(gen_s, 1e-9), "mem/peak_bytes": peak_bytes(device)}
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            row.update({f"eval/{k}": v for k, v in periodic_eval(policy, task, test_data, cfg).items()})
+            row.update(periodic_eval(policy, task, test_data, cfg, dist))
         if dist.rank == 0:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
         bar.set_postfix(reward=f"{row['reward']:.3f}")
-        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps or stop:
-            if dist.rank == 0:
-                save_checkpoint(ckpt, policy, opt, sched, step + 1, resumed_at)
-            if stop and step + 1 < cfg.steps:
-                handler = previous[stop["signum"]]
-                for sig, h in previous.items():
-                    signal.signal(sig, h)
-                if callable(handler):
-                    handler(stop["signum"], stop["frame"])  # submitit: checkpoint() + requeue + exit
-                raise Preempted(f"stopped by signal after step {step + 1}; checkpoint in {ckpt}")
+        stopping = dist.any(bool(stop))  # every rank stops after the same step
+        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps or stopping:
+            save_checkpoint(ckpt, dist, policy, opt, sched, step + 1, resumed_at)
+        if stopping and step + 1 < cfg.steps:
+            for sig, h in previous.items():
+                signal.signal(sig, h)
+            handler = previous.get(stop.get("signum"))
+            if callable(handler):
+                handler(stop["signum"], stop["frame"])  # submitit: checkpoint() + requeue + exit
+            raise Preempted(f"stopped by signal after step {step + 1}; checkpoint in {ckpt}")
     for sig, h in previous.items():
         signal.signal(sig, h)
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines()] if dist.rank == 0 else []
@@ -211,38 +181,48 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                                                   **{k[5:]: v for k, v in evals[-1].items()
                                                      if k.startswith("eval/")}})
     with torch.no_grad():  # one fingerprint of the final parameters per rank: they must agree
-        flat = torch.cat([p.detach().double().flatten() for p in policy.net.parameters()])
+        flat = torch.cat([dist.full(p).double().flatten() for p in policy.net.parameters()])
         fingerprint = [flat.sum().item(), flat.square().sum().item()]
     return {"final": evals[-1] if evals else {}, "best_eval_accuracy": best,
             "base_eval_accuracy": base.get("eval/accuracy"), "steps": cfg.steps,
             "resumed_at": resumed_at, "param_fingerprints": dist.gather([fingerprint]),
-            "world_size": dist.world, "wall_s_this_session": round(time.time() - t_run, 1),
+            "world_size": dist.world, "parallel": dist.strategy,
+            "local_param_numel": dist.gather([sum(dist.local(p).numel() for p in policy.net.parameters())]),
+            "wall_s_this_session": round(time.time() - t_run, 1),
             **provenance(device)}
 
 
-def periodic_eval(policy: DLLM, task: Any, test_data: list, cfg: DictConfig) -> dict[str, float]:
-    """Greedy evaluation through lm-eval's ``bgpo_dllm`` — the path of ``python -m bgpo.evaluate``
-    — for the suite's lm-eval tasks (Countdown, Sudoku); other tasks (GSM8K..., user tasks) use
-    the rollout sampler and the task's reward directly. Both take the first ``eval_n`` problems."""
+def periodic_eval(policy: DLLM, task: Any, test_data: list, cfg: DictConfig, dist: Dist) -> dict[str, float]:
+    """Greedy evaluation on rank 0 (``eval/*`` keys; other ranks get ``{}``) through lm-eval's
+    ``bgpo_dllm`` — the path of ``python -m bgpo.evaluate`` — for the suite's lm-eval tasks
+    (Countdown, Sudoku); other tasks (GSM8K..., user tasks) use the rollout sampler and the task's
+    reward directly. Both take the first ``eval_n`` problems. Every rank calls it (under FSDP the
+    parameters are gathered first)."""
     from bgpo.lm_eval_tasks import D1_FILES
 
-    if cfg.task.name in D1_FILES:
-        from bgpo.lm_eval_model import evaluate_suite_task
+    with dist.full_params(policy.net):
+        if dist.rank != 0:
+            return {}
+        if cfg.task.name in D1_FILES:
+            from bgpo.lm_eval_model import evaluate_suite_task
 
-        return evaluate_suite_task(policy, cfg.task.name, cfg.task, cfg.eval_n)
-    return evaluate(policy, task, test_data, cfg.task)
+            out = evaluate_suite_task(policy, cfg.task.name, cfg.task, cfg.eval_n)
+        else:
+            out = evaluate(policy, task, test_data, cfg.task)
+    return {f"eval/{k}": v for k, v in out.items()}
 
 
-def flat_grads(params: list[torch.nn.Parameter]) -> torch.Tensor:
-    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
-
-
-def save_checkpoint(path: Path, policy: DLLM, opt: torch.optim.Optimizer, sched: Any, step: int,
-                    resumed_at: list[int]) -> None:
+def save_checkpoint(path: Path, dist: Dist, policy: DLLM, opt: torch.optim.Optimizer, sched: Any,
+                    step: int, resumed_at: list[int]) -> None:
+    """Model + optimizer (full state, keyed by parameter name), scheduler, RNG; written atomically
+    by rank 0. Every rank calls it (under FSDP the state is gathered)."""
+    model, optim = dist.state_dicts(policy.net, opt)
+    if dist.rank != 0:
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save({"step": step, "model": policy.net.state_dict(), "opt": opt.state_dict(),
-                "sched": sched.state_dict(), "rng": torch.get_rng_state(), "resumed_at": resumed_at}, tmp)
+    torch.save({"step": step, "model": model, "opt": optim, "sched": sched.state_dict(),
+                "rng": torch.get_rng_state(), "resumed_at": resumed_at}, tmp)
     os.replace(tmp, path)
 
 

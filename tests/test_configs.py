@@ -64,6 +64,7 @@ BAD = [
     (["lr=0"], "lr"),
     (["mcc=4"], "mcc"),
     (["sampler.mode=fast"], "sampler.mode"),
+    (["parallel=zero3"], "parallel"),
 ]
 
 

@@ -1,11 +1,15 @@
-"""Two CPU processes (torchrun + accelerate, gloo over loopback) train exactly as one process."""
+"""Two CPU processes (torchrun + accelerate, gloo over loopback) train as one process does:
+``parallel=ddp`` bit for bit, ``parallel=fsdp`` (FSDP2, sharded parameters) to float64 round-off;
+an FSDP run preempted on ONE rank stops on both after the same step and resumes exactly."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,35 +18,126 @@ import torch
 from tests.helpers import micro_model
 
 ROOT = Path(__file__).resolve().parents[1]
+VOLATILE = ("time/", "mem/")
+COMMON = ["method=bgpo", "mc=2", "prompts_per_step=2", "shards=2", "group_size=3", "eval_n=2",
+          "eval_every=0", "progress=false", "temperature=1.0", "lr=1e-3", "task.name=toy",
+          "task.gen_length=8", "task.block_length=4", "task.diffusion_steps=4"]
+ENV = {**os.environ, "BGPO_TASK_MODULES": "tests.toy_task", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def command(nproc: int, port: int) -> list[str]:
+    if nproc == 1:
+        return [sys.executable, "-m", "bgpo.train"]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_port", str(port), "-m", "bgpo.train"]
+
+
+def train(base: Path, out: Path, nproc: int, *overrides: str, port: int = 29517) -> Path:
+    """Run to completion; return the run folder."""
+    res = subprocess.run([*command(nproc, port), f"model.path={base}", *COMMON, *overrides,
+                          f"results_dir={out}"], env=ENV, cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    (summary,) = out.glob("*/summary.json")
+    return summary.parent
+
+
+def summary(run: Path) -> dict:
+    return json.loads((run / "summary.json").read_text())
+
+
+def model_state(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "checkpoints" / "last.pt", weights_only=False)["model"]
+
+
+def metrics(run: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("micro") / "micro"
+    micro_model(dtype=torch.float64).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def one_process(base, tmp_path_factory) -> Path:
+    return train(base, tmp_path_factory.mktemp("one"), 1, "steps=3", "model.dtype=float64")
 
 
 @pytest.mark.slow
-def test_two_processes_match_one(tmp_path):
-    base = tmp_path / "micro"
-    micro_model(dtype=torch.float32).save(base)
-    common = [f"model.path={base}", "method=bgpo", "mc=2", "steps=2", "prompts_per_step=2", "shards=2",
-              "group_size=3", "eval_n=2", "eval_every=0", "progress=false", "temperature=1.0", "lr=1e-3",
-              "task.name=toy", "task.gen_length=8", "task.block_length=4", "task.diffusion_steps=4"]
-    env = {**os.environ, "BGPO_TASK_MODULES": "tests.toy_task", "PYTHONPATH": str(ROOT),
-           "OMP_NUM_THREADS": "1"}
-    runs = {
-        "one": [sys.executable, "-m", "bgpo.train"],
-        "two": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                "--master_port", "29517", "-m", "bgpo.train"],
-    }
-    summaries, states = {}, {}
-    for name, cmd in runs.items():
-        out = subprocess.run([*cmd, *common, f"results_dir={tmp_path / name}"], env=env, cwd=ROOT,
-                             capture_output=True, text=True, timeout=300)
-        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
-        (run_dir,) = (tmp_path / name).glob("*/summary.json")
-        summaries[name] = json.loads(run_dir.read_text())
-        states[name] = torch.load(run_dir.parent / "checkpoints" / "last.pt", weights_only=False)["model"]
-    assert summaries["one"]["world_size"] == 1 and summaries["two"]["world_size"] == 2
-    fp_one, (fp_r0, fp_r1) = summaries["one"]["param_fingerprints"], summaries["two"]["param_fingerprints"]
+def test_two_processes_match_one(base, one_process, tmp_path):
+    two = train(base, tmp_path, 2, "steps=3", "model.dtype=float64")
+    s_one, s_two = summary(one_process), summary(two)
+    assert s_one["world_size"] == 1 and s_two["world_size"] == 2
+    fp_r0, fp_r1 = s_two["param_fingerprints"]
     assert fp_r0 == fp_r1  # both ranks end with identical parameters
-    assert fp_r0 == fp_one[0]  # ... equal to the 1-process run
-    base_state = micro_model(dtype=torch.float32).net.state_dict()
-    for k, v in states["one"].items():
-        assert torch.equal(v, states["two"][k]), k
-    assert any(not torch.equal(v, base_state[k]) for k, v in states["one"].items())  # it trained
+    assert fp_r0 == s_one["param_fingerprints"][0]  # ... equal to the 1-process run
+    start, one, got = micro_model().net.state_dict(), model_state(one_process), model_state(two)
+    for k, v in one.items():
+        assert torch.equal(v, got[k]), k
+    assert any(not torch.equal(v, start[k]) for k, v in one.items())  # it trained
+    assert metrics(two) == metrics(one_process)  # losses, rewards, grad norms: over both ranks
+
+
+@pytest.mark.slow
+def test_fsdp_matches_one_process(base, one_process, tmp_path):
+    fsdp = train(base, tmp_path, 2, "steps=3", "model.dtype=float64", "parallel=fsdp", port=29518)
+    s = summary(fsdp)
+    assert s["world_size"] == 2 and s["parallel"] == "fsdp"
+    total = sum(p.numel() for p in micro_model().net.parameters())
+    assert all(n < 0.6 * total for n in s["local_param_numel"])  # each rank holds ~half: sharded
+    assert s["param_fingerprints"][0] == s["param_fingerprints"][1]  # gathered: identical on both ranks
+    start, one, got = micro_model().net.state_dict(), model_state(one_process), model_state(fsdp)
+    assert set(got) == set(one)  # a full, unsharded checkpoint in the one-process format
+    for k in one:  # the update equals the one-process update up to the order of float sums
+        d_one, d_fsdp = one[k] - start[k], got[k] - start[k]
+        assert (d_fsdp - d_one).abs().max() <= 1e-9 * max(d_one.abs().max().item(), 1e-12), k
+    for row, ref in zip(metrics(fsdp), metrics(one_process), strict=True):  # same rollouts, same stats
+        assert row.keys() == ref.keys()
+        for k, v in ref.items():
+            assert row[k] == pytest.approx(v, rel=1e-9, abs=1e-12), (row["step"], k)
+
+
+def child_with_rank(parent: int, rank: int) -> int | None:
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            env = (stat.parent / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent and f"RANK={rank}".encode() in env:
+            return int(stat.parent.name)
+    return None
+
+
+@pytest.mark.slow
+def test_fsdp_preempted_on_one_rank_resumes_exactly(base, tmp_path):
+    """USR2 reaches rank 1 only, mid-run: both ranks checkpoint after the same step and stop; the
+    same command resumes, and the metrics equal an uninterrupted run's."""
+    overrides = ("steps=4", "ckpt_every=1", "parallel=fsdp")
+    expected = metrics(train(base, tmp_path / "full", 2, *overrides, port=29519))
+
+    out = tmp_path / "preempted"
+    args = [*command(2, 29520), f"model.path={base}", *COMMON, *overrides, f"results_dir={out}"]
+    proc = subprocess.Popen(args, env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:  # wait for the row of step 1
+        rows = [p for p in out.glob("*/metrics.jsonl") if '"step": 1' in p.read_text()]
+        if rows:
+            os.kill(child_with_rank(proc.pid, 1), signal.SIGUSR2)
+            break
+        time.sleep(0.02)
+    log = proc.communicate(timeout=240)[0]
+    assert proc.returncode != 0 and "Preempted" in log, log[-3000:]
+    (ckpt,) = out.glob("*/checkpoints/last.pt")
+    stopped_at = torch.load(ckpt, weights_only=False)["step"]
+    assert 1 <= stopped_at < 4 and not list(out.glob("*/summary.json"))
+    print(f"stopped after step {stopped_at}")
+
+    run = train(base, out, 2, *overrides, port=29521)
+    assert summary(run)["resumed_at"] == [stopped_at]
+    assert metrics(run) == expected

@@ -19,7 +19,7 @@ import torch
 
 from tests.helpers import micro_model
 from tests.slurm_cluster import SlurmCluster
-from tests.test_sweep import REPO_ROOT, SWEEP, metrics, run_dirs, steps_once, sweep_cmd, sweep_env
+from tests.test_sweep import REPO_ROOT, SWEEP, metrics, run_dirs, run_sweep, steps_once, sweep_cmd, sweep_env
 
 pytestmark = pytest.mark.slurm
 
@@ -191,3 +191,26 @@ def test_preempted_job_is_requeued_and_resumes(sweeps, tmp_path):
     assert "Caught signal SIGUSR2" in err  # the hand-off reached submitit's requeue handler
     assert err.count("Loading weights: 100%") == 2  # two attempts of one job
     assert f"results in {results_dir.resolve()}: 1 complete runs" in sweep.output()
+
+
+def test_two_task_fsdp_job_matches_one_process(sweeps, base_model, tmp_path):
+    """One Slurm job of two tasks (``hydra.launcher.tasks_per_node=2``) forms one gloo process
+    group, shards the model (``parallel=fsdp``) and trains as one local process does."""
+    common = ["method=bgpo", "mc=2", "steps=2", "shards=2", "model.dtype=float64", "eval_every=0"]
+    local = run_sweep(base_model, tmp_path / "local", *common)
+    assert local.returncode == 0, local.stdout[-2000:] + local.stderr[-3000:]
+    sweep = sweeps(tmp_path / "slurm", *common, "parallel=fsdp", "hydra.launcher.tasks_per_node=2",
+                   "hydra.launcher.mem_gb=2")
+    assert sweep.wait_exit() == 0, sweep.describe()
+    (one,), (two,) = run_dirs(tmp_path / "local"), run_dirs(tmp_path / "slurm")
+    assert one.name == two.name  # the layout is not part of the run's identity
+    s_one, s_two = (json.loads((d / "summary.json").read_text()) for d in (one, two))
+    assert s_two["world_size"] == 2 and s_two["parallel"] == "fsdp"
+    assert s_two["local_param_numel"][0] < 0.6 * s_one["local_param_numel"][0]  # sharded
+    fp_r0, fp_r1 = s_two["param_fingerprints"]
+    assert fp_r0 == fp_r1
+    assert fp_r0 == pytest.approx(s_one["param_fingerprints"][0], rel=1e-12)
+    for row, ref in zip(metrics(two), metrics(one), strict=True):  # same rollouts, same statistics
+        assert row.keys() == ref.keys()
+        for k, v in ref.items():
+            assert row[k] == pytest.approx(v, rel=1e-9, abs=1e-12), (row["step"], k)

@@ -1,0 +1,217 @@
+"""Process layout and gradient reduction of the RL trainer: one process, DDP-style, or FSDP.
+
+Processes are started by ``torchrun`` (or ``accelerate launch``), or as the tasks of one Slurm job
+(``hydra.launcher.tasks_per_node=N``: ``export_launcher_env``); accelerate sets up the process
+group (gloo on CPU, NCCL on GPU). ``parallel`` (a top-level config key) picks how the model lives
+on the ranks:
+
+- ``ddp``: every rank holds the whole model. Gradients are summed locally over shards and MC
+  samples, then all-reduced ONCE per optimizer step as one flat buffer — no DDP hooks, so BGPO's
+  per-sample backward passes never communicate (what ``no_sync()`` on all but the last pass
+  gives). N processes compute bit for bit what one process with N shards computes.
+- ``fsdp``: FSDP2 (``torch.distributed.fsdp.fully_shard``, what BGPO's VeRL setup uses), one unit
+  per transformer block (the HF ``_no_split_modules`` classes) plus the root. Parameters,
+  gradients and optimizer state are sharded; every backward pass reduce-scatters its gradient into
+  the local shard. This is deliberate: deferring the reduction to the last pass (FSDP2's
+  ``set_requires_gradient_sync(False)``) would keep an UNSHARDED gradient on every rank — 32 GB in
+  float32 for LLaDA-8B, the memory FSDP exists to save. Raise ``method.cfg.mc_chunk`` to trade
+  BGPO's memory floor for fewer reductions. Results equal the one-process run up to the order of
+  floating-point sums (a test checks 1e-9 in float64), not bit for bit.
+  Rollouts and evaluation run inside ``full_params``: the blocks are gathered once and kept whole
+  (as VeRL hands full weights to its rollout engine), so ranks may take different numbers of
+  forward passes (threshold decoding, rank-0 evaluation) without a collective hanging.
+
+accelerate's own FSDP path is not used: with ``Accelerator(cpu=True)`` it silently prepares DDP
+instead (tried with accelerate 1.x), so it could not be tested on CPU, and the trainer's
+once-per-step reduction is its own either way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+STRATEGIES = ("ddp", "fsdp")
+
+
+def export_launcher_env() -> None:
+    """In a submitit job of several tasks (``hydra.launcher.tasks_per_node=N``), export the env://
+    variables torch.distributed reads (MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK), as
+    torchrun would. Elsewhere, and under torchrun, nothing changes."""
+    if "WORLD_SIZE" in os.environ:
+        return
+    try:
+        import submitit
+        from submitit.helpers import TorchDistributedEnvironment
+
+        if submitit.JobEnvironment().num_tasks == 1:
+            return
+    except (ImportError, RuntimeError):  # not in a submitit job
+        return
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)  # accelerate: cuda:LOCAL_RANK
+
+
+@dataclass
+class Dist:
+    """Process layout (one process: rank 0 of 1) and the model-parallel strategy."""
+
+    rank: int = 0
+    world: int = 1
+    strategy: str = "ddp"
+
+    @classmethod
+    def from_env(cls, device: str, strategy: str = "ddp") -> Dist:
+        if strategy not in STRATEGIES:
+            raise ValueError(f"parallel={strategy!r} is not one of {list(STRATEGIES)}")
+        if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            return cls(strategy=strategy)
+        from accelerate import Accelerator
+
+        acc = Accelerator(cpu=device == "cpu")
+        return cls(acc.process_index, acc.num_processes, strategy)
+
+    @property
+    def fsdp(self) -> bool:
+        return self.strategy == "fsdp" and self.world > 1
+
+    # ---- the model on the ranks --------------------------------------------------------------
+    def shard(self, net: nn.Module) -> nn.Module:
+        """FSDP: shard every transformer block, then the root (in place). Otherwise: unchanged."""
+        if not self.fsdp:
+            return net
+        from torch.distributed.fsdp import fully_shard
+
+        blocks = block_classes(net)
+        units = [m for m in net.modules() if type(m).__name__ in blocks]
+        if not units:
+            raise ValueError(f"parallel=fsdp: no transformer blocks ({sorted(blocks)}) found in "
+                             f"{type(net).__name__}")
+        for m in units:
+            fully_shard(m)
+        fully_shard(net)
+        return net
+
+    @contextlib.contextmanager
+    def full_params(self, net: nn.Module) -> Iterator[None]:
+        """FSDP: every block's parameters gathered once and kept whole inside the block (no
+        collective per forward pass). Every rank must enter it; inside, ranks may run different
+        numbers of forward passes. Otherwise: nothing to do."""
+        if not self.fsdp:
+            yield
+            return
+        from torch.distributed.fsdp import FSDPModule
+
+        units = [m for m in net.modules() if isinstance(m, FSDPModule)]
+        for m in units:
+            m.set_reshard_after_forward(False)
+            m.unshard()
+        try:
+            yield
+        finally:
+            for m in units:
+                m.reshard()
+                m.set_reshard_after_forward(True)
+
+    @staticmethod
+    def full(p: torch.Tensor) -> torch.Tensor:
+        """The whole tensor of a (possibly FSDP-sharded) parameter; a collective under FSDP."""
+        return p.full_tensor() if hasattr(p, "full_tensor") else p.detach()
+
+    @staticmethod
+    def local(p: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a (possibly FSDP-sharded) parameter."""
+        return p.to_local() if hasattr(p, "to_local") else p
+
+    # ---- gradients -------------------------------------------------------------------------
+    def grad_sum(self, params: list[nn.Parameter]) -> GradSum:
+        return GradSum(self, params)
+
+    def grad_norm(self, params: list[nn.Parameter], max_norm: float) -> float:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+    # ---- small collectives -----------------------------------------------------------------
+    def gather(self, values: list[Any]) -> list[Any]:
+        if self.world == 1:
+            return values
+        out: list[Any] = [None] * self.world
+        torch.distributed.all_gather_object(out, values)
+        return [v for part in out for v in part]
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when it is True on one (e.g. a preemption signal: all ranks stop
+        after the same step, or a collective of the next step would hang)."""
+        return any(self.gather([flag]))
+
+    # ---- checkpoints -----------------------------------------------------------------------
+    def state_dicts(self, net: nn.Module, opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+        """Full (unsharded) model and optimizer state, keyed by parameter name; under FSDP on
+        rank 0 only (the others get empty dicts). The same format in every layout, so a run
+        checkpointed under one layout resumes under another."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=self.fsdp)
+        return get_state_dict(net, opt, options=opts)
+
+    def load_state_dicts(self, net: nn.Module, opt: torch.optim.Optimizer, model: dict,
+                         optim: dict) -> None:
+        """Inverse of ``state_dicts``; under FSDP rank 0 reads the file and broadcasts."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=self.fsdp)
+        set_state_dict(net, opt, model_state_dict=model, optim_state_dict=optim, options=opts)
+
+
+class GradSum:
+    """Sums the gradients of one optimizer step over the shards this rank computes, then reduces
+    them over ranks into ``p.grad`` as their mean over all shards.
+
+        acc = dist.grad_sum(params)
+        for shard in my_shards: method.backward(...); acc.add_shard()
+        acc.reduce(n_shards)
+    """
+
+    def __init__(self, dist: Dist, params: list[nn.Parameter]) -> None:
+        self.dist, self.params = dist, params
+        for p in params:
+            p.grad = None
+        dtype = torch.promote_types(params[0].dtype, torch.float32)  # bf16 models sum in float32
+        self.flat = None if dist.fsdp else torch.zeros(sum(p.numel() for p in params),
+                                                      device=params[0].device, dtype=dtype)
+
+    def add_shard(self) -> None:
+        """ddp: move this shard's gradient into the flat buffer (shard by shard: the same sums on
+        1 or N processes). fsdp: nothing — FSDP already accumulates into the sharded ``p.grad``."""
+        if self.flat is None:
+            return
+        self.flat += torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
+                                for p in self.params])
+        for p in self.params:
+            p.grad = None
+
+    def reduce(self, n_shards: int) -> None:
+        if self.flat is None:  # fsdp: each reduce-scatter averaged over ranks; make it over shards
+            scale = self.dist.world / n_shards
+            for p in self.params:
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+            return
+        if self.dist.world > 1:
+            torch.distributed.all_reduce(self.flat)
+        self.flat /= n_shards
+        for p, g in zip(self.params, self.flat.split([q.numel() for q in self.params]), strict=True):
+            p.grad = g.view_as(p).to(p.dtype)
+
+
+def block_classes(net: nn.Module) -> set[str]:
+    """The transformer-block class names of a (possibly peft-wrapped) HF model."""
+    names: set[str] = set()
+    for m in net.modules():
+        names.update(getattr(m, "_no_split_modules", None) or [])
+    return names

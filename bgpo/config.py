@@ -138,15 +138,32 @@ PAPER_MC = {"bgpo": 16, "vrpo": 4, "diffugrpo": 1, "wd1": 1}
 PAPER_MC_EXCEPTIONS = {("bgpo", "sudoku"): 32, ("vrpo", "humaneval"): 2, ("vrpo", "mbpp"): 2}
 
 
+# SPEC §4: training length / diffusion steps (block 32) and RL steps per task at full scale
+_MATH = {"gen_length": 512, "diffusion_steps": 256, "steps": 700}
+_CODE = {"gen_length": 512, "diffusion_steps": 512, "steps": 560}
+PAPER_TASK = {"math500": _MATH, "gsm8k": _MATH, "humaneval": _CODE, "mbpp": _CODE,
+              "sudoku": {"gen_length": 256, "diffusion_steps": 128, "steps": 400},
+              "countdown": {"gen_length": 256, "diffusion_steps": 128, "steps": 560}}
+
+
 def paper_mc(target: str, task: str) -> int:
     """``${paper_mc:${method._target_},${task.name}}``: the paper's n_t for a method and task."""
     method = target.rsplit(".", 1)[-1].lower()
     return PAPER_MC_EXCEPTIONS.get((method, task), PAPER_MC[method])
 
 
+def paper_task(task: str, key: str) -> int:
+    """``${paper_task:${task.name},gen_length}``: the paper's full-scale setting of a task."""
+    if task not in PAPER_TASK:
+        raise ValueError(f"task.name={task!r}: the paper has no full-scale settings for it; "
+                         f"allowed: {sorted(PAPER_TASK)}")
+    return PAPER_TASK[task][key]
+
+
 def register() -> None:
-    if not OmegaConf.has_resolver("paper_mc"):
-        OmegaConf.register_new_resolver("paper_mc", paper_mc)
+    for name, fn in (("paper_mc", paper_mc), ("paper_task", paper_task)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="pretrain_schema", node=PretrainConfig)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,30 @@ def test_every_method_task_composes_and_validates(method, task):
 @pytest.mark.parametrize("model", MODELS)
 def test_every_model_composes(model):
     validate_train(cfg_of(f"model={model}"))
+
+
+PRESETS = sorted(p.stem for p in (CONF.parents[1] / "sweeps").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_sweep_preset_job_composes_and_validates(preset):
+    """Each job a preset launches (every combination of its sweeper params) is a valid run."""
+    with initialize_config_module("bgpo.conf", version_base="1.3"):
+        hydra_cfg = compose("sweep", overrides=[f"+sweeps={preset}"], return_hydra_config=True)
+        params = {k: str(v).split(",") for k, v in hydra_cfg.hydra.sweeper.params.items()}
+        jobs = list(itertools.product(*params.values()))
+        for combo in jobs:
+            job = [f"{k}={v}" for k, v in zip(params, combo, strict=True)]
+            validate_train(compose("sweep", overrides=[f"+sweeps={preset}", *job]))
+    assert len(jobs) > 1
+
+
+def test_paper_main_takes_spec_full_scale_settings():
+    cfg = cfg_of("+sweeps=paper_main", "task=countdown", "method=vrpo")
+    assert (cfg.task.gen_length, cfg.task.block_length, cfg.task.diffusion_steps) == (256, 32, 128)
+    assert (cfg.steps, cfg.mc, cfg.model.kind, cfg.parallel) == (560, 4, "llada", "fsdp")
+    cfg = cfg_of("+sweeps=paper_main", "task=humaneval", "method=bgpo")
+    assert (cfg.task.gen_length, cfg.task.diffusion_steps, cfg.steps, cfg.mc) == (512, 512, 560, 16)
 
 
 def test_pretrain_config_composes():

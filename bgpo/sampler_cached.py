@@ -156,6 +156,9 @@ class NFE:
     """forward passes of the network (NFE)"""
     rows: int = 0
     """sequences processed, summed over the passes (rows / batch size = passes per sequence)"""
+    positions: int = 0
+    """input positions processed (rows × query length), summed over the passes: the compute the
+    cache and the sit-outs save, machine-independently (weights' FLOPs are linear in it)"""
 
 
 @contextlib.contextmanager
@@ -166,7 +169,9 @@ def count_forwards(net: torch.nn.Module) -> Iterator[NFE]:
     def hook(module: torch.nn.Module, args: tuple, kwargs: dict, output: object) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
         nfe.calls += 1
-        nfe.rows += int(ids.shape[0]) if isinstance(ids, Tensor) else 0
+        if isinstance(ids, Tensor):
+            nfe.rows += int(ids.shape[0])
+            nfe.positions += ids.numel()
 
     handle = net.register_forward_hook(hook, with_kwargs=True)
     try:

@@ -158,5 +158,8 @@ def test_bench_rollout_writes_rows(tmp_path):
     keys = {"mode", "threshold", "tokens_per_s", "nfe", "accuracy", "batch_size", "gen_length", "device",
             "model", "commit"}
     assert all(keys <= r.keys() for r in rows) and rows[0]["nfe"] == 16 and rows[3]["agreement"] == 1.0
+    # compute saved: none at threshold 1.0 processes what the reference does; the dual cache far less
+    assert rows[0]["work_ratio"] == rows[3]["work_ratio"] == 1.0
+    assert rows[1]["work_ratio"] > 1.5 and rows[2]["work_ratio"] >= rows[1]["work_ratio"]
     with pytest.raises(SystemExit, match="python -m bgpo.pretrain task=countdown"):
         bench_main(["rollout", "--model-path", str(tmp_path / "missing")])

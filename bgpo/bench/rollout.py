@@ -3,7 +3,8 @@
 For each mode on the same model, prompts, batch size and seed: tokens/s (content tokens — the
 completion up to its first EOS — per wall second of ``generate``; ``positions_per_s`` counts all
 ``gen_length`` positions), forward passes (``nfe``: per batch, i.e. the slowest row's;
-``nfe_per_sequence``: passes each sequence takes part in, rows that are done sit out), task
+``nfe_per_sequence``: passes each sequence takes part in, rows that are done sit out;
+``work_ratio``: the reference's input positions processed ÷ this mode's, the compute saved), task
 accuracy and mean reward, and ``agreement`` — the fraction of completions identical to the
 reference mode's. The main point is the task's own
 generation length (Countdown: 16, block 8, one token per step as in evaluation); the longer points
@@ -91,7 +92,7 @@ def measure(model: DLLM, task, examples: list, cfg: SamplerConfig, args: argpars
     """Generate for every example (batches of ``batch_size``): timing, NFE, texts, accuracy."""
     g = torch.Generator(device=model.device).manual_seed(args.seed)
     texts: list[str] = []
-    wall, nfe, rows, tokens, batches = 0.0, 0, 0, 0, 0
+    wall, nfe, rows, positions, tokens, batches = 0.0, 0, 0, 0, 0, 0
     for lo in range(0, len(examples), args.batch_size):
         chunk = examples[lo : lo + args.batch_size]
         ids, mask = model.encode_prompts([task.render(ex, args.format) for ex in chunk])
@@ -106,13 +107,14 @@ def measure(model: DLLM, task, examples: list, cfg: SamplerConfig, args: argpars
             _sync(args.device)
             times.append(time.perf_counter() - t0)
         wall += min(times)
-        nfe, rows, batches = nfe + n.calls, rows + n.rows, batches + 1
+        nfe, rows, positions, batches = nfe + n.calls, rows + n.rows, positions + n.positions, batches + 1
         tokens += content_tokens(out, model.eos_token_id)
         texts += model.decode_completions(out)
     correct = sum(task.correct(ex, y, args.format) for ex, y in zip(examples, texts, strict=True))
     reward = sum(task.reward(ex, y, args.format) for ex, y in zip(examples, texts, strict=True))
     return {"tokens_per_s": tokens / wall, "positions_per_s": len(examples) * cfg.gen_length / wall,
             "nfe": nfe / batches, "nfe_total": nfe, "nfe_per_sequence": rows / len(examples),
+            "positions_processed": positions,
             "wall_s": wall, "content_tokens": tokens, "accuracy": correct / len(examples),
             "reward": reward / len(examples), "texts": texts}
 
@@ -159,20 +161,23 @@ def main(argv: list[str]) -> int:
         configs = [("reference", "none", 1.0)]
         configs += [("cached", c, t) for c in caches for t in thresholds]
         ref_texts: list[str] = []
+        ref_positions = 0
         for mode, cache, threshold in configs:
             cfg = SamplerConfig(L, bl, L, args.temperature, mode=mode, threshold=threshold, cache=cache)
             r = measure(model, task, exs, cfg, args)
             texts = r.pop("texts")
-            ref_texts = ref_texts or texts
+            ref_texts, ref_positions = ref_texts or texts, ref_positions or r["positions_processed"]
             row = {"mode": mode, "cache": cache if mode == "cached" else None, "threshold": threshold,
                    **r, "agreement": sum(a == b for a, b in zip(texts, ref_texts, strict=True)) / len(exs),
+                   "work_ratio": ref_positions / r["positions_processed"],
                    "gen_length": L, "block_length": bl, "steps": L, "n_prompts": len(exs),
                    "accuracy_meaningful": L == trained.get("gen_length", gen_length), **common}
             rows.append(row)
             atomic_write_text(out, "".join(json.dumps(x, sort_keys=True) + "\n" for x in rows))
             print(f"L={L:<4} {mode:9} {row['cache'] or '-':6} thr={threshold:<5} "
                   f"{row['tokens_per_s']:9.1f} tok/s  nfe={row['nfe']:5.1f} "
-                  f"({row['nfe_per_sequence']:4.1f}/seq)  acc={row['accuracy']:.3f}  "
+                  f"({row['nfe_per_sequence']:4.1f}/seq, work /{row['work_ratio']:4.2f})  "
+                  f"acc={row['accuracy']:.3f}  "
                   f"reward={row['reward']:.3f}  agree={row['agreement']:.3f}", flush=True)
     summarize(rows)
     print(f"wrote {out}")
@@ -192,4 +197,5 @@ def summarize(rows: list[dict]) -> None:
         print(f"L={L}: reference {ref['tokens_per_s']:.1f} tok/s (acc {100 * ref['accuracy']:.1f}); {rule}: "
               f"{best['cache']}/thr={best['threshold']} {best['tokens_per_s']:.1f} tok/s = "
               f"{best['tokens_per_s'] / ref['tokens_per_s']:.2f}x, acc {100 * best['accuracy']:.1f} "
-              f"({100 * (best['accuracy'] - ref['accuracy']):+.1f} pt), agreement {best['agreement']:.3f}")
+              f"({100 * (best['accuracy'] - ref['accuracy']):+.1f} pt), agreement {best['agreement']:.3f}, "
+              f"compute /{best['work_ratio']:.2f}")

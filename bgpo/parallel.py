@@ -64,17 +64,19 @@ class Dist:
     rank: int = 0
     world: int = 1
     strategy: str = "ddp"
+    device: str = "cpu"
+    """this rank's device: ``cuda:<local rank>`` for several GPU processes"""
 
     @classmethod
     def from_env(cls, device: str, strategy: str = "ddp") -> Dist:
         if strategy not in STRATEGIES:
             raise ValueError(f"parallel={strategy!r} is not one of {list(STRATEGIES)}")
         if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-            return cls(strategy=strategy)
+            return cls(strategy=strategy, device=device)
         from accelerate import Accelerator
 
         acc = Accelerator(cpu=device == "cpu")
-        return cls(acc.process_index, acc.num_processes, strategy)
+        return cls(acc.process_index, acc.num_processes, strategy, str(acc.device))
 
     @property
     def fsdp(self) -> bool:

@@ -61,8 +61,8 @@ class Preempted(Exception):
 
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Run (or resume) one RL run in ``run_dir``; return its summary (written by the caller)."""
-    device = pick_device(cfg.device)
-    dist = Dist.from_env(device, cfg.parallel)
+    dist = Dist.from_env(pick_device(cfg.device), cfg.parallel)
+    device = dist.device  # several GPU processes: each on its own cuda:<local rank>
     shards = cfg.shards or dist.world
     if cfg.prompts_per_step % shards or shards % dist.world:
         raise ValueError(f"prompts_per_step={cfg.prompts_per_step} must be a multiple of shards={shards}, "

@@ -4,6 +4,7 @@ approximation pinned down to float64 round-off, valid outputs, fewer forward pas
 from __future__ import annotations
 
 import json
+import shlex
 
 import pytest
 import torch
@@ -157,6 +158,7 @@ def test_bench_rollout_writes_rows(tmp_path):
         ("cached", "none", 1.0), ("cached", "none", 0.5)]
     keys = {"mode", "threshold", "tokens_per_s", "nfe", "accuracy", "batch_size", "gen_length", "device",
             "model", "commit"}
+    assert all(r["cmd"] == "python -m bgpo.bench " + shlex.join(argv) for r in rows)
     assert all(keys <= r.keys() for r in rows) and rows[0]["nfe"] == 16 and rows[3]["agreement"] == 1.0
     # compute saved: none at threshold 1.0 processes what the reference does; the dual cache far less
     assert rows[0]["work_ratio"] == rows[3]["work_ratio"] == 1.0

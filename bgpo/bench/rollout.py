@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from bgpo.bench._common import command_line
 from bgpo.model import DLLM, load_dllm
 from bgpo.results import atomic_write_text, git_commit
 from bgpo.sampler import SamplerConfig, generate
@@ -149,7 +150,8 @@ def main(argv: list[str]) -> int:
     points += [(L, min(args.long_block_length, L), examples[: args.long_n_prompts], args.long_thresholds,
                 args.long_caches) for L in args.long_gen_lengths]
     out = Path(args.out) / f"rollout-{args.device.replace(':', '')}-{path.name}.jsonl"
-    common = {"batch_size": args.batch_size, "device": args.device, "model": path.name,
+    common = {"cmd": command_line("rollout", argv), "batch_size": args.batch_size, "device": args.device,
+              "model": path.name,
               "commit": git_commit(), "task": args.task, "seed": args.seed,
               "temperature": args.temperature, "dtype": args.dtype, "threads": torch.get_num_threads(),
               "repeats": args.repeats}

@@ -76,7 +76,8 @@ class Dist:
         from accelerate import Accelerator
 
         acc = Accelerator(cpu=device == "cpu")
-        return cls(acc.process_index, acc.num_processes, strategy, str(acc.device))
+        local = "cpu" if acc.device.type == "cpu" else str(acc.device)  # accelerate says cpu:0
+        return cls(acc.process_index, acc.num_processes, strategy, local)
 
     @property
     def fsdp(self) -> bool:

@@ -69,8 +69,7 @@ class Dist:
 
     @classmethod
     def from_env(cls, device: str, strategy: str = "ddp") -> Dist:
-        if strategy not in STRATEGIES:
-            raise ValueError(f"parallel={strategy!r} is not one of {list(STRATEGIES)}")
+        """``strategy`` is ``cfg.parallel``, checked at start-up by ``bgpo.config.validate_train``."""
         if int(os.environ.get("WORLD_SIZE", "1")) == 1:
             return cls(strategy=strategy, device=device)
         from accelerate import Accelerator
@@ -155,8 +154,7 @@ class Dist:
     # ---- checkpoints -----------------------------------------------------------------------
     def state_dicts(self, net: nn.Module, opt: torch.optim.Optimizer) -> tuple[dict, dict]:
         """Full (unsharded) model and optimizer state, keyed by parameter name; under FSDP on
-        rank 0 only (the others get empty dicts). The same format in every layout, so a run
-        checkpointed under one layout resumes under another."""
+        rank 0 only (the others get empty dicts). The same format in every layout."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
         opts = StateDictOptions(full_state_dict=True, cpu_offload=self.fsdp)
@@ -164,7 +162,8 @@ class Dist:
 
     def load_state_dicts(self, net: nn.Module, opt: torch.optim.Optimizer, model: dict,
                          optim: dict) -> None:
-        """Inverse of ``state_dicts``; under FSDP rank 0 reads the file and broadcasts."""
+        """Inverse of ``state_dicts``; under FSDP rank 0's copy is broadcast and sliced into the
+        shards (the others may pass what they mapped from the same file)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
         opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=self.fsdp)

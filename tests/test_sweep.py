@@ -222,6 +222,8 @@ BAD = [
     ("task=chess", "task/chess"),
     ("task.name=chess", "task.name='chess' is not a registered task"),
     ("task.gen_length=10", "task.gen_length=10 must be a multiple of task.block_length=4"),
+    ("mc=2,0", "nothing launched; bad job"),  # a bad value inside a sweep list: before ANY job runs
+    ("task.block_length=4,3", "task.gen_length=8 must be a multiple of task.block_length=3"),
 ]
 
 

@@ -21,33 +21,40 @@ from bgpo.config import register
 from bgpo.train import run
 
 
+def sweep_jobs(config: DictConfig) -> list[list[str]]:
+    """The override list of every job a multirun launches: a preset's ``hydra.sweeper.params``,
+    then the command line's overrides (which win on the same key), expanded like Hydra's basic
+    sweeper (``a=1,2 b=x,y``: four jobs)."""
+    import itertools
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = [f"{k}={v}" for k, v in (config.hydra.sweeper.params or {}).items()]
+    choices: dict[str, list[str]] = {}
+    for o in OverridesParser.create().parse_overrides([*params, *config.hydra.overrides.task]):
+        sweep = o.is_sweep_override()
+        choices[o.get_key_element()] = list(o.sweep_string_iterator()) if sweep else [
+            o.get_value_element_as_str()]
+    return [[f"{k}={v}" for k, v in zip(choices, job, strict=True)]
+            for job in itertools.product(*choices.values())]
+
+
 class Validate(Callback):
     """Before a multirun launches anything: compose and validate EVERY job it will run, so a bad
     value inside a sweep list (``mc=2,0``) fails at start-up, naming the key, not when that job
     starts (possibly hours later, on Slurm)."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        import itertools
-
         from hydra import compose
-        from hydra.core.override_parser.overrides_parser import OverridesParser
 
         from bgpo.config import validate_train
 
-        params = {k: str(v) for k, v in (config.hydra.sweeper.params or {}).items()}  # a preset's
-        given = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
-        choices: dict[str, list[str]] = {}  # the command line overrides a preset's key
-        for o in OverridesParser.create().parse_overrides(given):
-            sweep = o.is_sweep_override()
-            choices[o.get_key_element()] = list(o.sweep_string_iterator()) if sweep else [
-                o.get_value_element_as_str()]
-        for job in itertools.product(*choices.values()):
-            overrides = [f"{k}={v}" for k, v in zip(choices, job, strict=True)]
+        for overrides in sweep_jobs(config):
             try:
                 validate_train(compose(config_name="sweep", overrides=overrides))
             except ValueError as e:  # SystemExit: Hydra turns a callback's exceptions into warnings
-                job_str = " ".join(overrides)
-                raise SystemExit(f"[bgpo.sweep] nothing launched; bad job {job_str}: {e}") from None
+                job = " ".join(overrides)
+                raise SystemExit(f"[bgpo.sweep] nothing launched; bad job {job}: {e}") from None
 
 
 class Report(Callback):

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from tests.helpers import micro_model
+from tests.test_sweep import metrics  # rows without wall-clock and memory keys
 
 ROOT = Path(__file__).resolve().parents[1]
-VOLATILE = ("time/", "mem/")
 COMMON = ["method=bgpo", "mc=2", "prompts_per_step=2", "shards=2", "group_size=3", "eval_n=2",
           "eval_every=0", "progress=false", "temperature=1.0", "lr=1e-3", "task.name=toy",
           "task.gen_length=8", "task.block_length=4", "task.diffusion_steps=4"]
@@ -48,11 +48,6 @@ def summary(run: Path) -> dict:
 
 def model_state(run: Path) -> dict[str, torch.Tensor]:
     return torch.load(run / "checkpoints" / "last.pt", weights_only=False)["model"]
-
-
-def metrics(run: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in rows]
 
 
 @pytest.fixture(scope="module")

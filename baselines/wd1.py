@@ -1,13 +1,13 @@
-"""wd1 (arXiv 2507.08838; SPEC §3): weighted likelihood, no ratio, no clip, no KL.
+"""wd1 (Tang et al., arXiv 2507.08838, §3): weighted likelihood, no ratio, no clip, no KL.
 
 ``S_i = Σ_k log p_θ(y_ik | x', M…M)`` from the one-step estimator; over each group
 ``w⁺ = softmax(ψA)``, ``w⁻ = softmax(−ψA)`` with ``A = r − mean_G r``; loss
 ``Σ_i (w⁻_i − w⁺_i)·S_i``, averaged over the groups of the batch. Equal rewards in a group give
 w⁺ = w⁻ and a zero gradient.
 
-Departures and switches (defaults = the wd1 paper; see paper/NOTES.md):
+Departures and switches (defaults = the wd1 paper; see docs/methods.md):
 - ``n_t`` > 1 averages S_i over n_t prompt masks (the one-step estimator's MC samples);
-- update ``it`` of μ uses a fresh prompt mask, as diffu-GRPO;
+- update ``it`` of μ (``inner_updates``) uses a fresh prompt mask, as diffu-GRPO;
 - the scored window is d1's (up to the first EOS), ``elbo.window=full`` switches it.
 """
 
@@ -20,7 +20,7 @@ from torch import Tensor
 
 from bgpo import elbo
 from bgpo.elbo import Batch, ELBOConfig
-from bgpo.method import Prepared
+from bgpo.method import Prepared, check_common
 from bgpo.model import DLLM
 
 
@@ -31,34 +31,38 @@ class WD1Config:
     psi: float = 1.0
     """temperature ψ of the group softmax weights (wd1: 1)"""
     std_adv: bool = False
-    """A = r − mean_G r, no std normalisation (SPEC §3)"""
+    """A = r − mean_G r, no std normalisation (wd1 §3)"""
     elbo: ELBOConfig = field(default_factory=lambda: ELBOConfig(mode="one_step", window="eos"))
+
+    def __post_init__(self) -> None:
+        check_common(self, "wd1")
 
 
 class WD1:
-    """SPEC §3 wd1: softmax(±ψA)-weighted log-likelihood."""
+    """wd1 §3: softmax(±ψA)-weighted log-likelihood."""
+
+    OFF_POLICY = "inner_updates"
 
     def __init__(self, cfg: WD1Config, ref: DLLM | None = None) -> None:
         self.cfg, self.ref = cfg, ref
 
     @torch.no_grad()
-    def prepare(self, policy: DLLM, batch: Batch, updates: int,
+    def prepare(self, policy: DLLM, batch: Batch, mu: int,
                 generator: torch.Generator | None) -> Prepared:
         c = self.cfg
-        draws = elbo.draw(batch, c.elbo, c.n_t * updates, policy.eos_token_id, generator)
+        draws = elbo.draw(batch, c.elbo, c.n_t * mu, policy.eos_token_id, generator)
         return Prepared(draws)  # wd1 needs neither θ_old nor a reference
 
-    def backward(self, policy: DLLM, batch: Batch, adv: Tensor, prep: Prepared,
-                 it: int) -> dict[str, float]:
-        c, G = self.cfg, batch.group_size
-        stats = {"loss": 0.0, "kl": 0.0, "clip_ratio": 0.0, "elbo/ell": 0.0}
-        js = slice(it * c.n_t, (it + 1) * c.n_t)  # a fresh prompt mask per inner update
+    def chunks(self, prep: Prepared, it: int) -> list[slice]:
+        return [slice(it * self.cfg.n_t, (it + 1) * self.cfg.n_t)]  # a fresh prompt mask per update
+
+    def loss(self, policy: DLLM, batch: Batch, adv: Tensor, prep: Prepared,
+             js: slice) -> tuple[Tensor, dict[str, Tensor]]:
+        G = batch.group_size
         S = elbo.ell(policy, batch, prep.draws, js).mean(0).view(-1, G)  # [n_groups, G]
         # wd1: positive and negative softmax weights over each group
         A = adv.view(-1, G)  # [n_groups, G]
-        w_pos, w_neg = (c.psi * A).softmax(-1), (-c.psi * A).softmax(-1)  # [n_groups, G]
+        w_pos, w_neg = (self.cfg.psi * A).softmax(-1), (-self.cfg.psi * A).softmax(-1)  # [n_groups, G]
         loss = ((w_neg - w_pos) * S).sum() / S.shape[0]
-        loss.backward()
-        stats["loss"] += loss.item()
-        stats["elbo/ell"] += S.detach().mean().item()
-        return stats
+        zero = torch.zeros(())
+        return loss, {"loss": loss.detach(), "kl": zero, "clip_ratio": zero, "elbo/ell": S.detach().mean()}

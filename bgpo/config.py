@@ -109,8 +109,13 @@ class TrainConfig:
     prompts_per_step: int = 8
     group_size: int = 8
     """G: completions per prompt"""
-    updates: int = 1
-    """μ: optimizer updates per rollout batch (1 = on-policy)"""
+    minibatches: int = 1
+    """μ of BGPO §4's off-policy variant (bgpo, vrpo): split each rollout batch into this many
+    mini-batches of whole prompt groups, one optimizer step each, every sample used once, θ_old =
+    the rollout policy (1 = on-policy)"""
+    inner_updates: int = 1
+    """μ of d1 (diffu_grpo, wd1): optimizer steps over the WHOLE rollout batch, each with a fresh
+    prompt mask (1 = on-policy; d1 itself used 12 for math, 8 for planning)"""
     temperature: float = 0.6
     """rollout sampling temperature (evaluation is greedy)"""
     lr: float = 1e-4
@@ -249,8 +254,8 @@ def build_method(cfg: DictConfig) -> Any:
 
 def validate_train(cfg: DictConfig) -> None:
     """Everything that can be checked before a model is built."""
-    _positive(cfg, ("mc", "steps", "prompts_per_step", "group_size", "updates", "eval_n",
-                    "ckpt_every"), allow_zero=("steps",))
+    _positive(cfg, ("mc", "steps", "prompts_per_step", "group_size", "minibatches", "inner_updates",
+                    "eval_n", "ckpt_every"), allow_zero=("steps",))
     _positive(cfg, ("eval_every", "warmup_steps"), allow_zero=("eval_every", "warmup_steps"))
     if cfg.lr <= 0:
         raise ValueError(f"lr={cfg.lr} must be > 0")
@@ -265,7 +270,28 @@ def validate_train(cfg: DictConfig) -> None:
 
     if cfg.parallel not in STRATEGIES:
         raise ValueError(f"parallel={cfg.parallel!r} is not one of {list(STRATEGIES)}")
-    build_method(cfg)
+    method = build_method(cfg)
+    validate_updates(cfg, method)
+
+
+def validate_updates(cfg: DictConfig, method: Any) -> None:
+    """The two meanings of μ > 1 (``bgpo.method``): each method takes the one of its paper; n_t
+    is ``mc``; mini-batches cut a rollout shard into whole prompt groups."""
+    cls, mcfg = method.func, method.keywords["cfg"]
+    name = cls.__name__.lower()
+    if mcfg.n_t != cfg.mc:
+        raise ValueError(f"method.cfg.n_t={mcfg.n_t} differs from mc={cfg.mc}: set mc (the run folder, "
+                         "summary and tables are keyed by it), not method.cfg.n_t")
+    kind = cls.OFF_POLICY
+    other = "inner_updates" if kind == "minibatches" else "minibatches"
+    if getattr(cfg, other) > 1:
+        raise ValueError(f"{other}={getattr(cfg, other)} does not apply to method {name}, whose μ > 1 means "
+                         f"{kind} (bgpo.method: minibatches for bgpo/vrpo, inner_updates for d1-style "
+                         "methods); use that key")
+    shard_prompts = cfg.prompts_per_step // (cfg.shards or 1)
+    if cfg.minibatches > 1 and shard_prompts % cfg.minibatches:
+        raise ValueError(f"minibatches={cfg.minibatches} must divide the prompts of each rollout shard "
+                         f"(prompts_per_step={cfg.prompts_per_step} / shards={cfg.shards or 1})")
 
 
 def to_container(cfg: DictConfig) -> dict[str, Any]:

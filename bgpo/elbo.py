@@ -79,6 +79,10 @@ class Batch:
     def completion(self) -> Tensor:
         return self.input_ids[:, self.prompt_len :]  # [B, L]
 
+    def select(self, rows: Tensor) -> Batch:
+        """A sub-batch of whole prompt groups (``rows`` in group order)."""
+        return Batch(self.input_ids[rows], self.attention_mask[rows], self.prompt_len, self.group_size)
+
     def scored(self, window: Window, eos_id: int) -> Tensor:
         """Completion positions that are scored: ``[B, L]`` bool."""
         y = self.completion
@@ -100,6 +104,10 @@ class Draws:
     @property
     def n_t(self) -> int:
         return self.masked.shape[0]
+
+    def select(self, rows: Tensor) -> Draws:
+        """The same draws for a sub-batch ``rows``."""
+        return Draws(self.masked[:, rows], self.weight[:, rows], self.scored[rows])
 
     def chunks(self, size: int) -> Iterator[slice]:
         """Consecutive slices of at most ``size`` samples covering all n_t."""

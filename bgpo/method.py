@@ -1,24 +1,39 @@
-"""The one interface every RL objective implements, and the few formulas they share (SPEC §3).
+"""The one interface every RL objective implements, and the few formulas they share.
 
-A method is built once from its config (``_target_`` in ``conf/method/*.yaml``) and then, for
-every rollout batch, the trainer calls
-- ``prepare(policy, batch, updates, generator) -> Prepared``: draws the MC masks ONCE and computes
-  the no-grad statistics (θ_old only when ``updates > 1``, the reference only when β > 0);
-- ``backward(policy, batch, adv, prep, it) -> stats``: the loss of update ``it``; the method calls
-  ``.backward()`` itself (BGPO once per MC chunk) and returns detached floats.
-The trainer owns ``zero_grad``, gradient clipping and ``optimizer.step``.
+A method is built once from its config (``_target_`` in ``conf/method/*.yaml``). For every
+rollout batch:
+
+- ``prepare(policy, batch, mu, generator) -> Prepared`` draws the MC masks ONCE and computes the
+  no-grad statistics on those same masks: θ_old when the batch serves ``mu > 1`` optimizer steps
+  (off-policy), the reference when β > 0. A method whose μ means d1's inner iterations draws a
+  fresh set of masks per iteration here.
+- ``chunks(prep, it) -> list[slice]`` names the MC samples of each backward pass of update ``it``
+  (BGPO: ``mc_chunk`` samples at a time; VRPO-OL: all n_t at once; d1: iteration ``it``'s masks).
+- ``loss(policy, batch, adv, prep, js) -> (loss, stats)`` RETURNS the loss of samples ``js`` and
+  detached statistics; it never calls ``.backward()``. A user's own loop can hand the loss to
+  ``accelerator.backward``; the suite's trainer calls :func:`backward` below.
+
+Two meanings of "more than one update per rollout batch" (``OFF_POLICY``, a class attribute):
+
+- ``"minibatches"`` (BGPO §4, the paper's off-policy variant; BGPO and VRPO-OL): the rollout
+  batch is split into μ mini-batches of whole prompt groups, one optimizer step each, every sample
+  used once; θ_old is the rollout policy, evaluated on the SAME coupled draws as θ.
+- ``"inner_updates"`` (d1 §3.2, diffu-GRPO's μ; wd1): μ optimizer steps over the WHOLE batch,
+  each with a fresh prompt mask.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import torch
 from torch import Tensor
 
 from bgpo.elbo import Batch, Draws
 from bgpo.model import DLLM
+
+OFF_POLICY_KINDS = ("minibatches", "inner_updates")
 
 
 @dataclass
@@ -27,13 +42,46 @@ class Prepared:
     old: Tensor | None = None  # θ_old statistics on the same draws (None: on-policy, use θ detached)
     ref: Tensor | None = None  # reference statistics on the same draws (None: β = 0)
 
+    def select(self, rows: Tensor) -> Prepared:
+        """The rows ``rows`` of the batch (a mini-batch): draws, θ_old and reference alike."""
+        pick = lambda t: None if t is None else t[:, rows]  # noqa: E731  [n, B, ...] -> [n, b, ...]
+        return Prepared(self.draws.select(rows), pick(self.old), pick(self.ref))
+
 
 class Method(Protocol):
-    def prepare(self, policy: DLLM, batch: Batch, updates: int,
+    OFF_POLICY: ClassVar[str]
+
+    def prepare(self, policy: DLLM, batch: Batch, mu: int,
                 generator: torch.Generator | None) -> Prepared: ...
 
-    def backward(self, policy: DLLM, batch: Batch, adv: Tensor, prep: Prepared,
-                 it: int) -> dict[str, float]: ...
+    def chunks(self, prep: Prepared, it: int) -> list[slice]: ...
+
+    def loss(self, policy: DLLM, batch: Batch, adv: Tensor, prep: Prepared,
+             js: slice) -> tuple[Tensor, dict[str, Tensor]]: ...
+
+
+def backward(method: Method, policy: DLLM, batch: Batch, adv: Tensor, prep: Prepared,
+             it: int) -> dict[str, float]:
+    """Update ``it``'s backward passes, one per chunk: each chunk's graph is freed before the next
+    is built (BGPO's constant memory in n_t). Returns the statistics summed over chunks."""
+    stats: dict[str, float] = {}
+    for js in method.chunks(prep, it):
+        loss, st = method.loss(policy, batch, adv, prep, js)
+        loss.backward()
+        for k, v in st.items():
+            stats[k] = stats.get(k, 0.0) + float(v)
+    return stats
+
+
+def minibatch(batch: Batch, adv: Tensor, prep: Prepared, m: int, n: int) -> tuple[Batch, Tensor, Prepared]:
+    """Mini-batch ``m`` of ``n``: the m-th n-th of the batch's prompt groups (BGPO §4 off-policy)."""
+    G = batch.group_size
+    groups = batch.input_ids.shape[0] // G
+    if groups % n:
+        raise ValueError(f"minibatches={n} must divide the {groups} prompt groups of a rollout shard")
+    per = groups // n
+    rows = torch.arange(m * per * G, (m + 1) * per * G, device=adv.device)
+    return batch.select(rows), adv[rows], prep.select(rows)
 
 
 def clipped(ratio: Tensor, adv: Tensor, eps: float, dual_clip: float) -> tuple[Tensor, Tensor]:
@@ -51,3 +99,17 @@ def k3(ref: Tensor, cur: Tensor) -> Tensor:
     """k3 estimator of KL(π_θ || π_ref) from log-probs: ``exp(ref − θ) − (ref − θ) − 1`` (≥ 0)."""
     delta = ref - cur
     return delta.exp() - delta - 1
+
+
+def check_common(c: object, name: str) -> None:
+    """Range checks shared by the method configs (``method.cfg.<key>``), at construction time."""
+    for key, lo, strict in (("n_t", 1, False), ("mc_chunk", 1, False), ("clip_eps", 0.0, False),
+                            ("beta", 0.0, False), ("psi", 0.0, True)):
+        v = getattr(c, key, None)
+        if v is None:
+            continue
+        if not v == v or v in (float("inf"), float("-inf")) or v < lo or (strict and v == lo):
+            raise ValueError(f"method.cfg.{key}={v} must be {'>' if strict else '>='} {lo} ({name})")
+    dual = getattr(c, "dual_clip", 0.0)
+    if not (dual == 0 or dual > 1):
+        raise ValueError(f"method.cfg.dual_clip={dual} must be 0 (off) or > 1 ({name})")

@@ -64,9 +64,17 @@ class Run:
     curve: list[tuple[int, float]] = field(default_factory=list)  # (step, mean reward)
 
 
-def method_key(name: str, updates: int = 1) -> str:
+def method_key(name: str, cfg: dict[str, Any] | None = None) -> str:
+    """The table row of a run: its method, and for BGPO the off-policy variant (``minibatches`` > 1,
+    BGPO §4) and the bounds ablation (``method.cfg.bound``, BGPO Table 3)."""
+    cfg = cfg or {}
     key = name.replace("_", "").replace("-", "").lower()
-    return "bgpo_offpolicy" if key == "bgpo" and updates > 1 else key
+    if key != "bgpo":
+        return key
+    bound = ((cfg.get("method") or {}).get("cfg") or {}).get("bound", "both")
+    if bound != "both":
+        return f"bgpo_{bound}"
+    return "bgpo_offpolicy" if int(cfg.get("minibatches", 1)) > 1 else key
 
 
 def rank(method: str) -> int:
@@ -84,7 +92,7 @@ def load_runs(results: Path) -> list[Run]:
             if (folder / "metrics.jsonl").exists() else []
         base = [r["eval/accuracy"] for r in rows if r.get("step") == 0 and "eval/accuracy" in r]
         runs.append(Run(
-            sweep=folder.parent.name, method=method_key(s["method"], int(cfg.get("updates", 1))),
+            sweep=folder.parent.name, method=method_key(s["method"], cfg),
             task=s["task"], mc=int(s["mc"]), seed=int(s["seed"]),
             final=(s.get("final") or {}).get("eval/accuracy"), base=base[-1] if base else None,
             variant=config_hash({k: v for k, v in cfg.items() if k != "seed"}),

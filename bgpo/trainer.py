@@ -1,6 +1,6 @@
 """The RL trainer, written once for every method (SPEC §3–§4).
 
-    rollout → reward → advantages → method.prepare / method.backward → all-reduce → step
+    rollout → reward → advantages → method.prepare → (method.loss → backward) per chunk → all-reduce → step
 
 Randomness is keyed by (seed, step, shard), never by process: the prompts of a step are cut into
 ``shards`` and each shard's rollouts and MC draws come from its own generator, so a run on N
@@ -25,6 +25,8 @@ import torch
 from omegaconf import DictConfig
 
 from bgpo.config import build_method
+from bgpo.method import backward as method_backward
+from bgpo.method import minibatch
 from bgpo.model import DLLM, apply_lora, load_dllm
 from bgpo.parallel import Dist
 from bgpo.pretrain import ensure_base_model, pick_device
@@ -75,6 +77,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     ref = copy.deepcopy(policy).net.requires_grad_(False) if beta > 0 else None
     method = make_method(ref=DLLM(**{**policy.__dict__, "net": dist.shard(ref)}) if ref is not None else None)
     std_adv = make_method.keywords["cfg"].std_adv
+    mu = cfg.minibatches * cfg.inner_updates  # optimizer steps per rollout batch
     dist.shard(policy.net)  # parallel=fsdp: sharded before the optimizer sees the parameters
     params = [p for p in policy.net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, cfg.adam_beta2), weight_decay=cfg.weight_decay)
@@ -130,21 +133,27 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             # reward → advantages
             adv = advantages(ro.rewards, cfg.group_size, std_adv).to(device)
             # method.prepare: MC draws once per rollout batch, θ_old / reference statistics
-            work.append((ro.batch, adv, method.prepare(policy, ro.batch, cfg.updates, g)))
+            work.append((ro.batch, adv, method.prepare(policy, ro.batch, mu, g)))
             rewards += ro.rewards.tolist()
             lengths += (ro.batch.completion != policy.eos_token_id).sum(-1).tolist()
+        # method.backward: μ optimizer steps per rollout batch (at most one of the two keys is > 1):
+        # the paper's off-policy mini-batches (BGPO §4) or d1's inner iterations over the whole batch
         stats: dict[str, float] = {}
-        for it in range(cfg.updates):
+        norms = []
+        for it in range(mu):
             grads = dist.grad_sum(params)  # zeroes p.grad
             for batch, adv, prep in work:
-                # method.backward: the method calls .backward() itself (BGPO once per MC chunk)
-                for k, v in method.backward(policy, batch, adv, prep, it).items():
-                    stats[k] = stats.get(k, 0.0) + v / (len(work) * cfg.updates)
+                if cfg.minibatches > 1:  # mini-batch `it`: its prompt groups, each sample used once
+                    batch, adv, prep = minibatch(batch, adv, prep, it, cfg.minibatches)
+                # the method returns each chunk's loss; backward per chunk (BGPO's memory floor)
+                for k, v in method_backward(method, policy, batch, adv, prep, it).items():
+                    stats[k] = stats.get(k, 0.0) + v / (len(work) * mu)
                 grads.add_shard()
             grads.reduce(shards)  # mean over all shards of all processes, in p.grad
-            grad_norm = dist.grad_norm(params, cfg.grad_clip)
+            norms.append(dist.grad_norm(params, cfg.grad_clip))
             opt.step()
             sched.step()
+        grad_norm = sum(norms) / len(norms)
         rewards, lengths = dist.gather(rewards), dist.gather(lengths)
         per_rank = dist.gather([stats])  # every rank computes the same number of shards
         stats = {k: sum(r[k] for r in per_rank) / len(per_rank) for k in stats}

@@ -25,7 +25,7 @@ def write_run(results: Path, sweep: str, method: str, task: str, mc: int, seed: 
     folder = results / sweep / f"{method}-{task}-mc{mc}-s{seed}-fixture{updates}{lr}"
     folder.mkdir(parents=True)
     cfg = {"method": {"_target_": f"x.{method}"}, "task": {"name": task}, "mc": mc, "seed": seed,
-           "updates": updates, "lr": lr, "results_dir": str(results / sweep)}
+           "minibatches": updates, "lr": lr, "results_dir": str(results / sweep)}
     (folder / "config.yaml").write_text(yaml.safe_dump(cfg))
     rows = [{"step": 0, "eval/accuracy": base}] if base is not None else []
     rows += [{"step": s, "reward": 0.1 * s + 0.01 * seed, "time/step_s": 1.0} for s in range(1, steps + 1)]

@@ -49,8 +49,8 @@ def test_advantages():
     assert a[3:].abs().max() == 0 and a[0] > 1.1  # equal rewards: zero advantage, no NaN
 
 
-@pytest.mark.parametrize("method,extra", [("bgpo", "sampler.mode=cached"), ("vrpo", "updates=1"),
-                                          ("diffu_grpo", "updates=2"), ("wd1", "updates=2")])
+@pytest.mark.parametrize("method,extra", [("bgpo", "sampler.mode=cached"), ("vrpo", "minibatches=2"),
+                                          ("diffu_grpo", "inner_updates=2"), ("wd1", "inner_updates=2")])
 def test_each_method_trains(method, extra, base_model, tmp_path):
     cfg = cfg_of(base_model, tmp_path, f"method={method}", extra, "temperature=1.0")
     summary = run(cfg)

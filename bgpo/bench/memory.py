@@ -75,6 +75,7 @@ from bgpo.bench._common import (
     write_rows,
 )
 from bgpo.elbo import ELBOConfig
+from bgpo.method import backward as method_backward
 from bgpo.trainer import advantages
 
 __all__ = ["SavedTensorMeter", "load_rows", "main", "saved_bytes_peak"]
@@ -178,7 +179,7 @@ class Rig:
         """One RL update as the trainer does it (one rollout batch, on-policy)."""
         self.opt.zero_grad(set_to_none=True)
         prep = impl.prepare(self.policy, self.batch, 1, self.gen(seed))
-        impl.backward(self.policy, self.batch, adv, prep, 0)
+        method_backward(impl, self.policy, self.batch, adv, prep, 0)
         if cuda is not None:  # the backward peak, then the optimizer's
             cuda["backward_peak"] = torch.cuda.max_memory_allocated()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)

@@ -60,6 +60,7 @@ from bgpo.bench._common import (
     write_rows,
 )
 from bgpo.elbo import Batch, Draws, ELBOConfig
+from bgpo.method import backward as method_backward
 from bgpo.model import DLLM
 from bgpo.trainer import advantages
 
@@ -164,7 +165,7 @@ def gradient(policy: DLLM, impl: Any, adv: Tensor, batch: Batch, seed: int) -> T
     policy.net.zero_grad(set_to_none=True)
     g = torch.Generator(device=policy.device).manual_seed(seed)
     prep = impl.prepare(policy, batch, 1, g)
-    impl.backward(policy, batch, adv, prep, 0)
+    method_backward(impl, policy, batch, adv, prep, 0)
     return flat_grad(policy)
 
 

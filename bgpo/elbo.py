@@ -1,7 +1,7 @@
 """THE Monte Carlo ELBO sampler shared by every method (SPEC §2). The only code that makes masks.
 
 One MC sample j of a response y (length L) given prompt x:
-- a mask level: ``t_j ~ U(0,1]`` masking each token with probability t_j (weight 1/t_j), or
+- a mask level: ``t_j ~ U(t_min,1]`` masking each token with probability t_j (weight 1/t_j), or
   ``l_j ~ U{1..L}`` masking exactly l_j tokens (weight L/l_j); iid or stratified across j;
 - ``ℓ_θ(j) = w_j · Σ_{i masked} log p_θ(y_i | y_masked(j), x)`` and ``B̂_θ = mean_j ℓ_θ(j)``.
 A ``Draws`` object stores the masks and weights explicitly, so θ, θ_old and the reference are
@@ -39,7 +39,10 @@ class ELBOConfig:
     mode: Mode = "elbo"
     """elbo: n_t masked samples (SPEC §2); one_step: d1's estimator (completion fully masked)"""
     level: Level = "time"
-    """time: t ~ U(0,1], weight 1/t (BGPO paper); count: l ~ U{1..L}, weight L/l (LLaDA 1.5)"""
+    """time: t ~ U(t_min,1], weight 1/t (BGPO paper: t_min = 0); count: l ~ U{1..L}, weight L/l (LLaDA 1.5)"""
+    t_min: float = 0.0
+    """time level: t = t_min + (1 − t_min)·(1 − u), as LLaDA's pre-training (t_min = 1e-3) — a floor on
+    t bounds the weight 1/t and makes the estimator's variance finite (0: the paper's U(0,1])"""
     stratified: bool = False
     """stratify the n_t mask levels of a sequence (VeRL port: count levels k + j·L/n_t)"""
     window: Window = "full"
@@ -55,6 +58,8 @@ class ELBOConfig:
                                   ("window", self.window, ("full", "eos"))):
             if val not in allowed:
                 raise ValueError(f"elbo.{key}={val!r} is not one of {list(allowed)}")
+        if not 0.0 <= self.t_min < 1.0:
+            raise ValueError(f"elbo.t_min={self.t_min} must be in [0, 1)")
         if not 0.0 <= self.p_prompt < 1.0:
             raise ValueError(f"elbo.p_prompt={self.p_prompt} must be in [0, 1)")
 
@@ -138,7 +143,7 @@ def draw(batch: Batch, cfg: ELBOConfig, n_t: int, eos_id: int,
             offsets = torch.arange(n_t, device=dev, dtype=torch.float64)[:, None] / n_t
             u = torch.remainder(u[:1] + offsets, 1.0)  # [n_t, B]
         if cfg.level == "time":
-            t = 1.0 - u  # [n_t, B] in (0, 1]
+            t = cfg.t_min + (1.0 - cfg.t_min) * (1.0 - u)  # [n_t, B] in (t_min, 1]
             comp_masked = (rand(n_t, B, L) < t[..., None]) & scored  # [n_t, B, L]
             weight = 1.0 / t
         else:

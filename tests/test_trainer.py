@@ -118,3 +118,51 @@ def test_a_run_being_trained_elsewhere_is_skipped(base_model, tmp_path):
         assert run(cfg) == {"run": path.name, "skipped": "locked"}
         assert not (path / "metrics.jsonl").exists()
     assert run(cfg)["steps"] == 3  # once released, the run trains
+
+
+def test_off_policy_minibatches_take_one_step_per_minibatch(base_model, tmp_path, monkeypatch):
+    """BGPO §4's off-policy variant: a rollout batch of 4 prompts × G 3 split into 2 mini-batches —
+    2 optimizer steps per RL step, each over 2 whole groups (6 responses), every response once, and
+    θ_old statistics (computed once, on the rollout policy) present for both."""
+    seen: list[tuple[int, torch.Tensor, bool]] = []
+    n_steps = {"n": 0}
+    real_backward, real_step, real_rollout = trainer.method_backward, torch.optim.AdamW.step, trainer.rollout
+    full: list[torch.Tensor] = []
+
+    def spy_rollout(*a, **k):
+        ro = real_rollout(*a, **k)
+        full.append(ro.batch.input_ids.clone())
+        return ro
+
+    def spy_backward(method, policy, batch, adv, prep, it):
+        seen.append((n_steps["n"], batch.input_ids.clone(), prep.old is not None))
+        return real_backward(method, policy, batch, adv, prep, it)
+
+    def spy_step(self, *a, **k):
+        n_steps["n"] += 1
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(trainer, "method_backward", spy_backward)
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy_step)
+    monkeypatch.setattr(trainer, "rollout", spy_rollout)
+    run(cfg_of(base_model, tmp_path, "method=bgpo", "minibatches=2", "prompts_per_step=4", "steps=2",
+               "temperature=1.0"))
+    assert n_steps["n"] == 4  # 2 RL steps × 2 mini-batches
+    by_step = [[ids for s, ids, _ in seen if s == k] for k in range(4)]
+    assert all(len(parts) == 1 and parts[0].shape[0] == 6 for parts in by_step)
+    for rl in range(2):  # the two mini-batches of one rollout batch are its two halves, in order
+        assert torch.equal(torch.cat([by_step[2 * rl][0], by_step[2 * rl + 1][0]]), full[rl])
+    assert all(old for _, _, old in seen)
+
+
+@pytest.mark.parametrize("overrides,key", [(["method=bgpo", "inner_updates=2"], "inner_updates"),
+                                           (["method=vrpo", "inner_updates=3"], "inner_updates"),
+                                           (["method=diffu_grpo", "minibatches=2"], "minibatches"),
+                                           (["method=wd1", "minibatches=2"], "minibatches"),
+                                           (["method=bgpo", "minibatches=3"], "minibatches=3"),
+                                           (["method=bgpo", "method.cfg.n_t=4"], "method.cfg.n_t")])
+def test_bad_off_policy_combinations_fail_at_start_up(base_model, tmp_path, overrides, key):
+    from bgpo.config import validate_train
+
+    with pytest.raises(ValueError, match=key):
+        validate_train(cfg_of(base_model, tmp_path, *overrides))

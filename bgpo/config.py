@@ -124,8 +124,10 @@ class TrainConfig:
     adam_beta2: float = 0.999
     grad_clip: float = 1.0
     eval_every: int = 20
-    """evaluate every this many RL steps (0 = only at the end)"""
-    eval_n: int = 128
+    """evaluate the validation set every this many RL steps (0 = only at the end); the test sets are
+    evaluated once, at the end, for the base, the validation-selected and the final policy"""
+    eval_n: int = 256
+    """validation problems per periodic evaluation (the first eval_n of the validation set)"""
     ckpt_every: int = 10
     shards: int | None = None
     """units of rollout randomness per step (default: the number of processes)"""

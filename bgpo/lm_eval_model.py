@@ -380,7 +380,7 @@ def suite_task_metadata(task_cfg: Any, n: int | None = None) -> dict[str, Any]:
 
 def evaluate_suite_task(model: DLLM | LM, task_name: str, task_cfg: Any = None, n: int | None = None,
                         *, source: str = "own", batch_size: int = 64, steps: int | None = None,
-                        temperature: float = 0.0, log_samples: bool = False,
+                        temperature: float = 0.0, log_samples: bool = False, per_problem: bool = False,
                         quiet: bool = True) -> dict[str, Any]:
     """Greedy evaluation of a suite task through lm-eval with ``bgpo_dllm``: the first ``n``
     problems of the test set ``task_cfg`` selects (``test_file``, ``n_test``, ``options``, ``format``;
@@ -388,7 +388,9 @@ def evaluate_suite_task(model: DLLM | LM, task_name: str, task_cfg: Any = None, 
     ``steps`` = gen_length (one token per step, as ``bgpo.rollout.evaluate``).
 
     Returns ``{"accuracy", "reward", "n"}`` (the keys of ``bgpo.rollout.evaluate``), plus
-    ``"completions"`` (in test-set order) when ``log_samples``. Touches no global RNG state and
+    ``"completions"`` (in test-set order) when ``log_samples``, and ``"per_problem"`` —
+    ``{"accuracy": [...], "reward": [...]}`` in test-set order, what paired intervals need — when
+    ``per_problem``. ``source="val"`` evaluates the validation set. Touches no global RNG state and
     restores the model's train/eval mode. ``model`` may also be a ready lm-eval ``LM`` such as a
     ``BGPODLLM`` (its own sampler settings then apply).
     """
@@ -410,12 +412,15 @@ def evaluate_suite_task(model: DLLM | LM, task_name: str, task_cfg: Any = None, 
         # lm-eval's evaluate(), as simple_evaluate calls it, minus simple_evaluate's extras: it
         # re-seeds the global RNGs (which would change a training run) and collects environment
         # info and the git hash (~1 s of subprocesses per call)
-        res = evaluate(lm=lm, task_dict=tm.load([name]), bootstrap_iters=0, log_samples=log_samples)
+        res = evaluate(lm=lm, task_dict=tm.load([name]), bootstrap_iters=0,
+                       log_samples=log_samples or per_problem)
     assert res is not None  # single process: rank 0
     m = res["results"][name]  # numpy floats: cast for JSON
     out: dict[str, Any] = {"accuracy": float(m["accuracy,none"]), "reward": float(m["reward,none"]),
                            "n": int(res["n-samples"][name]["effective"])}
+    samples = sorted(res["samples"][name], key=lambda s: s["doc_id"]) if log_samples or per_problem else []
     if log_samples:
-        samples = sorted(res["samples"][name], key=lambda s: s["doc_id"])
         out["completions"] = [s["resps"][0][0] for s in samples]
+    if per_problem:
+        out["per_problem"] = {k: [float(s[k]) for s in samples] for k in ("accuracy", "reward")}
     return out

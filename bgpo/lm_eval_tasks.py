@@ -17,8 +17,10 @@ also holds the ``--model_args``). The metadata keys read here:
 - ``bgpo_n``: keep only the first n problems (what the trainer's ``eval_n`` does);
 - ``bgpo_options``: extra task constructor arguments (a dict, or its JSON).
 
-``bgpo_source`` is ``own`` (the suite's seeded test set, what a fresh clone has) or ``d1`` (d1's
-test file for the task in ``bgpo.tasks.d1_data_dir()``: ``$BGPO_D1_DATA`` or ``../shared/data``).
+``bgpo_source`` is ``own`` (the suite's seeded test set, what a fresh clone has), ``d1`` (d1's
+test file for the task in ``bgpo.tasks.d1_data_dir()``: ``$BGPO_D1_DATA`` or ``../shared/data``)
+or ``val`` (the suite's validation set, ``task.val_examples()``: what checkpoint selection reads;
+disjoint from training and from both test sets).
 
 Metric. ``process_results`` calls the task's own ``reward`` and ``correct`` on the generated text:
 ``accuracy`` (mean of ``correct``) and ``reward`` (mean reward) are the numbers
@@ -49,7 +51,7 @@ TASKS_DIR = Path(__file__).resolve().parent / "lm_tasks"
 """Folder of the suite's lm-eval task YAMLs (``--include_path`` / ``TaskManager(include_path=)``)."""
 
 D1_FILES = {"countdown": COUNTDOWN_D1_FILE, "sudoku": SUDOKU_D1_FILE}
-SOURCES = ("own", "d1")
+SOURCES = ("own", "d1", "val")
 
 
 def lm_task_name(task: str, source: str = "own") -> str:
@@ -59,7 +61,7 @@ def lm_task_name(task: str, source: str = "own") -> str:
     if task not in D1_FILES:
         raise ValueError(f"task {task!r} has no lm-eval task in the suite; allowed: {sorted(D1_FILES)} "
                          "(gsm8k, math500, humaneval, mbpp: use lm-eval's own tasks)")
-    return f"bgpo_{task}" if source == "own" else f"bgpo_{task}_d1"
+    return f"bgpo_{task}" if source == "own" else f"bgpo_{task}_{source}"
 
 
 def d1_file(task: str) -> Path:
@@ -83,7 +85,7 @@ def resolve_test_file(task: str, source: str, test_file: str | None) -> str | No
         return str(path)
     if source == "d1":
         return str(d1_file(task))
-    if source != "own":
+    if source not in ("own", "val"):
         raise ValueError(f"bgpo_source={source!r} is not one of {list(SOURCES)}")
     return None
 
@@ -99,11 +101,12 @@ def _options(value: Any) -> dict[str, Any]:
 
 
 @functools.lru_cache(maxsize=32)
-def _rows(task: str, fmt: str, test_file: str | None, n_test: int | None, options: str) -> tuple[dict, ...]:
-    """Documents of a test set (cached: the trainer evaluates the same set many times)."""
+def _rows(task: str, fmt: str, test_file: str | None, n_test: int | None, options: str,
+          split: str = "test") -> tuple[dict, ...]:
+    """Documents of a test (or validation) set (cached: the trainer evaluates the same set many times)."""
     t = get_task(task, test_file=test_file, n_test=n_test, **json.loads(options))
     rows = []
-    for i, ex in enumerate(t.test_examples()):
+    for i, ex in enumerate(t.val_examples() if split == "val" else t.test_examples()):
         rows.append({
             "doc_index": i, "task": task, "format": fmt, "prompt": t.render(ex, fmt),  # type: ignore[arg-type]
             "fields": json.dumps(ex.fields, sort_keys=True), "solution": ex.solution or "",
@@ -120,7 +123,7 @@ def suite_rows(task: str, source: str = "own", fmt: str = "compact", test_file: 
         raise ValueError(f"bgpo_format={fmt!r} is not one of ['compact', 'd1']")
     path = resolve_test_file(task, source, test_file)
     rows = _rows(task, fmt, path, None if n_test is None else int(n_test),
-                 json.dumps(options or {}, sort_keys=True))
+                 json.dumps(options or {}, sort_keys=True), "val" if source == "val" else "test")
     return [dict(r) for r in (rows if n is None else rows[: int(n)])]
 
 

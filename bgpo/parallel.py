@@ -160,6 +160,21 @@ class Dist:
         opts = StateDictOptions(full_state_dict=True, cpu_offload=self.fsdp)
         return get_state_dict(net, opt, options=opts)
 
+    def model_state_dict(self, net: nn.Module) -> dict:
+        """The full model state alone (a selected checkpoint), keyed as in ``state_dicts``; under FSDP
+        on rank 0 only, offloaded to the CPU."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=self.fsdp)
+        return get_model_state_dict(net, options=opts)
+
+    def load_model_state_dict(self, net: nn.Module, model: dict) -> None:
+        """Inverse of ``model_state_dict`` (rank 0's copy broadcast under FSDP)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(net, model, options=StateDictOptions(full_state_dict=True,
+                                                                  broadcast_from_rank0=self.fsdp))
+
     def load_state_dicts(self, net: nn.Module, opt: torch.optim.Optimizer, model: dict,
                          optim: dict) -> None:
         """Inverse of ``state_dicts``; under FSDP rank 0's copy is broadcast and sliced into the

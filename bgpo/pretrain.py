@@ -77,8 +77,9 @@ def pretrain(cfg: PretrainConfig | DictConfig) -> dict:
         if step % 20 == 0:
             bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
     train_s = time.time() - t0
-    test = task.test_examples()[: cfg.eval_n]
-    result = evaluate(model, task, test, cfg.task, progress=True)
+    # the base model's strength is chosen on VALIDATION problems (never the test set)
+    result = evaluate(model, task, task.val_examples()[: cfg.eval_n], cfg.task, progress=True)
+    result = {"split": "val", **{k: v for k, v in result.items() if k != "per_problem"}}
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save(tmp)
@@ -90,8 +91,8 @@ def pretrain(cfg: PretrainConfig | DictConfig) -> dict:
     atomic_write_json(tmp / "pretrain.json", summary)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)  # the model folder appears whole or not at all
-    print(f"[pretrain] {cfg.task.name}: accuracy {result['accuracy']:.3f} reward {result['reward']:.3f} "
-          f"on {result['n']} test problems; {train_s:.0f}s training; saved to {out}")
+    print(f"[pretrain] {cfg.task.name}: validation accuracy {result['accuracy']:.3f} reward "
+          f"{result['reward']:.3f} on {result['n']} problems; {train_s:.0f}s training; saved to {out}")
     return summary
 
 

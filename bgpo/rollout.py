@@ -53,15 +53,17 @@ def rollout(model: DLLM, task: Task, examples: list[Example], task_cfg: TaskConf
 @torch.no_grad()
 def evaluate(model: DLLM, task: Task, examples: list[Example], task_cfg: TaskConfig,
              batch_size: int = 64, progress: bool = False) -> dict[str, float]:
-    """Greedy accuracy and mean reward on ``examples``."""
+    """Greedy accuracy and mean reward on ``examples``, and both per problem (``per_problem``)."""
     was_training = model.net.training
     model.net.eval()
-    correct, reward = 0, 0.0
+    acc: list[float] = []
+    rew: list[float] = []
     for lo in tqdm(range(0, len(examples), batch_size), desc="eval", disable=not progress, leave=False):
         chunk = examples[lo : lo + batch_size]
         r = rollout(model, task, chunk, task_cfg, 1, 0.0, eval_mode=True)
-        correct += sum(task.correct(ex, y, task_cfg.format) for ex, y in zip(chunk, r.texts, strict=True))
-        reward += r.rewards.sum().item()
+        acc += [float(task.correct(ex, y, task_cfg.format)) for ex, y in zip(chunk, r.texts, strict=True)]
+        rew += r.rewards.tolist()
     model.net.train(was_training)
     n = max(len(examples), 1)
-    return {"accuracy": correct / n, "reward": reward / n, "n": len(examples)}
+    return {"accuracy": sum(acc) / n, "reward": sum(rew) / n, "n": len(examples),
+            "per_problem": {"accuracy": acc, "reward": rew}}

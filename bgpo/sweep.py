@@ -18,7 +18,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from bgpo.config import register
-from bgpo.train import run
+from bgpo.train import run, test_line
 
 
 def sweep_jobs(config: DictConfig) -> list[list[str]]:
@@ -66,7 +66,7 @@ class Report(Callback):
         print(f"[bgpo.sweep] results in {root.resolve()}: {len(done)} complete runs")
         for name in done:
             s = json.loads((root / name / "summary.json").read_text())
-            print(f"  {name}: eval accuracy {s['final'].get('eval/accuracy')}")
+            print(f"  {name}: test accuracy {test_line(s)}")
 
 
 register()

@@ -25,13 +25,14 @@ import torch
 from omegaconf import DictConfig
 
 from bgpo.config import build_method
+from bgpo.evaluation import SELECTION, best_row, better, evaluate_on, has_validation, test_sources
 from bgpo.method import backward as method_backward
 from bgpo.method import minibatch
 from bgpo.model import DLLM, apply_lora, load_dllm
 from bgpo.parallel import Dist
 from bgpo.pretrain import ensure_base_model, pick_device
 from bgpo.results import atomic_write_json, provenance
-from bgpo.rollout import evaluate, rollout
+from bgpo.rollout import rollout
 from bgpo.tasks import get_task
 
 
@@ -103,7 +104,6 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         signal.signal(sig, lambda signum, frame: stop.update(signum=signum, frame=frame))
 
     train_data = task.train_examples(cfg.steps * cfg.prompts_per_step, cfg.seed)
-    test_data = task.test_examples()[: cfg.eval_n]
     per_shard = cfg.prompts_per_step // shards
     my_shards = list(range(dist.rank, shards, dist.world))
     t_run = time.time()
@@ -111,12 +111,17 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
     bar = tqdm(range(start, cfg.steps), desc=run_dir.name, disable=not cfg.progress or dist.rank != 0,
                initial=start, total=cfg.steps)
-    if start == 0:  # the base model's accuracy, for the tables' base row
+    validate = has_validation(task)
+    best = best_row(read_metrics(metrics_path)) if dist.rank == 0 else None  # resumed: best so far
+    if start == 0:  # the base model: validation (the step-0 row) and the test sets, once
         t0 = time.time()
-        row0 = periodic_eval(policy, task, test_data, cfg, dist)
+        row0 = evaluation(policy, task, cfg, dist, "val", cfg.eval_n) if validate else {}
+        tests = test_sets(policy, task, cfg, dist)
         if dist.rank == 0:
+            atomic_write_json(run_dir / "eval_test.json", {"base": tests})
             with open(metrics_path, "a") as f:
-                f.write(json.dumps({"step": 0, **row0, "time/step_s": time.time() - t0}) + "\n")
+                row0 = {"step": 0, **prefixed(row0, "val/"), "time/step_s": time.time() - t0}
+                f.write(json.dumps(row0) + "\n")
     for step in bar:
         t0 = time.time()
         policy.net.train()
@@ -163,8 +168,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                "completions/mean_length": sum(lengths) / len(lengths), "grad_norm": grad_norm,
                "lr": sched.get_last_lr()[0], **stats, "time/step_s": time.time() - t0,
                "time/tokens_per_s": sum(lengths) / max(gen_s, 1e-9), "mem/peak_bytes": peak_bytes(device)}
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            row.update(periodic_eval(policy, task, test_data, cfg, dist))
+        if validate and (cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+            row.update(prefixed(evaluation(policy, task, cfg, dist, "val", cfg.eval_n), "val/"))
+            if dist.any(dist.rank == 0 and better(row, best)):  # checkpoint selection: validation only
+                best = row if dist.rank == 0 else None
+                save_weights(run_dir / "checkpoints" / "best.pt", dist, policy, step + 1)
         if dist.rank == 0:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -181,19 +189,24 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             raise Preempted(f"stopped by signal after step {step + 1}; checkpoint in {ckpt}")
     for sig, h in previous.items():
         signal.signal(sig, h)
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()] if dist.rank == 0 else []
-    base = next((r for r in rows if r["step"] == 0), {})
-    evals = [r for r in rows if "eval/accuracy" in r and r["step"] > 0]  # RL checkpoints only
-    best = max((r["eval/accuracy"] for r in evals), default=None)
-    if evals and dist.rank == 0:
-        atomic_write_json(run_dir / "eval.json", {"task": cfg.task.name, "step": evals[-1]["step"],
-                                                  **{k[5:]: v for k, v in evals[-1].items()
-                                                     if k.startswith("eval/")}})
     with torch.no_grad():  # one fingerprint of the final parameters per rank: they must agree
         flat = torch.cat([dist.full(p).double().flatten() for p in policy.net.parameters()])
         fingerprint = [flat.sum().item(), flat.square().sum().item()]
-    return {"final": evals[-1] if evals else {}, "best_eval_accuracy": best,
-            "base_eval_accuracy": base.get("eval/accuracy"), "steps": cfg.steps,
+    # the test sets, once each: the final policy, then the validation-selected checkpoint
+    tests = {"final": test_sets(policy, task, cfg, dist)}
+    best_step = dist.gather([best["step"] if best else None])[0]
+    if best_step is not None:
+        if best_step != cfg.steps:
+            state = torch.load(run_dir / "checkpoints" / "best.pt", map_location=device, weights_only=False)
+            dist.load_model_state_dict(policy.net, state["model"])
+        tests["best"] = tests["final"] if best_step == cfg.steps else test_sets(policy, task, cfg, dist)
+    if dist.rank == 0:
+        stored = json.loads((run_dir / "eval_test.json").read_text())
+        atomic_write_json(run_dir / "eval_test.json", {**stored, **tests, "best_step": best_step,
+                                                       "selection": SELECTION})
+    summarise = lambda t: {src: {k: v for k, v in r.items() if k != "per_problem"} for src, r in t.items()}  # noqa: E731
+    return {"final": summarise(tests["final"]), "selected": summarise(tests.get("best", {})),
+            "best_step": best_step, "selection": SELECTION, "steps": cfg.steps,
             "resumed_at": resumed_at, "param_fingerprints": dist.gather([fingerprint]),
             "world_size": dist.world, "parallel": dist.strategy,
             "local_param_numel": dist.gather([sum(dist.local(p).numel() for p in policy.net.parameters())]),
@@ -201,24 +214,38 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             **provenance(device)}
 
 
-def periodic_eval(policy: DLLM, task: Any, test_data: list, cfg: DictConfig, dist: Dist) -> dict[str, float]:
-    """Greedy evaluation on rank 0 (``eval/*`` keys; other ranks get ``{}``) through lm-eval's
-    ``bgpo_dllm`` — the path of ``python -m bgpo.evaluate`` — for the suite's lm-eval tasks
-    (Countdown, Sudoku); other tasks (GSM8K..., user tasks) use the rollout sampler and the task's
-    reward directly. Both take the first ``eval_n`` problems. Every rank calls it (under FSDP the
-    parameters are gathered first)."""
-    from bgpo.lm_eval_tasks import D1_FILES
+def prefixed(out: dict[str, Any], prefix: str) -> dict[str, Any]:
+    return {f"{prefix}{k}": v for k, v in out.items() if k != "per_problem"}
 
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def evaluation(policy: DLLM, task: Any, cfg: DictConfig, dist: Dist, source: str, n: int | None = None,
+               per_problem: bool = False) -> dict[str, Any]:
+    """Greedy evaluation on rank 0 (other ranks get ``{}``): ``source`` = ``val`` | ``own`` | ``d1``
+    (``bgpo.evaluation``). Every rank calls it (under FSDP the parameters are gathered first)."""
     with dist.full_params(policy.net):
         if dist.rank != 0:
             return {}
-        if cfg.task.name in D1_FILES:
-            from bgpo.lm_eval_model import evaluate_suite_task
+        return evaluate_on(policy, task, cfg.task, source, n, per_problem)
 
-            out = evaluate_suite_task(policy, cfg.task.name, cfg.task, cfg.eval_n)
-        else:
-            out = evaluate(policy, task, test_data, cfg.task)
-    return {f"eval/{k}": v for k, v in out.items()}
+
+def test_sets(policy: DLLM, task: Any, cfg: DictConfig, dist: Dist) -> dict[str, Any]:
+    """Every test set of the run (``bgpo.evaluation.test_sources``), per problem."""
+    return {src: evaluation(policy, task, cfg, dist, src, per_problem=True) for src in test_sources(cfg.task)}
+
+
+def save_weights(path: Path, dist: Dist, policy: DLLM, step: int) -> None:
+    """The model's full state (no optimizer), written atomically by rank 0; every rank calls it."""
+    model = dist.model_state_dict(policy.net)
+    if dist.rank != 0:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"step": step, "model": model}, tmp)
+    os.replace(tmp, path)
 
 
 def save_checkpoint(path: Path, dist: Dist, policy: DLLM, opt: torch.optim.Optimizer, sched: Any,

@@ -220,7 +220,8 @@ def test_loglikelihood_rolling_is_not_supported(micro):
 def test_task_yamls_match_the_suite_configs():
     conf = Path(bgpo_evaluate.__file__).parent / "conf" / "task"
     names = sorted(p.stem for p in TASKS_DIR.glob("*.yaml"))
-    assert names == ["bgpo_countdown", "bgpo_countdown_d1", "bgpo_sudoku", "bgpo_sudoku_d1"]
+    assert names == ["bgpo_countdown", "bgpo_countdown_d1", "bgpo_countdown_val", "bgpo_sudoku",
+                     "bgpo_sudoku_d1", "bgpo_sudoku_val"]
     for p in TASKS_DIR.glob("*.yaml"):
         text = p.read_text().replace("!function ", "")
         spec = yaml.safe_load(text)
@@ -239,6 +240,8 @@ def test_data_sources(tmp_path, monkeypatch):
         ref = get_task(name, test_file=str(d1 / file), n_test=5).test_examples()
         rows = suite_rows(name, "d1", n_test=5)
         assert [json.loads(r["fields"]) for r in rows] == [e.fields for e in ref]
+        val = [json.loads(r["fields"]) for r in suite_rows(name, "val", n=5)]
+        assert val == [e.fields for e in get_task(name).val_examples()[:5]]  # the validation set
     # a relative test file is taken against the current directory, then made absolute
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "cd.jsonl").write_text('{"input": "1,2,3", "output": "6"}\n')

@@ -24,7 +24,7 @@ def test_pretrain_cli_trains_saves_and_evaluates(task, tmp_path):
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
-    assert f"[pretrain] {task}: accuracy" in res.stdout
+    assert f"[pretrain] {task}: validation accuracy" in res.stdout
     summary = json.loads((out / "pretrain.json").read_text())
     assert summary["eval"]["n"] == 4 and 0.0 <= summary["eval"]["accuracy"] <= 1.0
     assert summary["config"]["task"]["name"] == task and summary["commit"]

@@ -13,7 +13,7 @@ import pytest
 from bgpo.tasks import d1_data_dir, get_task, task_names
 from bgpo.tasks.arith import ArithError, evaluate, try_evaluate
 from bgpo.tasks.base import Example, has_d1_layout, last_answer
-from bgpo.tasks.countdown import CountdownTask, in_test_bucket, problem_key
+from bgpo.tasks.countdown import CountdownTask, bucket, in_test_bucket, problem_key
 from bgpo.tasks.data import COUNTDOWN_D1_FILE, SUDOKU_D1_FILE
 from bgpo.tasks.gsm8k import GSM8KTask, extract_answer, reference_answer
 from bgpo.tasks.humaneval import HumanEvalTask, packaged_humaneval
@@ -145,6 +145,11 @@ def test_countdown_split_disjoint(countdown: CountdownTask, tmp_path: Path) -> N
     train_keys = {problem_key(e.fields["numbers"], e.fields["target"]) for e in train}
     assert not train_keys & test_keys
     assert not any(in_test_bucket(e.fields["numbers"], e.fields["target"]) for e in train)
+    val = countdown.val_examples()
+    val_keys = {problem_key(e.fields["numbers"], e.fields["target"]) for e in val}
+    assert len(val_keys) == 256 and val == CountdownTask().val_examples()
+    assert all(bucket(e.fields["numbers"], e.fields["target"]) == 1 for e in val)
+    assert not val_keys & train_keys and not val_keys & test_keys
     # problems of a given test_file are never trained on, even outside the test bucket
     f = tmp_path / "cd.jsonl"
     f.write_text(
@@ -159,6 +164,7 @@ def test_countdown_split_disjoint(countdown: CountdownTask, tmp_path: Path) -> N
     banned = {problem_key(e.fields["numbers"], e.fields["target"]) for e in task.test_examples()}
     again = {problem_key(e.fields["numbers"], e.fields["target"]) for e in task.train_examples(2000, seed=3)}
     assert not again & banned
+    assert not {problem_key(e.fields["numbers"], e.fields["target"]) for e in task.val_examples()} & banned
 
 
 def _d1_file(name: str) -> Path:
@@ -185,14 +191,18 @@ def test_sudoku_grids_and_split() -> None:
     grids = all_grids()
     assert len(grids) == 288 and len(set(grids)) == 288 and all(is_valid_grid(g) for g in grids)
     assert not is_valid_grid("1234123412341234")
-    train, test = grid_split()
-    assert len(train) == 200 and len(test) == 88 and not set(train) & set(test)
-    assert grid_split() == (train, test) and grid_split(1) != (train, test)
+    train, val, test = grid_split()
+    assert (len(train), len(val), len(test)) == (160, 40, 88)
+    assert len(set(train) | set(val) | set(test)) == 288  # a partition
+    assert grid_split() == (train, val, test) and grid_split(1) != (train, val, test)
 
 
 def test_sudoku_own_split_holds_out_grids() -> None:
     task = SudokuTask()
-    train_grids, test_grids = grid_split()
+    train_grids, val_grids, test_grids = grid_split()
+    assert task.train_grids() == train_grids
+    val = task.val_examples()
+    assert len({e.fields["puzzle"] for e in val}) == 256 and {e.solution for e in val} <= set(val_grids)
     test = task.test_examples()
     assert len(test) == 256 and test == SudokuTask().test_examples()
     assert {e.solution for e in test} <= set(test_grids)
@@ -235,7 +245,9 @@ def test_sudoku_d1_file() -> None:
     assert len(task.test_examples()) == 500
     file_grids = {e.solution for e in task.test_examples()}
     assert len(file_grids) == 229
-    assert len(task.train_grids()) == 59 and not set(task.train_grids()) & file_grids
+    val_grids = {e.solution for e in task.val_examples()}
+    assert len(task.train_grids()) == 47 and not set(task.train_grids()) & file_grids  # 59 free - 12 val
+    assert len(val_grids) == 12 and not val_grids & file_grids and not val_grids & set(task.train_grids())
     assert {e.solution for e in task.train_examples(300, seed=0)} <= set(task.train_grids())
     mean_empty = sum(e.fields["puzzle"].count("0") for e in task.test_examples()) / 500
     assert mean_empty == 8.0

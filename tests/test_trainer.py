@@ -56,8 +56,15 @@ def test_each_method_trains(method, extra, base_model, tmp_path):
     summary = run(cfg)
     run_dir = tmp_path / summary["run"]
     rows = metrics(run_dir)
-    assert [r["step"] for r in rows] == [0, 1, 2, 3] and "eval/accuracy" in rows[-1]
-    assert "eval/accuracy" in rows[0]  # the base model, before any update
+    assert [r["step"] for r in rows] == [0, 1, 2, 3] and "val/accuracy" in rows[-1]
+    assert "val/accuracy" in rows[0]  # the base model, before any update
+    tests = json.loads((run_dir / "eval_test.json").read_text())
+    assert set(tests) == {"base", "final", "best", "best_step", "selection"}
+    assert len(tests["final"]["own"]["per_problem"]["accuracy"]) == 8
+    from bgpo.evaluation import best_row
+
+    assert tests["best_step"] == best_row(rows)["step"]  # selected on validation rows only
+    assert torch.load(run_dir / "checkpoints" / "best.pt", weights_only=False)["step"] == tests["best_step"]
     assert all(r["grad_norm"] > 0 for r in rows[1:])
     state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["model"]
     base = micro_model(dtype=torch.float32).net.state_dict()

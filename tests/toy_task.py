@@ -23,6 +23,9 @@ class ToyTask:
     def test_examples(self):
         return self.train_examples(8, 99)
 
+    def val_examples(self):
+        return self.train_examples(8, 77)
+
     def render(self, ex, fmt):
         return f"{ex.fields['i']}|"
 

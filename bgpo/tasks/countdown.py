@@ -7,11 +7,13 @@ all three numbers reaches. This matches d1's test file (``countdown_cd3_test_d1.
 targets 1..100, mean 45.5, median 43, skewed to small values; the generator gives mean 44.5,
 median 42). The ``solution`` is canonical: fewest parentheses, then numbers in prompt order.
 
-Split. A problem is (sorted numbers, target). A stable hash (sha256) puts 1 in ``TEST_MOD`` of
-all problems in the test bucket; training never draws from it, and the suite's own test set
-(``n_test`` problems, default 256, seed ``TEST_SEED``) is drawn only from it. When ``test_file``
-(a d1-style JSONL, ``{"input": "30,100,93", "output": "23"}``) is given, it is the test set (its
-first ``n_test`` rows when ``n_test`` is set) and its problems are excluded from training too.
+Split. A problem is (sorted numbers, target). A stable hash (sha256) of it puts 1 in ``TEST_MOD``
+of all problems in the test bucket and another 1 in ``TEST_MOD`` in the validation bucket; training
+never draws from either. The suite's own test set (``n_test`` problems, default 256, seed
+``TEST_SEED``) is drawn only from the test bucket, the validation set (``n_val``, default 256, seed
+``VAL_SEED``; checkpoint selection) only from the validation bucket. When ``test_file`` (a d1-style
+JSONL, ``{"input": "30,100,93", "output": "23"}``) is given, it is the test set (its first
+``n_test`` rows when ``n_test`` is set) and its problems are excluded from training and validation.
 
 Reward (SPEC §5). 1.0 if the multiset of literals equals the given numbers and the value is within
 1e-5 of the target; 0.1 if the answer is an equation that parses (``arith.evaluate``) but is
@@ -45,6 +47,7 @@ NUM_LO, NUM_HI = 1, 100  # range of the given numbers (d1 file: 1..100)
 TARGET_LO, TARGET_HI = 1, 100  # range of the integer targets (d1 file: 1..100)
 TEST_MOD = 10  # 1 in TEST_MOD problems (by hash) is reserved for testing
 TEST_SEED = 20240501  # seed of the suite's own test set
+VAL_SEED = 20240511  # seed of the suite's validation set
 TOLERANCE = Fraction(1, 10**5)
 _PREC = {"+": 1, "-": 1, "*": 2, "/": 2}
 
@@ -53,10 +56,15 @@ def problem_key(numbers: Sequence[int], target: int) -> str:
     return ",".join(str(n) for n in sorted(numbers)) + f"={target}"
 
 
-def in_test_bucket(numbers: Sequence[int], target: int) -> bool:
-    """Stable hash split of the problem space: True for the 1/TEST_MOD reserved for testing."""
+def bucket(numbers: Sequence[int], target: int) -> int:
+    """Stable hash split of the problem space: 0 = test, 1 = validation, else training."""
     digest = hashlib.sha256(problem_key(numbers, target).encode()).hexdigest()
-    return int(digest[:16], 16) % TEST_MOD == 0
+    return int(digest[:16], 16) % TEST_MOD
+
+
+def in_test_bucket(numbers: Sequence[int], target: int) -> bool:
+    """True for the 1/TEST_MOD of all problems reserved for testing."""
+    return bucket(numbers, target) == 0
 
 
 def _apply(x: float, op: str, y: float) -> float | None:
@@ -132,9 +140,10 @@ class CountdownTask:
 
     name = "countdown"
 
-    def __init__(self, test_file: str | None = None, n_test: int | None = None) -> None:
+    def __init__(self, test_file: str | None = None, n_test: int | None = None, n_val: int = 256) -> None:
         self.test_file = test_file
         self.n_test = n_test
+        self.n_val = n_val
         self._test: list[Example] | None = None
 
     # ---- data ----
@@ -154,26 +163,38 @@ class CountdownTask:
         return exs[: self.n_test] if self.n_test is not None else exs
 
     def _own_test(self) -> list[Example]:
-        n = 256 if self.n_test is None else self.n_test
-        rng = random.Random(TEST_SEED)
+        return self._from_bucket(0, 256 if self.n_test is None else self.n_test, TEST_SEED, "generated-test")
+
+    def val_examples(self) -> list[Example]:
+        """The validation set (checkpoint selection): ``n_val`` problems of the validation bucket."""
+        banned = set() if self.test_file is None else self._keys(self.test_examples())
+        return [ex for ex in self._from_bucket(1, self.n_val + len(banned), VAL_SEED, "generated-val")
+                if problem_key(ex.fields["numbers"], ex.fields["target"]) not in banned][: self.n_val]
+
+    def _from_bucket(self, b: int, n: int, seed: int, source: str) -> list[Example]:
+        rng = random.Random(seed)
         seen: set[str] = set()
         exs: list[Example] = []
         while len(exs) < n:
             numbers, target, expr = _draw(rng)
             key = problem_key(numbers, target)
-            if in_test_bucket(numbers, target) and key not in seen:
+            if bucket(numbers, target) == b and key not in seen:
                 seen.add(key)
-                exs.append(_example(numbers, target, expr, source="generated-test", index=len(exs)))
+                exs.append(_example(numbers, target, expr, source=source, index=len(exs)))
         return exs
 
+    @staticmethod
+    def _keys(exs: list[Example]) -> set[str]:
+        return {problem_key(ex.fields["numbers"], ex.fields["target"]) for ex in exs}
+
     def train_examples(self, n: int, seed: int) -> list[Example]:
-        """``n`` generated problems; never from the test bucket nor from ``test_file``."""
-        banned = {problem_key(ex.fields["numbers"], ex.fields["target"]) for ex in self.test_examples()}
+        """``n`` generated problems; never from the test or validation buckets nor from ``test_file``."""
+        banned = self._keys(self.test_examples())
         rng = random.Random(seed)
         exs: list[Example] = []
         while len(exs) < n:
             numbers, target, expr = _draw(rng)
-            if in_test_bucket(numbers, target) or problem_key(numbers, target) in banned:
+            if bucket(numbers, target) in (0, 1) or problem_key(numbers, target) in banned:
                 continue
             exs.append(_example(numbers, target, expr, source="generated-train"))
         return exs

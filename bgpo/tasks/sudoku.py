@@ -3,11 +3,14 @@
 Grids. There are exactly 288 valid 4×4 grids (``all_grids``, by backtracking). The split is BY
 GRID, so a test score never measures memorised grids:
 
-- default: the sorted grids shuffled with ``split_seed`` -> 200 training grids, 88 test grids; the
-  suite's own test set is ``n_test`` (default 256) distinct puzzles made from test grids only,
-  seed ``TEST_SEED``;
+- default: the sorted grids shuffled with ``split_seed`` -> 160 training grids, 40 validation grids
+  and 88 test grids (the SPG paper's 200 / 88 re-split, its 200 cut into training and validation);
+  the suite's own test set is ``n_test`` (default 256) distinct puzzles made from test grids only,
+  seed ``TEST_SEED``; the validation set (checkpoint selection) ``n_val`` (default 256) puzzles of
+  the validation grids, seed ``VAL_SEED``;
 - ``test_file`` (d1's CSV ``Puzzle,Solution``): the test set is the file, and training uses only
-  the grids that occur in none of its solutions (59 for d1's file). ``n_test=k`` draws k rows the
+  the grids that occur in none of its solutions (59 for d1's file), minus the validation grids among
+  them (a fifth, 12 for d1's file), which make the validation set. ``n_test=k`` draws k rows the
   way d1 does (``np.random.seed(42); np.random.choice(len, k, replace=False)``, assuming nothing
   else draws from numpy's global state in between); ``n_test=None`` keeps all rows in file order.
 
@@ -39,7 +42,9 @@ from bgpo.tasks.base import (
 )
 
 N_TRAIN_GRIDS = 200  # SPG's re-split: 200 training grids, 88 test grids
+N_VAL_GRIDS = 40  # of those 200, held out for validation
 TEST_SEED = 20240502  # seed of the suite's own test puzzles
+VAL_SEED = 20240512  # seed of the suite's validation puzzles
 D1_SAMPLE_SEED = 42  # d1 evaluates n rows drawn with numpy seed 42
 _DIGITS = frozenset("0123456789")
 
@@ -81,11 +86,12 @@ def is_valid_grid(s: str) -> bool:
     return len(s) == 16 and set(s) <= set("1234") and all(s[i] != s[j] for i in range(16) for j in _PEERS[i])
 
 
-def grid_split(split_seed: int = 0) -> tuple[list[str], list[str]]:
-    """(200 training grids, 88 test grids), deterministic in ``split_seed``."""
+def grid_split(split_seed: int = 0) -> tuple[list[str], list[str], list[str]]:
+    """(160 training, 40 validation, 88 test grids), deterministic in ``split_seed``."""
     grids = list(all_grids())
     random.Random(split_seed).shuffle(grids)
-    return sorted(grids[:N_TRAIN_GRIDS]), sorted(grids[N_TRAIN_GRIDS:])
+    n = N_TRAIN_GRIDS - N_VAL_GRIDS
+    return sorted(grids[:n]), sorted(grids[n:N_TRAIN_GRIDS]), sorted(grids[N_TRAIN_GRIDS:])
 
 
 @functools.lru_cache(maxsize=1)
@@ -132,10 +138,12 @@ class SudokuTask:
     name = "sudoku"
 
     def __init__(
-        self, test_file: str | None = None, n_test: int | None = None, n_empty: int = 8, split_seed: int = 0
+        self, test_file: str | None = None, n_test: int | None = None, n_empty: int = 8, split_seed: int = 0,
+        n_val: int = 256,
     ) -> None:
         self.test_file = test_file
         self.n_test = n_test
+        self.n_val = n_val
         self.n_empty = n_empty
         self.split_seed = split_seed
         self._test: list[Example] | None = None
@@ -161,24 +169,37 @@ class SudokuTask:
 
     def _own_test(self) -> list[Example]:
         n = 256 if self.n_test is None else self.n_test
-        test_grids = grid_split(self.split_seed)[1]
-        rng = random.Random(TEST_SEED)
+        return self._puzzles(grid_split(self.split_seed)[2], n, TEST_SEED, "generated-test")
+
+    def val_examples(self) -> list[Example]:
+        """The validation set (checkpoint selection): ``n_val`` puzzles of the validation grids."""
+        return self._puzzles(self._grids()[1], self.n_val, VAL_SEED, "generated-val")
+
+    def _puzzles(self, grids: list[str], n: int, seed: int, source: str) -> list[Example]:
+        rng = random.Random(seed)
         seen: set[str] = set()
         exs: list[Example] = []
         while len(exs) < n:
-            grid = rng.choice(test_grids)
+            grid = rng.choice(grids)
             puzzle = make_puzzle(grid, rng, self.n_empty)
             if puzzle not in seen:
                 seen.add(puzzle)
-                exs.append(Example({"puzzle": puzzle}, grid, {"source": "generated-test", "index": len(exs)}))
+                exs.append(Example({"puzzle": puzzle}, grid, {"source": source, "index": len(exs)}))
         return exs
 
-    def train_grids(self) -> list[str]:
-        """Grids training may use: never a grid of the test set in use."""
+    def _grids(self) -> tuple[list[str], list[str]]:
+        """(training, validation) grids: never a grid of the test set in use."""
+        train, val, _ = grid_split(self.split_seed)
         if self.test_file:
             used = {sol for _, sol in read_d1_csv(self.test_file)}
-            return [g for g in all_grids() if g not in used]
-        return grid_split(self.split_seed)[0]
+            free = [g for g in all_grids() if g not in used]
+            val = free[::5]  # every fifth free grid (sorted order)
+            return [g for g in free if g not in set(val)], val
+        return train, val
+
+    def train_grids(self) -> list[str]:
+        """Grids training may use: never a grid of the test set in use nor of the validation set."""
+        return self._grids()[0]
 
     def train_examples(self, n: int, seed: int) -> list[Example]:
         grids = self.train_grids()

@@ -94,6 +94,19 @@ def test_auto_classes_pick_the_native_model(kind):
     assert detect_kind(path) == kind
 
 
+def test_default_configs_build_the_published_8b_and_7b_shapes():
+    """SPEC §1: LLaDA-8B has 291 tensors (untied, no biases); Dream-7B is Qwen2-7B (GQA 28/4)."""
+    from bgpo.models import DreamModel, LLaDAModelLM
+
+    shapes = {LLaDAModelLM: (291, 8.0156e9, "model.transformer.blocks.31.k_proj.weight", (4096, 4096)),
+              DreamModel: (339, 7.6156e9, "model.layers.27.self_attn.k_proj.bias", (512,))}
+    for cls, (n_tensors, n_params, name, shape) in shapes.items():
+        with torch.device("meta"):  # no memory
+            sd = cls(cls.config_class()).state_dict()
+        assert len(sd) == n_tensors and tuple(sd[name].shape) == shape
+        assert abs(sum(t.numel() for t in sd.values()) - n_params) < 1e6
+
+
 # ---- saving --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", KINDS)
 def test_save_load_round_trip_writes_the_hub_format(kind, tmp_path):

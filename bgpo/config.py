@@ -56,6 +56,9 @@ class ModelConfig:
     dtype: str = "float32"
     use_chat_template: bool = False
     mask_token_id: int | None = None
+    remote_code: bool = False
+    """llada/dream: load with the checkpoint's published modeling code (trust_remote_code, written
+    for transformers 4.46; no KV cache) instead of the suite's native classes (bgpo.models)"""
     lora: LoraConf = field(default_factory=LoraConf)
     hidden: int = 192
     """tiny architecture: hidden size, layers, heads, MLP size"""

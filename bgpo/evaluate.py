@@ -76,7 +76,8 @@ def load_model(cfg: DictConfig, device: str) -> tuple[Any, Path]:
     path = Path(cfg.checkpoint).expanduser()
     m = cfg.model
     if path.is_dir():
-        model = load_dllm(m.kind, path, m.dtype, device, m.mask_token_id, m.use_chat_template)
+        model = load_dllm(m.kind, path, m.dtype, device, m.mask_token_id, m.use_chat_template,
+                          m.remote_code)
         return model, path
     if path.suffix != ".pt" or not path.is_file():
         raise FileNotFoundError(f"checkpoint={cfg.checkpoint!r} is neither a model folder nor a trainer "
@@ -92,7 +93,7 @@ def load_model(cfg: DictConfig, device: str) -> tuple[Any, Path]:
     base = cfg.base or m.path or (default_path(cfg.task.name) if m.kind == "tiny" else None)
     if not base or not Path(base).exists() and m.kind == "tiny":
         raise FileNotFoundError(f"base model of {path} not found ({base}): pass base=<model folder>")
-    model = load_dllm(m.kind, base, m.dtype, device, m.mask_token_id, m.use_chat_template)
+    model = load_dllm(m.kind, base, m.dtype, device, m.mask_token_id, m.use_chat_template, m.remote_code)
     if m.lora.enabled:
         apply_lora(model, m.lora.r, m.lora.alpha, m.lora.dropout)
     model.net.load_state_dict(torch.load(path, map_location=device, weights_only=False)["model"])

@@ -14,6 +14,9 @@ model_args (all optional but ``pretrained``):
 
 - ``pretrained``: model folder or hub name; ``kind``: tiny | llada | dream | auto (default: from
   the folder's ``config.json`` ``model_type``, or the hub name); ``dtype``, ``mask_token_id``;
+  ``remote_code`` (default False: LLaDA / Dream load into the suite's native classes; True: the
+  checkpoint's published modeling code, as ``model.remote_code``; lm-eval's own
+  ``--trust_remote_code`` does not switch it);
   the device is lm-eval's ``--device`` / ``device=`` (``auto``: cuda when available; lm-eval's CLI
   passes ``cuda:0`` by default, which falls back to the CPU without CUDA) — on the CLI do not put
   ``device`` in ``--model_args`` as well (lm-eval then passes it twice);
@@ -126,7 +129,7 @@ class BGPODLLM(LM):
 
     def __init__(self, pretrained: str | None = None, kind: str = "auto", dtype: str = "float32",
                  device: str | None = None, mask_token_id: int | None = None,
-                 use_chat_template: bool = False, gen_length: int | None = None,
+                 use_chat_template: bool = False, remote_code: bool = False, gen_length: int | None = None,
                  block_length: int | None = None, steps: int | None = None,
                  temperature: float | None = None, seed: int = 0, mc_num: int = 128, mc_batch: int = 32,
                  greedy_check: bool = True, batch_size: int | str = 32, max_batch_size: int | None = None,
@@ -146,7 +149,8 @@ class BGPODLLM(LM):
             kind = detect_kind(pretrained) if kind == "auto" else kind
             model = load_dllm(kind, pretrained, dtype=dtype, device=device,
                               mask_token_id=_opt(mask_token_id, int),
-                              use_chat_template=_as_bool(use_chat_template))
+                              use_chat_template=_as_bool(use_chat_template),
+                              remote_code=_as_bool(remote_code))
             model.net.eval()
         self.model = model
         self.pretrained = str(pretrained) if pretrained else None

@@ -8,14 +8,20 @@ Backends (``kind``):
 - ``tiny``: the embedded default — a transformers-native bidirectional Gemma3
   (``use_bidirectional_attention=True``) over a character tokenizer built with ``tokenizers``;
   saved with ``save_pretrained`` (safetensors) and loaded back through ``AutoModelForCausalLM``.
-- ``llada``: ``AutoModel.from_pretrained(..., trust_remote_code=True)``; mask id 126336, no shift,
-  Llama-3 style chat template from its tokenizer.
-- ``dream``: the same loading; its logits at i-1 predict token i, so they are shifted right by one.
+- ``llada``: the suite's native LLaDA (``bgpo.models.llada``) reading the hub checkpoint as it is;
+  mask id from its config (126336), no shift, Llama-3 style chat template from its tokenizer.
+- ``dream``: the native Dream (``bgpo.models.dream``); its logits at i-1 predict token i, so they
+  are shifted right by one.
+``remote_code=True`` (``model.remote_code``) loads LLaDA / Dream with the checkpoint's own
+modeling code instead (``trust_remote_code``; written for transformers 4.46, it does not load
+under transformers 5, and it has no KV cache for ``sampler.mode=cached``).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +29,11 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from bgpo.models import NATIVE  # also registers LLaDA and Dream with transformers' Auto classes
+
 KINDS = ("tiny", "llada", "dream")
+MODEL_TYPES = {"tiny": ("gemma3_text",), **{k: (c.config_class.model_type,) for k, c in NATIVE.items()}}
+"""``model_type`` a checkpoint's config.json must have for each kind"""
 LLADA_MASK_ID = 126336
 
 # Character tokenizer of the tiny model: specials first, then printable ASCII.
@@ -86,10 +96,13 @@ class DLLM:
     eos_token_id: int
     pad_token_id: int
     use_chat_template: bool = False
+    remote_code: bool = False
+    """the network is the checkpoint's published modeling code (not a native class)"""
 
     @classmethod
     def wrap(cls, net: nn.Module, tokenizer: PreTrainedTokenizerBase, kind: str,
-             mask_token_id: int | None = None, use_chat_template: bool = False) -> DLLM:
+             mask_token_id: int | None = None, use_chat_template: bool = False,
+             remote_code: bool = False) -> DLLM:
         if kind not in KINDS:
             raise ValueError(f"model.kind={kind!r} is not one of {list(KINDS)}")
         if mask_token_id is None:
@@ -98,7 +111,8 @@ class DLLM:
             raise ValueError(f"model.mask_token_id: the {kind} tokenizer defines no mask token; set it")
         eos = tokenizer.eos_token_id
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-        return cls(net, tokenizer, kind, int(mask_token_id), int(eos), int(pad), use_chat_template)
+        return cls(net, tokenizer, kind, int(mask_token_id), int(eos), int(pad), use_chat_template,
+                   remote_code)
 
     @property
     def device(self) -> torch.device:
@@ -114,7 +128,10 @@ class DLLM:
         kwargs: dict[str, Tensor] = {}
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask
-            if self.kind != "llada":  # LLaDA's remote code takes no position ids
+            if self.remote_code and self.kind == "dream":  # its forward hands the mask to SDPA as is
+                B, T = attention_mask.shape
+                kwargs["attention_mask"] = attention_mask.bool()[:, None, None, :].expand(B, 1, T, T)
+            if not (self.remote_code and self.kind == "llada"):  # LLaDA's remote code takes none
                 # Left padding: real tokens start at position 0 whatever the pad count.
                 kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         out = self.net(input_ids=input_ids, **kwargs).logits  # [B, T, V]
@@ -169,21 +186,93 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def load_dllm(kind: str, path: str | Path, dtype: str = "float32", device: str = "cpu",
-              mask_token_id: int | None = None, use_chat_template: bool = False) -> DLLM:
-    """Load a dLLM of ``kind`` from a local folder or hub name (no download happens for ``tiny``)."""
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+              mask_token_id: int | None = None, use_chat_template: bool = False,
+              remote_code: bool = False) -> DLLM:
+    """Load a dLLM of ``kind`` from a local folder or hub name (no download happens for ``tiny``).
+
+    ``llada`` / ``dream`` load into the suite's native classes (``bgpo.models``) unless
+    ``remote_code`` asks for the checkpoint's own modeling code. Raises ``FileNotFoundError`` for a
+    missing folder and ``ValueError`` for a config of another ``model_type`` or a checkpoint whose
+    parameter names do not match the class, each in one sentence naming the folder."""
+    from transformers import AutoModel, AutoModelForCausalLM
 
     if kind not in KINDS:
         raise ValueError(f"model.kind={kind!r} is not one of {list(KINDS)}")
     if dtype not in _DTYPES:
         raise ValueError(f"model.dtype={dtype!r} is not one of {list(_DTYPES)}")
+    config_file = _config_file(path)
+    model_type = json.loads(config_file.read_text()).get("model_type")
+    if model_type not in MODEL_TYPES[kind]:
+        other = [k for k, types in MODEL_TYPES.items() if model_type in types]
+        hint = f" (it is a model.kind={other[0]} checkpoint)" if other else ""
+        raise ValueError(f"{config_file} has model_type={model_type!r} but model.kind={kind!r} needs "
+                         f"model_type {' or '.join(map(repr, MODEL_TYPES[kind]))}{hint}")
     if kind == "tiny":
-        net = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype])
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    else:  # LLaDA and Dream ship their modeling code on the hub
+        net = _from_pretrained(AutoModelForCausalLM, path, dtype)
+    elif remote_code:  # the published modeling code (transformers 4.46-era)
         net = AutoModel.from_pretrained(path, trust_remote_code=True, dtype=_DTYPES[dtype])
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
-    return DLLM.wrap(net.to(device), tokenizer, kind, mask_token_id, use_chat_template)
+    else:
+        cls = NATIVE[kind]
+        config = cls.config_class.from_pretrained(path)
+        config.check_supported()  # a setting the native class does not implement: say which
+        net = _from_pretrained(cls, path, dtype, config=config)
+        if mask_token_id is None:
+            mask_token_id = getattr(config, "mask_token_id", None)
+    tokenizer = _load_tokenizer(kind, path, remote_code)
+    return DLLM.wrap(net.to(device), tokenizer, kind, mask_token_id, use_chat_template, remote_code)
+
+
+def _config_file(path: str | Path) -> Path:
+    """``config.json`` of a local model folder, or of a hub model (from the hub cache or a download)."""
+    folder = Path(path).expanduser()
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"model.path={str(path)!r} has no config.json: not a saved model folder")
+        return folder / "config.json"
+    name = str(path)
+    if folder.exists() or name.startswith(("/", ".", "~")) or name.count("/") > 1:
+        raise FileNotFoundError(f"model.path={name!r}: no such model folder")
+    from transformers.utils import cached_file
+
+    try:  # a hub name such as GSAI-ML/LLaDA-8B-Instruct
+        return Path(cached_file(name, "config.json"))
+    except OSError as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FileNotFoundError(f"model.path={name!r} is neither a model folder nor a model the Hugging Face "
+                                f"hub (or its local cache) has: {reason}") from None
+
+
+def _from_pretrained(cls: type, path: str | Path, dtype: str, **kwargs: object) -> nn.Module:
+    """``cls.from_pretrained``, refusing a checkpoint whose parameter names or shapes do not match
+    (transformers would initialise the missing ones at random and carry on)."""
+    net, info = cls.from_pretrained(path, dtype=_DTYPES[dtype], output_loading_info=True,
+                                    ignore_mismatched_sizes=True, **kwargs)  # reported below
+    problems = {"missing": sorted(info.get("missing_keys", [])),
+                "unexpected": sorted(info.get("unexpected_keys", [])),
+                "of another shape": sorted(str(m[0]) for m in info.get("mismatched_keys", []))}
+    if any(problems.values()):
+        parts = [f"{label}: {', '.join(names[:3])}" + (f" (+{len(names) - 3} more)" if len(names) > 3 else "")
+                 for label, names in problems.items() if names]
+        raise ValueError(f"{path}: the checkpoint's parameters do not match {type(net).__name__} "
+                         f"({'; '.join(parts)}); is it saved in the hub format of its model_type?")
+    return net
+
+
+def _load_tokenizer(kind: str, path: str | Path, remote_code: bool) -> PreTrainedTokenizerBase:
+    """The folder's tokenizer. A tokenizer that ships as code (Dream's ``tokenization_dream.py``)
+    is run even for a native model: only the modeling code is replaced by the suite's."""
+    from transformers import AutoTokenizer
+
+    if kind == "tiny":
+        return AutoTokenizer.from_pretrained(path)
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=remote_code)
+    except ValueError as e:
+        if remote_code or "trust_remote_code" not in str(e):
+            raise
+    warnings.warn(f"{path}: the tokenizer ships as custom code (trust_remote_code); running it "
+                  "(the model itself is the suite's native class)", stacklevel=3)
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=True)
 
 
 def apply_lora(model: DLLM, r: int, alpha: int, dropout: float,

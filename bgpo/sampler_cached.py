@@ -32,16 +32,17 @@ block's first step, the first block included. What it costs is measured, not ass
 Countdown model (``python -m bgpo.bench rollout``) the cache changed ~70% of greedy completions and
 lowered accuracy from 9.8% to ~4%, whereas ``cache=none`` with threshold 0.9 kept 99.6% of them.
 
-Backends (decided by ``model.kind``): ``tiny`` (transformers Gemma3, ``DynamicCache``) has the
-cache. LLaDA's hub code implements a per-block ``layer_past`` path but its ``LLaDAModel.forward``
-asserts ``past_key_values is None and not use_cache`` ("The kvcache is not suppotred for MDM"): it
-would need that assert lifted (a patched copy of ``modeling_llada.py``) plus an adapter to build
-its list-of-tuples cache; it takes no position ids, so the cached keys must be exactly positions
-``0..lo-1`` (prefix cache only; a dual cache needs an explicit attention bias). Dream's logits are
-shifted (position ``i-1`` predicts ``i``): the query must also include position ``lo-1``, and its
-hub code's cache path under bidirectional masks is unverified. Both fall back, with a warning, to
-``cache=none`` (threshold parallel decoding works for every backend; with threshold = 1.0 that is
-exactly the reference sampler).
+Backends: every ``model.kind`` has the cache when its network is native — the tiny Gemma3
+(transformers) and the suite's LLaDA and Dream (``bgpo.models``) take the same call: ``cache``
+(``past_key_values`` before transformers 5) = a ``DynamicCache``, ``position_ids``,
+``logits_to_keep``, a 2-D ``attention_mask`` over the cached then the new keys. Dream's logits are
+shifted (position ``i-1`` predicts token ``i``), so for it the recomputed query starts one
+position earlier, at ``lo-1`` (the last prefix token, or the previous block's last token): its K/V
+are recomputed at every step instead of cached, and its logits give the block's first token.
+The published remote code (``model.remote_code=true``) has no usable cache (LLaDA's forward
+asserts none; Dream's cache path under bidirectional masks is unverified): it falls back, with a
+warning, to ``cache=none`` (threshold parallel decoding works for every backend; with
+threshold = 1.0 that is exactly the reference sampler).
 """
 
 from __future__ import annotations
@@ -56,9 +57,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from bgpo.model import DLLM
+from bgpo.models.layers import CACHE_KWARG
 from bgpo.sampler import SamplerConfig, gumbel_argmax, transfer_schedule
 
-CACHE_KINDS = ("tiny",)  # backends whose forward takes a transformers DynamicCache
+CACHE_KINDS = ("tiny", "llada", "dream")  # backends whose native forward takes a DynamicCache
 
 KV = list[tuple[Tensor, Tensor]]  # per layer: keys, values [B, H, S, D]
 
@@ -66,16 +68,18 @@ KV = list[tuple[Tensor, Tensor]]  # per layer: keys, values [B, H, S, D]
 def _full_pass(model: DLLM, x: Tensor, attn: Tensor, pos: Tensor, lo: int, hi: int,
                cache: str) -> tuple[Tensor, KV]:
     """First step of a block: a full forward pass; its block logits and the K/V to reuse."""
+    s = int(model.shift)
+    a = lo - s  # first position whose K/V are recomputed (Dream: lo-1, whose logits predict token lo)
     out = model.net(input_ids=x, attention_mask=attn, position_ids=pos, use_cache=True)
     kv = []
-    for layer in out.past_key_values.layers:
+    for layer in getattr(out, CACHE_KWARG).layers:
         k, v = layer.keys, layer.values  # [B, H, T, D]
         if cache == "prefix":
-            kv.append((k[:, :, :lo], v[:, :, :lo]))
-        else:  # dual: prefix and suffix, the block left out (it is recomputed)
-            kv.append((torch.cat([k[:, :, :lo], k[:, :, hi:]], 2),
-                       torch.cat([v[:, :, :lo], v[:, :, hi:]], 2)))
-    return out.logits[:, lo:hi], kv
+            kv.append((k[:, :, :a], v[:, :, :a]))
+        else:  # dual: prefix and suffix, the block (and Dream's lo-1) left out: it is recomputed
+            kv.append((torch.cat([k[:, :, :a], k[:, :, hi:]], 2),
+                       torch.cat([v[:, :, :a], v[:, :, hi:]], 2)))
+    return out.logits[:, a : hi - s], kv
 
 
 def _cached_pass(model: DLLM, x: Tensor, attn: Tensor, pos: Tensor, lo: int, hi: int,
@@ -83,20 +87,22 @@ def _cached_pass(model: DLLM, x: Tensor, attn: Tensor, pos: Tensor, lo: int, hi:
     """Later steps: recompute the block (+ the suffix for ``prefix``) against the cached K/V."""
     from transformers import DynamicCache
 
-    if cache == "prefix":  # keys: cached [0:lo] + fresh [lo:T]
-        q, mask = slice(lo, None), attn
-    else:  # keys: cached [0:lo] + [hi:T], then fresh [lo:hi]
-        q, mask = slice(lo, hi), torch.cat([attn[:, :lo], attn[:, hi:], attn[:, lo:hi]], 1)
+    a = lo - int(model.shift)  # first recomputed position (Dream: lo-1, whose logits predict token lo)
+    if cache == "prefix":  # keys: cached [0:a] + fresh [a:T]
+        q, mask = slice(a, None), attn
+    else:  # keys: cached [0:a] + [hi:T], then fresh [a:hi]
+        q, mask = slice(a, hi), torch.cat([attn[:, :a], attn[:, hi:], attn[:, a:hi]], 1)
     out = model.net(input_ids=x[:, q], attention_mask=mask, position_ids=pos[:, q],
-                    past_key_values=DynamicCache(ddp_cache_data=kv), use_cache=True,
+                    **{CACHE_KWARG: DynamicCache(ddp_cache_data=kv)}, use_cache=True,
                     logits_to_keep=torch.arange(hi - lo, device=x.device))
     return out.logits  # [B, hi-lo, V]
 
 
 def resolve_cache(model: DLLM, cache: str) -> str:
     """The cache this backend can use: ``cache``, or ``none`` (with a warning) where unsupported."""
-    if cache != "none" and model.kind not in CACHE_KINDS:
-        warnings.warn(f"sampler.cache={cache!r} is not supported for model.kind={model.kind!r} "
+    if cache != "none" and (model.kind not in CACHE_KINDS or model.remote_code):
+        how = "with model.remote_code=true" if model.remote_code else f"for model.kind={model.kind!r}"
+        warnings.warn(f"sampler.cache={cache!r} is not supported {how} "
                       "(see bgpo.sampler_cached); decoding with full forward passes (sampler.cache=none: "
                       "threshold parallel decoding still applies, threshold=1.0 is the reference sampler)",
                       stacklevel=3)

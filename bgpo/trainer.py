@@ -52,7 +52,7 @@ def shard_generator(seed: int, step: int, shard: int, device: str) -> torch.Gene
 def load_policy(cfg: DictConfig, device: str) -> DLLM:
     m = cfg.model
     path = ensure_base_model(cfg.task, m) if m.kind == "tiny" else m.path
-    policy = load_dllm(m.kind, path, m.dtype, device, m.mask_token_id, m.use_chat_template)
+    policy = load_dllm(m.kind, path, m.dtype, device, m.mask_token_id, m.use_chat_template, m.remote_code)
     if m.lora.enabled:
         apply_lora(policy, m.lora.r, m.lora.alpha, m.lora.dropout)
     return policy

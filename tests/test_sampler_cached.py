@@ -122,14 +122,15 @@ def test_lower_threshold_uses_fewer_forward_passes(cache):
     assert nfes[0] >= nfes[1] >= nfes[2]
 
 
-def test_unsupported_backend_warns_and_decodes_without_cache():
+def test_remote_code_backend_warns_and_decodes_without_cache():
     base = micro_model()
-    dream = DLLM.wrap(base.net, base.tokenizer, kind="dream")  # shifted logits: no cache path
-    ids, mask = dream.encode_prompts(PROMPTS)
+    remote = DLLM.wrap(base.net, base.tokenizer, kind="llada", mask_token_id=base.mask_token_id,
+                       remote_code=True)  # the published code: no cache path
+    ids, mask = remote.encode_prompts(PROMPTS)
     kw = dict(gen_length=8, block_length=4, steps=8, mode="cached", threshold=0.5)
-    with pytest.warns(UserWarning, match="not supported for model.kind='dream'"):
-        out = generate(dream, ids, mask, SamplerConfig(**kw, cache="dual"))
-    assert torch.equal(out, generate(dream, ids, mask, SamplerConfig(**kw, cache="none")))
+    with pytest.warns(UserWarning, match="not supported with model.remote_code=true"):
+        out = generate(remote, ids, mask, SamplerConfig(**kw, cache="dual"))
+    assert torch.equal(out, generate(remote, ids, mask, SamplerConfig(**kw, cache="none")))
 
 
 @pytest.mark.parametrize("bad", [dict(mode="fast"), dict(threshold=1.5), dict(threshold=-0.1),

@@ -93,8 +93,15 @@ def bench_vs_mc(rows: list[dict[str, Any]], field: str, ylabel: str, scale: floa
     return fig
 
 
-def training_curves(runs: list[Any]) -> Any:
-    """One panel per (sweep, task): mean reward vs step per method, band = ± std over seeds."""
+def t_quantile(df: int) -> float:
+    """Two-sided 95% Student t quantile (small tables; the normal value beyond)."""
+    table = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+    return table.get(df, 1.96)
+
+
+def validation_curves(runs: list[Any]) -> Any:
+    """One panel per (sweep, task): validation accuracy against step, each seed a thin line, the
+    mean over seeds bold with its 95% t-interval over seeds shaded."""
     curves: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for r in runs:
         if r.curve:
@@ -103,18 +110,44 @@ def training_curves(runs: list[Any]) -> Any:
     for ax, (sweep, task) in zip(axes, sorted(curves), strict=True):
         for m in _methods(curves[(sweep, task)]):
             seeds = curves[(sweep, task)][m]
-            steps = sorted({s for c in seeds for s in c})
-            vals = [[c[s] for c in seeds if s in c] for s in steps]
-            mean = [sum(v) / len(v) for v in vals]
-            std = [(sum((x - mu) ** 2 for x in v) / (len(v) - 1)) ** 0.5 if len(v) > 1 else 0.0
-                   for v, mu in zip(vals, mean, strict=True)]
             color = COLORS.get(m)
-            ax.plot(steps, mean, color=color, label=f"{LABELS.get(m, m)} (n={len(seeds)})")
-            ax.fill_between(steps, [a - b for a, b in zip(mean, std, strict=True)],
-                            [a + b for a, b in zip(mean, std, strict=True)], color=color, alpha=0.2, lw=0)
-        ax.set(xlabel="RL step", ylabel="mean reward", title=f"{task} ({sweep})")
+            for c in seeds:
+                ax.plot(sorted(c), [100 * c[s] for s in sorted(c)], color=color, lw=0.5, alpha=0.45)
+            steps = sorted({s for c in seeds for s in c})
+            vals = [[100 * c[s] for c in seeds if s in c] for s in steps]
+            mean = [sum(v) / len(v) for v in vals]
+            sd = [(sum((x - mu) ** 2 for x in v) / (len(v) - 1)) ** 0.5 if len(v) > 1 else 0.0
+                  for v, mu in zip(vals, mean, strict=True)]
+            half = [t_quantile(len(v) - 1) * d / len(v) ** 0.5 for v, d in zip(vals, sd, strict=True)]
+            ax.plot(steps, mean, color=color, lw=1.8, label=f"{LABELS.get(m, m)} (seeds={len(seeds)})")
+            ax.fill_between(steps, [a - b for a, b in zip(mean, half, strict=True)],
+                            [a + b for a, b in zip(mean, half, strict=True)], color=color, alpha=0.15, lw=0)
+        ax.set(xlabel="RL step", ylabel="validation accuracy (%)", title=f"{task} ({sweep})")
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    return fig
+
+
+def interval_points(items: list[tuple[str, Any]], xlabel: str, title: str, base: Any = None,
+                    logx: bool = False, xs: list[float] | None = None) -> Any:
+    """Accuracy with 95% intervals (``bgpo.stats.Interval``) per x (n_t or a method), a base band."""
+    fig, axes = _panels(1, width=5.0)
+    ax = axes[0]
+    pos = xs or list(range(len(items)))
+    for x, (_, iv) in zip(pos, items, strict=True):
+        ax.errorbar([x], [100 * iv.value], yerr=[[100 * (iv.value - iv.lo)], [100 * (iv.hi - iv.value)]],
+                    fmt="o", color="C0", capsize=3)
+    if base is not None:
+        ax.axhline(100 * base.value, color="0.3", ls="--", lw=1, label="base model")
+        ax.axhspan(100 * base.lo, 100 * base.hi, color="0.5", alpha=0.15, lw=0)
         ax.legend(fontsize=7)
+    if logx:
+        ax.set_xscale("log", base=2)
+    else:
+        ax.set_xticks(pos, [name for name, _ in items], rotation=20, fontsize=7)
+    ax.set(xlabel=xlabel, ylabel="test accuracy (%), selected checkpoint", title=title)
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
 
@@ -152,10 +185,32 @@ def gradient_std_bias(rows: list[dict[str, Any]]) -> Any:
     return fig
 
 
+def _interval_series(runs: list[Any], sweep_names: tuple[str, ...], by_mc: bool) -> tuple[list, Any]:
+    """(label, Interval) per n_t (BGPO runs) or per method of the first task of a sweep, and the base."""
+    from bgpo.paper import METHODS, compare, groups_of
+
+    sel = [r for r in runs if r.sweep in sweep_names and r.scores("best", "own", "accuracy") is not None]
+    if by_mc:
+        sel = [r for r in sel if r.method == "bgpo"]
+    if not sel:
+        return [], None
+    task = sorted({r.task for r in sel})[0]
+    sel = [r for r in sel if r.task == task]
+    if by_mc:
+        groups = {str(mc): [r for r in sel if r.mc == mc] for mc in sorted({r.mc for r in sel})}
+    else:
+        groups = {f"{METHODS.get(m, m)} ({','.join(str(x) for x in sorted({r.mc for r in rs}))})": rs
+                  for m, rs in groups_of(sel).items()}
+    res = compare(groups, "best", "own", "accuracy", ref="__none__")
+    return [(g, res.cells[g]) for g in groups if g in res.cells], res.cells.get("base")
+
+
 def make_figures(runs: list[Any], memory: list[dict[str, Any]], variance: list[dict[str, Any]],
                  out: Path) -> str:
     """Draw every figure that has data into ``out``; return the README listing (Markdown)."""
     plt.rcParams.update({"svg.hashsalt": "bgpo", "font.size": 8})
+    mc_points, mc_base = _interval_series(runs, ("tiny_mc", "mc_ablation"), by_mc=True)
+    eq_points, eq_base = _interval_series(runs, ("tiny_equal_memory",), by_mc=False)
     both, png = ("png", "pdf"), ("png",)
     made_from = {
         "memory_vs_mc": (bool(memory), "peak memory of one RL update against n_t (log2 axis), one line per "
@@ -166,11 +221,20 @@ def make_figures(runs: list[Any], memory: list[dict[str, Any]], variance: list[d
                             "time of one RL update step against n_t, one line per method",
                             "results/bench/memory-*.jsonl", both,
                             lambda: bench_vs_mc(memory, "step_time_s", "step time (s)", 1.0, False)),
-        "training_curves": (any(r.curve for r in runs),
-                            "mean rollout reward against RL step per method, shaded ± std over seeds; "
-                            "one panel per sweep and task",
-                            "results/{tiny_repro,paper_main}/*/metrics.jsonl", both,
-                            lambda: training_curves(runs)),
+        "validation_curves": (any(r.curve for r in runs),
+                              "validation accuracy against RL step per method: each seed thin, the mean "
+                              "bold with its 95% t-interval over seeds; one panel per sweep and task",
+                              "<results>/<sweep>/*/metrics.jsonl", both, lambda: validation_curves(runs)),
+        "mc_ablation": (bool(mc_points), "BGPO's test accuracy (selected checkpoint, suite test set) against "
+                        "n_t with 95% paired-bootstrap intervals; the base model dashed with its interval",
+                        "results/tiny_mc/*/eval_test.json", both,
+                        lambda: interval_points(mc_points, "n_t (MC samples per response)",
+                                                "BGPO: accuracy against n_t", mc_base, logx=True,
+                                                xs=[float(k) for k, _ in mc_points])),
+        "equal_memory": (bool(eq_points), "test accuracy (selected checkpoint, suite test set) of every "
+                         "method within one peak-memory budget, 95% intervals; labels give each method's n_t",
+                         "results/tiny_equal_memory/*/eval_test.json", both,
+                         lambda: interval_points(eq_points, "method (n_t)", "equal memory budget", eq_base)),
         "gradient_std_bias": (any(r.get("kind") in ("grad", "elbo_diff") for r in variance),
                               "gradient std and bias against n_t per method (SPEC §4, Fig. 3) and the "
                               "variance of the ELBO-difference estimate", "results/bench/variance-*.jsonl",

@@ -19,35 +19,58 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 REPORTED = REPO_ROOT / "paper" / "reported.yaml"
 
 
+def per_problem(acc: float, n: int, shift: int = 0) -> list[float]:
+    """n scores whose mean is acc: the first round(acc·n) problems (rotated by ``shift``) right."""
+    k = round(acc * n)
+    return [1.0 if (i - shift) % n < k else 0.0 for i in range(n)]
+
+
 def write_run(results: Path, sweep: str, method: str, task: str, mc: int, seed: int, acc: float,
-              base: float | None = None, updates: int = 1, steps: int = 4, lr: float = 1e-4) -> None:
-    """A completed run folder as the trainer writes it (config.yaml, metrics.jsonl, summary.json)."""
-    folder = results / sweep / f"{method}-{task}-mc{mc}-s{seed}-fixture{updates}{lr}"
+              best: float | None = None, base: float = 0.25, n: int = 40, minibatches: int = 1,
+              bound: str = "both", lr: float = 1e-4, sources: tuple[str, ...] = ("own",),
+              base_path: str = "base-A") -> None:
+    """A completed run folder as the trainer writes it (config.yaml, metrics.jsonl, eval_test.json,
+    summary.json) with per-problem test scores whose means are ``acc`` (final), ``best`` (the
+    validation-selected checkpoint; default = acc) and ``base``."""
+    folder = results / sweep / f"{method}-{task}-mc{mc}-s{seed}-fixture{minibatches}{bound}{lr}"
     folder.mkdir(parents=True)
-    cfg = {"method": {"_target_": f"x.{method}"}, "task": {"name": task}, "mc": mc, "seed": seed,
-           "minibatches": updates, "lr": lr, "results_dir": str(results / sweep)}
+    cfg = {"method": {"_target_": f"x.{method}", "cfg": {"bound": bound}}, "task": {"name": task}, "mc": mc,
+           "seed": seed, "minibatches": minibatches, "lr": lr, "results_dir": str(results / sweep),
+           "model": {"kind": "tiny", "path": base_path}}
     (folder / "config.yaml").write_text(yaml.safe_dump(cfg))
-    rows = [{"step": 0, "eval/accuracy": base}] if base is not None else []
-    rows += [{"step": s, "reward": 0.1 * s + 0.01 * seed, "time/step_s": 1.0} for s in range(1, steps + 1)]
-    rows[-1]["eval/accuracy"] = acc
+    rows = [{"step": s, "reward": 0.1 * s, "val/accuracy": 0.2 + 0.05 * s + 0.01 * seed, "time/step_s": 1.0}
+            for s in range(0, 5)]
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    summary = {"method": method, "task": task, "mc": mc, "seed": seed, "final": rows[-1],
-               "best_eval_accuracy": acc, "wall_s": 4.0, "commit": f"{'ab' * 20}"}
+
+    def res(a: float) -> dict:
+        return {src: {"accuracy": a, "reward": a, "n": n,
+                      "per_problem": {"accuracy": per_problem(a, n, seed), "reward": per_problem(a, n, seed)}}
+                for src in sources}
+
+    tests = {"base": {src: {"accuracy": base, "reward": base, "n": n,
+                            "per_problem": {"accuracy": per_problem(base, n), "reward": per_problem(base, n)}}
+                      for src in sources},
+             "final": res(acc), "best": res(acc if best is None else best), "best_step": 2}
+    (folder / "eval_test.json").write_text(json.dumps(tests))
+    summary = {"method": method, "task": task, "mc": mc, "seed": seed, "final": {}, "wall_s": 4.0,
+               "commit": f"{'ab' * 20}"}
     (folder / "summary.json").write_text(json.dumps(summary))
 
 
 @pytest.fixture
 def tree(tmp_path: Path) -> tuple[Path, Path]:
-    """results/ with tiny_repro (BGPO, diffu-GRPO, off-policy BGPO on Countdown), an mc_ablation and
-    bench rows; out/ holding a copy of the committed reported.yaml."""
+    """results/ with tiny_repro (BGPO, diffu-GRPO, off-policy BGPO on Countdown), a tiny_mc sweep, a
+    tiny_bounds sweep and bench rows; out/ holding a copy of the committed reported.yaml."""
     results, out = tmp_path / "results", tmp_path / "paper"
     for seed, acc in enumerate((0.5, 0.6, 0.7)):
-        write_run(results, "tiny_repro", "bgpo", "countdown", 16, seed, acc, base=0.25)
-    write_run(results, "tiny_repro", "diffugrpo", "countdown", 1, 0, 0.4, base=0.25)
-    write_run(results, "tiny_repro", "bgpo", "countdown", 16, 5, 0.3, updates=2)
+        write_run(results, "tiny_repro", "bgpo", "countdown", 16, seed, acc, best=acc + 0.1,
+                  sources=("own", "d1"))
+    write_run(results, "tiny_repro", "diffugrpo", "countdown", 1, 0, 0.4, sources=("own", "d1"))
+    write_run(results, "tiny_repro", "bgpo", "countdown", 16, 5, 0.3, minibatches=2, sources=("own", "d1"))
     for mc in (1, 2, 32):
-        write_run(results, "mc_ablation", "bgpo", "countdown", mc, 0, 0.1 * mc ** 0.5)
-    write_run(results, "mc_ablation", "vrpo", "countdown", 2, 0, 0.2)
+        write_run(results, "tiny_mc", "bgpo", "countdown", mc, 0, 0.1 * mc ** 0.5)
+    for bound in ("tangent", "jensen", "both"):
+        write_run(results, "tiny_bounds", "bgpo", "countdown", 16, 0, 0.3, minibatches=2, bound=bound)
     bench = results / "bench"
     bench.mkdir()
     mem = [{"method": m, "mc": mc, "peak_bytes": 2**20 * (10 + mc * (m == "vrpo")), "rss_peak_bytes": 2**21,
@@ -83,11 +106,26 @@ def row(md: str, *first_cells: str) -> list[str]:
     raise AssertionError(f"no row {first_cells} in\n{md}")
 
 
+def value(cell: str) -> float:
+    """The point estimate of "60.0 [45.0, 75.0]" or "+3.1 [...] *"."""
+    return float(cell.split(" [")[0])
+
+
+def bounds(cell: str) -> tuple[float, float]:
+    lo, hi = cell.split("[")[1].split("]")[0].split(", ")
+    return float(lo), float(hi)
+
+
+CD_OWN = "Countdown · suite test set · accuracy"
+CD_D1 = "Countdown · d1 test file · accuracy"
+GENERATED = {"tiny_repro", "mc_ablation", "bounds", "memory", "reported"}
+
+
 def test_tables_regenerate_byte_identically(tree: tuple[Path, Path]) -> None:
     results, out = tree
     assert generate(results, out, "--tables-only") == 0
     first = table_bytes(out)
-    assert set(first) == {f"{n}.{e}" for n in ("main", "mc_ablation", "memory") for e in ("md", "tex")}
+    assert set(first) == {f"{n}.{e}" for n in GENERATED for e in ("md", "tex")}
     assert generate(results, out, "--tables-only") == 0
     assert table_bytes(out) == first
     assert generate(results, out, "--check") == 0
@@ -95,25 +133,26 @@ def test_tables_regenerate_byte_identically(tree: tuple[Path, Path]) -> None:
         assert "generated by `python -m bgpo.paper`" in text.decode().splitlines()[0], name
 
 
-def test_measured_cells_and_missing_results(tree: tuple[Path, Path]) -> None:
+def test_selected_and_final_cells_with_paired_intervals(tree: tuple[Path, Path]) -> None:
     results, out = tree
     generate(results, out, "--tables-only")
-    md = (out / "tables" / "main.md").read_text()
-    countdown = list(paper.TASKS).index("countdown") + 2
-    assert row(md, "BGPO", "suite: tiny_repro")[countdown] == "60.0 ± 10.0 (n=3)"  # final, not best
-    assert row(md, "diffu-GRPO", "suite: tiny_repro")[countdown] == "40.0 (n=1)"
-    assert row(md, "BGPO (off-policy)", "suite: tiny_repro")[countdown] == "30.0 (n=1)"
-    assert row(md, "Base model", "suite: tiny_repro")[countdown] == "25.0 ± 0.0 (n=4)"  # step-0 evals
-    assert row(md, "VRPO-OL", "suite: tiny_repro")[countdown] == "–<sup>a</sup>"
-    assert row(md, "Base model", "suite: tiny_repro")[2] == "–<sup>b</sup>"  # MATH500: no run at all
-    assert "- <sup>a</sup> no completed run" in md and "- <sup>b</sup> no step-0 evaluation" in md
-    assert "suite: paper_main" not in md  # shown only once results/paper_main has runs
-    assert row(md, "wd1", "paper")[2:] == ["34.4 / 39.0<sup>d</sup>", "80.8 / 82.3<sup>d</sup>",
-                                           "–<sup>c</sup>", "–<sup>c</sup>", "25.2 / 24.2<sup>d</sup>",
-                                           "51.2 / 46.1<sup>d</sup>"]
-    assert "FINAL evaluation accuracy" in md and "best checkpoint" in md
-    tex = (out / "tables" / "main.tex").read_text()
-    assert r"60.0 $\pm$ 10.0 (n=3)" in tex and r"--$^{a}$" in tex
+    md = (out / "tables" / "tiny_repro.md").read_text()
+    bgpo = row(md, CD_OWN, "BGPO")
+    assert bgpo[2] == "3 × 40"
+    assert value(bgpo[3]) == 70.0 and value(bgpo[6]) == 60.0  # selected (best) vs final
+    lo, hi = bounds(bgpo[3])
+    assert lo < 70.0 < hi and hi - lo < 40
+    assert value(bgpo[4]) == 45.0 and bgpo[4].endswith("*")  # Δ vs base 25: excludes zero
+    base = row(md, CD_OWN, "base model")
+    assert base[2] == "1 × 40" and base[3] == "25.0 [14.2, 40.2]"  # Wilson 10/40, measured once
+    d1 = row(md, CD_D1, "diffu-GRPO")
+    assert value(d1[3]) == 40.0 and value(d1[5]) == -30.0  # Δ vs BGPO (selected 70)
+    off = row(md, CD_OWN, "BGPO (off-policy)")
+    assert value(off[3]) == 30.0 and off[2] == "1 × 40"
+    assert "VRPO-OL" not in md  # no runs, no row
+    assert "VALIDATION accuracy" in md and "paired bootstrap" in md
+    tex = (out / "tables" / "tiny_repro.tex").read_text()
+    assert r"$\Delta$ vs base" in tex and r"\caption{Test accuracy" in tex
 
 
 def test_mixed_configurations_are_flagged(tree: tuple[Path, Path]) -> None:
@@ -121,52 +160,73 @@ def test_mixed_configurations_are_flagged(tree: tuple[Path, Path]) -> None:
     write_run(results, "tiny_repro", "wd1", "sudoku", 1, 0, 0.5, lr=1e-4)
     write_run(results, "tiny_repro", "wd1", "sudoku", 1, 1, 0.5, lr=1e-3)
     generate(results, out, "--tables-only")
-    md = (out / "tables" / "main.md").read_text()
-    assert row(md, "wd1", "suite: tiny_repro")[list(paper.TASKS).index("sudoku") + 2] == \
-        "50.0 ± 0.0 (n=2)<sup>e</sup>"
+    md = (out / "tables" / "tiny_repro.md").read_text()
+    assert row(md, "Sudoku · suite test set · solved", "wd1<sup>e</sup>")
+    assert row(md, "Sudoku · suite test set · cells", "wd1<sup>e</sup>")  # both Sudoku metrics, named
+
+
+def test_runs_from_different_bases_have_no_base_row(tree: tuple[Path, Path]) -> None:
+    results, out = tree
+    write_run(results, "other", "wd1", "countdown", 1, 0, 0.5, base_path="base-A")
+    write_run(results, "other", "wd1", "countdown", 1, 1, 0.5, base_path="base-B")
+    generate(results, out, "--tables-only")
+    md = (out / "tables" / "other.md").read_text()
+    assert row(md, CD_OWN, "base model")[3] == "–<sup>b</sup>"
+    assert "different base models" in md
 
 
 def test_reported_numbers_come_from_reported_yaml(tree: tuple[Path, Path]) -> None:
     results, out = tree
     reported = yaml.safe_load(REPORTED.read_text())
     generate(results, out, "--tables-only")
-    md = (out / "tables" / "main.md").read_text()
+    rep = (out / "tables" / "reported.md").read_text()
     for method, values in reported["table1"]["rows"].items():
-        assert row(md, paper.METHODS[method], "paper")[2:] == [f"{values[t]:.1f}" for t in paper.TASKS]
+        label = paper.METHODS.get(method, "LLaDA-8B-Instruct")
+        assert row(rep, label, "BGPO Table 1")[2:] == [f"{values[t]:.1f}" for t in paper.TASKS]
     reported["table1"]["rows"]["bgpo"]["countdown"] = 12.3
     reported["mc_ablation"]["rows"][0]["gsm8k"] = 45.6
     (out / "reported.yaml").write_text(yaml.safe_dump(reported))
     generate(results, out, "--tables-only")
-    md = (out / "tables" / "main.md").read_text()
-    assert row(md, "BGPO", "paper")[-1] == "12.3"
+    md = (out / "tables" / "tiny_repro.md").read_text()
+    assert row(md, CD_OWN, "BGPO")[-1] == "12.3"
     mc = (out / "tables" / "mc_ablation.md").read_text()
-    assert row(mc, "1")[:3] == ["1", "43.5", "45.6"]
+    assert row(mc, "Countdown · suite test set", "1")[-2:] == ["43.5", "45.6"]
 
 
-def test_mc_ablation_and_memory_tables(tree: tuple[Path, Path]) -> None:
+def test_mc_bounds_and_memory_tables(tree: tuple[Path, Path]) -> None:
     results, out = tree
     generate(results, out, "--tables-only")
     mc = (out / "tables" / "mc_ablation.md").read_text()
-    header = row(mc, "n_t")
-    assert header[3:] == ["suite: BGPO Countdown", "suite: VRPO-OL Countdown"]
-    assert row(mc, "2")[1:] == ["44.1", "82.5", "14.1 (n=1)", "20.0 (n=1)"]
-    assert row(mc, "32")[1:] == ["–<sup>c</sup>", "–<sup>c</sup>", "56.6 (n=1)", "–<sup>a</sup>"]
-    assert row(mc, "8")[3:] == ["–<sup>a</sup>", "–<sup>a</sup>"]
+    assert value(row(mc, "Countdown · suite test set", "32")[3]) == 57.5  # round(0.566·40)/40
+    assert value(row(mc, "Countdown · suite test set", "1")[3]) == 10.0
+    assert row(mc, "Countdown · suite test set", "base")[3] == "25.0 [14.2, 40.2]"
+    bounds_md = (out / "tables" / "bounds.md").read_text()
+    assert row(bounds_md, "Countdown · suite test set", "BGPO, Lemma 1 only")[-1] == "42.1 / 83.5"
+    assert row(bounds_md, "Countdown · suite test set", "BGPO (off-policy)")[-1] == "44.9 / 84.5"
     mem = (out / "tables" / "memory.md").read_text()
     assert row(mem, "cpu", "tiny", "VRPO-OL", "16")[4:] == ["26.0", "2.0", "8.0", "1.600", "ccccccc"]
     assert row(mem, "cpu", "tiny", "VRPO-OL", "32")[4] == "OOM"
     assert row(mem, "cpu", "tiny", "diffu-GRPO", "1")[4] == "10.0"
 
 
+def test_any_results_folder(tmp_path: Path) -> None:
+    """A user's own folder (results_dir=runs): runs directly in it form the sweep "."."""
+    runs = tmp_path / "runs"
+    write_run(runs.parent, "runs", "bgpo", "countdown", 16, 0, 0.5)
+    (runs / "bgpo-countdown-mc16-s0-fixture1both0.0001").rename(runs / "x")
+    out = tmp_path / "mine"
+    assert generate(runs, out, "--tables-only") == 0
+    md = (out / "tables" / "top.md").read_text()
+    assert value(row(md, CD_OWN, "BGPO")[3]) == 50.0
+    assert generate(tmp_path / "nope", out) == 2
+
+
 def test_empty_results_give_dashes_not_numbers(tmp_path: Path) -> None:
     out = tmp_path / "paper"
-    out.mkdir()
-    shutil.copy(REPORTED, out / "reported.yaml")
+    (tmp_path / "results").mkdir()
     assert generate(tmp_path / "results", out) == 0
-    for name in ("main", "mc_ablation", "memory"):
-        md = (out / "tables" / f"{name}.md").read_text()
-        assert "<sup>a</sup> no completed run" in md
-    assert "(n=" not in (out / "tables" / "main.md").read_text()
+    assert set(p.stem for p in (out / "tables").glob("*.md")) == {"memory", "reported"}
+    assert "<sup>a</sup>" in (out / "tables" / "memory.md").read_text()
     readme = (out / "figures" / "README.md").read_text()
     assert "`memory_vs_mc`: not drawn" in readme and not list((out / "figures").glob("*.png"))
 
@@ -176,12 +236,12 @@ def test_figures_are_written(tree: tuple[Path, Path]) -> None:
     assert generate(results, out) == 0
     figs = out / "figures"
     expected = ["memory_vs_mc.png", "memory_vs_mc.pdf", "step_time_vs_mc.png", "step_time_vs_mc.pdf",
-                "training_curves.png", "training_curves.pdf", "gradient_std_bias.png"]
+                "validation_curves.png", "validation_curves.pdf", "mc_ablation.png", "gradient_std_bias.png"]
     for name in expected:
         assert (figs / name).stat().st_size > 1000, name
     readme = (figs / "README.md").read_text()
     assert readme.startswith("<!-- generated by `python -m bgpo.paper`")
-    assert all(name in readme for name in expected) and "not drawn, no rows" not in readme
+    assert all(name in readme for name in expected)
     png = (figs / "memory_vs_mc.png").read_bytes()
     generate(results, out)
     assert (figs / "memory_vs_mc.png").read_bytes() == png  # deterministic for one matplotlib
@@ -201,7 +261,5 @@ def test_check_reports_stale_tables(tree: tuple[Path, Path]) -> None:
 def test_repository_tables_match_repository_results() -> None:
     """The committed paper/tables/* are what `python -m bgpo.paper` makes from the committed results/."""
     results = REPO_ROOT / "results"
-    if not list(results.glob("*/*/summary.json")) and not list(results.glob("bench/*.jsonl")):
-        pytest.skip("results/ holds no completed runs or benchmark rows yet")
     assert paper.main(["--results", str(results), "--out", str(REPO_ROOT / "paper"), "--check"]) == 0, \
         "paper/tables/* are stale: run `nox -s reproduce_tables` and commit paper/"

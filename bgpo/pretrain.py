@@ -11,6 +11,7 @@ mastery (``steps``) so that RL has headroom; the end-of-run greedy evaluation is
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -27,6 +28,8 @@ from bgpo.model import build_tiny, cache_dir
 from bgpo.results import atomic_write_json, provenance
 from bgpo.rollout import evaluate
 from bgpo.tasks import get_task
+
+log = logging.getLogger("bgpo.pretrain")  # not __name__, which is "__main__" under python -m
 
 
 def default_path(task_name: str) -> Path:
@@ -91,8 +94,8 @@ def pretrain(cfg: PretrainConfig | DictConfig) -> dict:
     atomic_write_json(tmp / "pretrain.json", summary)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)  # the model folder appears whole or not at all
-    print(f"[pretrain] {cfg.task.name}: validation accuracy {result['accuracy']:.3f} reward "
-          f"{result['reward']:.3f} on {result['n']} problems; {train_s:.0f}s training; saved to {out}")
+    log.info(f"[pretrain] {cfg.task.name}: validation accuracy {result['accuracy']:.3f} reward "
+             f"{result['reward']:.3f} on {result['n']} problems; {train_s:.0f}s training; saved to {out}")
     return summary
 
 
@@ -102,7 +105,7 @@ def ensure_base_model(task: TaskConfig, model: ModelConfig) -> Path:
         return Path(model.path)
     path = default_path(task.name)
     if not (path / "pretrain.json").exists():
-        print(f"[pretrain] no base model at {path}: pretraining it now (once)")
+        log.info(f"[pretrain] no base model at {path}: pretraining it now (once)")
         pretrain(PretrainConfig(task=TaskConfig(**OmegaConf.to_container(task))  # type: ignore[arg-type]
                                 if isinstance(task, DictConfig) else task))
     return path

@@ -8,6 +8,9 @@ import sys
 import nox
 
 nox.options.default_venv_backend = "none"
+# `nox` with no arguments: lint, then the tests. Both need only the test extra (ruff is in it), so
+# they run after README's install (pip install torch==2.13.0 -e ".[test]"); tests/test_packaging.py
+# checks that every default session needs nothing else.
 nox.options.sessions = ["lint", "tests"]
 
 
@@ -19,6 +22,7 @@ def tests(session: nox.Session) -> None:
 
 @nox.session(python=False)
 def lint(session: nox.Session) -> None:
+    """ruff (pyproject.toml [tool.ruff]); installed by the test extra."""
     session.run(sys.executable, "-m", "ruff", "check", ".")
 
 

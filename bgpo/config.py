@@ -68,6 +68,24 @@ class ModelConfig:
 
 
 @dataclass
+class LoggerConf:
+    """Metric trackers beside ``metrics.jsonl`` and the INFO lines of the job log (``bgpo.loggers``).
+    How a run is observed is not what it computes: not part of the run key."""
+
+    backends: list[str] = field(default_factory=list)
+    """trackers, several at once: tensorboard (<run_dir>/tb/), wandb (<run_dir>/wandb/); [] = none"""
+    log_every: int = 10
+    """an INFO line (job log, console) every this many steps and at every evaluation; pretraining
+    sends its loss (the mean over these steps) to the trackers this often"""
+    project: str = "bgpo"
+    """W&B project"""
+    entity: str | None = None
+    """W&B entity (team or user; None: your default)"""
+    wandb_mode: str = "offline"
+    """offline (nothing leaves the machine; `wandb sync` uploads later) or online"""
+
+
+@dataclass
 class PretrainConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -84,6 +102,8 @@ class PretrainConfig:
     out: str | None = None
     """output folder (default: $BGPO_CACHE/tiny-<task>)"""
     device: str = "auto"
+    logger: LoggerConf = field(default_factory=LoggerConf)
+    """trackers (logs in the output folder: tb/, wandb/)"""
 
 
 @dataclass
@@ -141,6 +161,8 @@ class TrainConfig:
     """explicit run folder (default: results_dir/<method>-<task>-mc<mc>-s<seed>-<hash>)"""
     device: str = "auto"
     progress: bool = True
+    logger: LoggerConf = field(default_factory=LoggerConf)
+    """trackers (logs in the run folder: tb/, wandb/) and the job log's INFO lines"""
 
 
 # SPEC §4: n_t per method (and the task exceptions) in BGPO's comparison
@@ -271,6 +293,9 @@ def validate_train(cfg: DictConfig) -> None:
     from bgpo.sampler import validate_mode
 
     validate_mode(cfg.sampler.mode, cfg.sampler.threshold, cfg.sampler.cache)
+    from bgpo.loggers import validate as validate_logger
+
+    validate_logger(cfg.logger)
     from bgpo.parallel import STRATEGIES
 
     if cfg.parallel not in STRATEGIES:

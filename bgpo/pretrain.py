@@ -6,11 +6,14 @@ The prompt is never masked; ``t ~ U(0,1]`` masks each completion token (EOS padd
 with probability t; loss = Σ_masked −log p / t, divided by the completion length — i.e. one
 time-level draw of the shared ELBO sampler, scaled by 1/L. Training stops deliberately short of
 mastery (``steps``) so that RL has headroom; the end-of-run greedy evaluation is written to
-``pretrain.json`` beside the model.
+``pretrain.json`` beside the model. With ``logger.backends=[tensorboard,wandb]`` the loss (mean
+over each ``logger.log_every`` steps) and that evaluation (``val/*``) also go to
+``<model folder>/tb/``, ``wandb/`` (``bgpo.loggers``).
 """
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -23,10 +26,14 @@ from tqdm.auto import tqdm
 from bgpo import elbo
 from bgpo.config import ModelConfig, PretrainConfig, TaskConfig, register, validate_task
 from bgpo.elbo import Batch, ELBOConfig
+from bgpo.loggers import Tracker
+from bgpo.loggers import validate as validate_logger
 from bgpo.model import build_tiny, cache_dir
 from bgpo.results import atomic_write_json, provenance
 from bgpo.rollout import evaluate
 from bgpo.tasks import get_task
+
+log = logging.getLogger("bgpo.pretrain")  # not __name__, which is "__main__" under python -m
 
 
 def default_path(task_name: str) -> Path:
@@ -42,12 +49,20 @@ def pick_device(name: str) -> str:
 def pretrain(cfg: PretrainConfig | DictConfig) -> dict:
     """Train, save (model + tokenizer + pretrain.json) and return the evaluation."""
     validate_task(cfg.task)
+    validate_logger(cfg.logger)
     sft_elbo = ELBOConfig(mode="elbo", level=cfg.level, window="full")  # validates pretrain.level
     steps = cfg.steps if cfg.steps is not None else cfg.task.pretrain_steps
     if steps < 1 or cfg.batch_size < 1:
         raise ValueError(f"steps={steps} and batch_size={cfg.batch_size} must be >= 1")
     device = pick_device(cfg.device)
     out = Path(cfg.out) if cfg.out else default_path(cfg.task.name)
+    tmp = out.with_name(out.name + ".tmp")  # the model folder appears whole or not at all
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    config = OmegaConf.to_container(OmegaConf.structured(cfg) if not isinstance(cfg, DictConfig) else cfg,
+                                     resolve=True)
+    # trackers write into the model folder (tb/, wandb/); pretraining never resumes
+    tracker = Tracker.open(cfg.logger, tmp, config, None, steps, log, name=out.name)
     t0 = time.time()
     task = get_task(cfg.task.name, test_file=cfg.task.test_file, n_test=cfg.task.n_test,
                     **cfg.task.options)
@@ -76,23 +91,26 @@ def pretrain(cfg: PretrainConfig | DictConfig) -> dict:
         losses.append(loss.item())
         if step % 20 == 0:
             bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+        k = cfg.logger.log_every
+        if (step + 1) % k == 0 or step + 1 == steps:  # the mean loss of the steps since the last row
+            recent = losses[-(step % k + 1):]
+            tracker.log({"step": step + 1, "loss": sum(recent) / len(recent)})
     train_s = time.time() - t0
     # the base model's strength is chosen on VALIDATION problems (never the test set)
     result = evaluate(model, task, task.val_examples()[: cfg.eval_n], cfg.task, progress=True)
     result = {"split": "val", **{k: v for k, v in result.items() if k != "per_problem"}}
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tracker.log({"step": steps, **{f"val/{k}": v for k, v in result.items() if k != "split"}})
+    tracker.close()
     model.save(tmp)
     summary = {"task": cfg.task.name, "eval": result, "train_seconds": round(train_s, 1),
                "total_seconds": round(time.time() - t0, 1), "final_loss": losses[-1],
-               "config": OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
-               if not isinstance(cfg, DictConfig) else OmegaConf.to_container(cfg, resolve=True),
-               **provenance(device)}
+               "config": config, **provenance(device)}
     atomic_write_json(tmp / "pretrain.json", summary)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)  # the model folder appears whole or not at all
-    print(f"[pretrain] {cfg.task.name}: validation accuracy {result['accuracy']:.3f} reward "
-          f"{result['reward']:.3f} on {result['n']} problems; {train_s:.0f}s training; saved to {out}")
+    log.info(f"[pretrain] {cfg.task.name}: validation accuracy {result['accuracy']:.3f} reward "
+             f"{result['reward']:.3f} on {result['n']} problems; {train_s:.0f}s training; saved to {out}"
+             + (f" (tracker logs in it: {', '.join(cfg.logger.backends)})" if cfg.logger.backends else ""))
     return summary
 
 
@@ -102,7 +120,7 @@ def ensure_base_model(task: TaskConfig, model: ModelConfig) -> Path:
         return Path(model.path)
     path = default_path(task.name)
     if not (path / "pretrain.json").exists():
-        print(f"[pretrain] no base model at {path}: pretraining it now (once)")
+        log.info(f"[pretrain] no base model at {path}: pretraining it now (once)")
         pretrain(PretrainConfig(task=TaskConfig(**OmegaConf.to_container(task))  # type: ignore[arg-type]
                                 if isinstance(task, DictConfig) else task))
     return path

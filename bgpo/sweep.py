@@ -10,6 +10,7 @@ Re-running a sweep skips runs whose summary exists and resumes runs that have a 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,8 @@ from omegaconf import DictConfig
 
 from bgpo.config import register
 from bgpo.train import run, test_line
+
+log = logging.getLogger("bgpo.sweep")  # not __name__, which is "__main__" under python -m
 
 
 def sweep_jobs(config: DictConfig) -> list[list[str]]:
@@ -63,10 +66,10 @@ class Report(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         root = Path(config.results_dir)
         done = sorted(p.parent.name for p in root.glob("*/summary.json"))
-        print(f"[bgpo.sweep] results in {root.resolve()}: {len(done)} complete runs")
+        log.info(f"[bgpo.sweep] results in {root.resolve()}: {len(done)} complete runs")
         for name in done:
             s = json.loads((root / name / "summary.json").read_text())
-            print(f"  {name}: test accuracy {test_line(s)}")
+            log.info(f"  {name}: test accuracy {test_line(s)}")
 
 
 register()

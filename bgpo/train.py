@@ -8,6 +8,7 @@ completed run is not repeated, an interrupted one resumes from its last checkpoi
 
 from __future__ import annotations
 
+import logging
 import os
 
 import hydra
@@ -15,6 +16,8 @@ from omegaconf import DictConfig
 
 from bgpo.config import register, to_container, validate_train
 from bgpo.results import finish_run, open_run, run_lock
+
+log = logging.getLogger("bgpo.train")  # not __name__, which is "__main__" under python -m
 
 
 def run(cfg: DictConfig) -> dict:
@@ -29,16 +32,17 @@ def run(cfg: DictConfig) -> dict:
     rank = int(os.environ.get("RANK", "0"))  # torchrun / accelerate: only rank 0 writes
     path, done = open_run(resolved, write=rank == 0)
     if done is not None:
-        print(f"[bgpo] {path} is complete (summary.json exists): nothing to train")
+        log.info(f"[bgpo] {path} is complete (summary.json exists): nothing to train")
         return done
     if rank != 0:
         return train(cfg, path)
     with run_lock(path) as mine:
         if not mine:
-            print(f"[bgpo] {path} is being trained by another process: skipped here")
+            log.info(f"[bgpo] {path} is being trained by another process: skipped here")
             return {"run": path.name, "skipped": "locked"}
+        log.info(f"[bgpo] training {path}")
         summary = finish_run(path, resolved, train(cfg, path))
-    print(f"[bgpo] {path}: test accuracy {test_line(summary)}")
+    log.info(f"[bgpo] {path}: test accuracy {test_line(summary)}")
     return summary
 
 

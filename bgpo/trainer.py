@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import resource
 import signal
@@ -24,8 +25,9 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from bgpo.config import build_method
+from bgpo.config import build_method, to_container
 from bgpo.evaluation import SELECTION, best_row, better, evaluate_on, has_validation, test_sources
+from bgpo.loggers import Tracker, nested
 from bgpo.method import backward as method_backward
 from bgpo.method import minibatch
 from bgpo.model import DLLM, apply_lora, load_dllm
@@ -34,6 +36,8 @@ from bgpo.pretrain import ensure_base_model, pick_device
 from bgpo.results import atomic_write_json, provenance
 from bgpo.rollout import rollout
 from bgpo.tasks import get_task
+
+log = logging.getLogger(__name__)
 
 
 def advantages(rewards: torch.Tensor, G: int, std_norm: bool) -> torch.Tensor:
@@ -111,6 +115,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
     bar = tqdm(range(start, cfg.steps), desc=run_dir.name, disable=not cfg.progress or dist.rank != 0,
                initial=start, total=cfg.steps)
+    # trackers (TensorBoard, W&B) see every metrics row and the test sets; INFO lines go to the job log
+    tracker = Tracker.open(cfg.logger, run_dir, to_container(cfg), start, cfg.steps, log) if dist.rank == 0 \
+        else Tracker()
     validate = has_validation(task)
     best = best_row(read_metrics(metrics_path)) if dist.rank == 0 else None  # resumed: best so far
     if start == 0:  # the base model: validation (the step-0 row) and the test sets, once
@@ -122,6 +129,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             with open(metrics_path, "a") as f:
                 row0 = {"step": 0, **prefixed(row0, "val/"), "time/step_s": time.time() - t0}
                 f.write(json.dumps(row0) + "\n")
+            tracker.log({**row0, **nested("test", tests)})  # the base model's test sets
     for step in bar:
         t0 = time.time()
         policy.net.train()
@@ -176,6 +184,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         if dist.rank == 0:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+            tracker.log(row)
         bar.set_postfix(reward=f"{row['reward']:.3f}")
         stopping = dist.any(bool(stop))  # every rank stops after the same step
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps or stopping:
@@ -204,6 +213,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         stored = json.loads((run_dir / "eval_test.json").read_text())
         atomic_write_json(run_dir / "eval_test.json", {**stored, **tests, "best_step": best_step,
                                                        "selection": SELECTION})
+        tracker.log({"step": cfg.steps, **nested("test", tests["final"]),
+                     **nested("test_selected", tests.get("best", {}))})
+    tracker.close()
     summarise = lambda t: {src: {k: v for k, v in r.items() if k != "per_problem"} for src, r in t.items()}  # noqa: E731
     return {"final": summarise(tests["final"]), "selected": summarise(tests.get("best", {})),
             "best_step": best_step, "selection": SELECTION, "steps": cfg.steps,

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -79,12 +80,13 @@ def req(context: str, arg, kind: str = "generate_until", idx: int = 0) -> Instan
 
 # ---- bgpo.evaluate: lm-eval's accuracy == the suite's accuracy on the same generations ----------
 @pytest.mark.parametrize("name", ["countdown", "sudoku"])
-def test_evaluate_entry_equals_suite_reward(name, micro_path, tmp_path, capsys):
+def test_evaluate_entry_equals_suite_reward(name, micro_path, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="bgpo.evaluate")
     with initialize_config_module("bgpo.conf", version_base="1.3"):
         cfg = compose("evaluate", overrides=[f"checkpoint={micro_path}", f"task={name}", f"n={N}",
                                              f"out={tmp_path}", "log_samples=true", "device=cpu"])
     entry = bgpo_evaluate.run(cfg)
-    printed = capsys.readouterr().out
+    printed = caplog.text  # the result line (console and job log under Hydra)
     model = micro_model(dtype=torch.float32)
     ref, texts = suite_reference(model, name)
     assert entry["completions"] == texts  # the same generations, problem by problem

@@ -145,6 +145,25 @@ def test_sweep_runs_every_job_once_and_rerun_trains_nothing(reference, base_mode
     assert run_dirs(results_dir) == dirs
 
 
+@pytest.mark.slow
+def test_each_job_log_records_its_run(reference):
+    """Hydra's job logs (``<results_dir>/.hydra/sweep/<num>/sweep.log``) hold each run's messages:
+    one run per job, its start, an INFO line at its last step, its final line; the sweep's report
+    goes to the console only, not into the last job's log."""
+    results_dir, proc = reference
+    logs = sorted((results_dir / ".hydra" / "sweep").glob("*/sweep.log"))
+    assert len(logs) == N_RUNS
+    trained = []
+    for log in logs:
+        text = log.read_text()
+        (d,) = [d for d in run_dirs(results_dir) if f"training {d}" in text]
+        trained.append(d)
+        assert f"step {STEPS}/{STEPS}: reward" in text and f"{d}: test accuracy" in text
+        assert "complete runs" not in text
+    assert sorted(trained) == run_dirs(results_dir)
+    assert f"[bgpo.sweep] results in {results_dir.resolve()}" in proc.stdout
+
+
 def _kill_point(results_dir: Path) -> Path | None:
     """The run to kill the sweep in: a later run (an earlier one is complete) that has a checkpoint
     and metrics rows past it (work the kill will lose), not at its last step."""

@@ -108,8 +108,10 @@ def check_common(c: object, name: str) -> None:
         v = getattr(c, key, None)
         if v is None:
             continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"method.cfg.{key}={v!r} must be a number ({name})")
         if not v == v or v in (float("inf"), float("-inf")) or v < lo or (strict and v == lo):
             raise ValueError(f"method.cfg.{key}={v} must be {'>' if strict else '>='} {lo} ({name})")
     dual = getattr(c, "dual_clip", 0.0)
-    if not (dual == 0 or dual > 1):
+    if isinstance(dual, bool) or not isinstance(dual, (int, float)) or not (dual == 0 or dual > 1):
         raise ValueError(f"method.cfg.dual_clip={dual} must be 0 (off) or > 1 ({name})")

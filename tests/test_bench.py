@@ -58,7 +58,8 @@ def test_memory_bench_bgpo_flat_vrpo_grows(micro_path, tmp_path):
 def test_variance_bench_coupling_lowers_variance(micro_path, tmp_path):
     argv = ["--model", str(micro_path), "--name", "micro", "--mcs", "1,4", "--repeats", "3",
             "--gold-mc", "16", "--gold-chunk", "8", "--prompts", "1", "--group", "4", "--max-tries", "16",
-            "--diff-ns", "1,4", "--diff-replicates", "16", "--out", str(tmp_path), "--no-progress"]
+            "--diff-ns", "1,4", "--diff-replicates", "16", "--tail-draws", "256", "--out", str(tmp_path),
+            "--no-progress"]
     assert variance.main(argv) == 0
     rows = variance.load_rows(tmp_path / "variance-micro.jsonl")
     grads = {(r["method"], r["mc"]): r for r in rows if r["kind"] == "grad"}
@@ -68,10 +69,14 @@ def test_variance_bench_coupling_lowers_variance(micro_path, tmp_path):
     check = next(r for r in rows if r["kind"] == "onpolicy_check")
     assert check["rel_diff"] < 1e-5  # SPEC §3: on-policy, BGPO's gradient is VRPO-OL's
     diffs = [r for r in rows if r["kind"] == "elbo_diff"]
-    assert len(diffs) == 2 * 2 * 2 * 2  # level × stratified × n × coupled
-    for level in ("time", "count"):
-        for strat in (False, True):
-            for n in (1, 4):
-                sel = {r["coupled"]: r["var"] for r in diffs
-                       if (r["level"], r["stratified"], r["n"]) == (level, strat, n)}
-                assert sel[True] < sel[False], (level, strat, n, sel)
+    assert len(diffs) == len(variance.ESTIMATORS) * 2 * 2  # estimator × n × coupled
+    for level, strat, t_min in variance.ESTIMATORS:
+        for n in (1, 4):
+            sel = {r["coupled"]: r["var"] for r in diffs
+                   if (r["level"], r["stratified"], r["t_min"], r["n"]) == (level, strat, t_min, n)}
+            assert sel[True] < sel[False], (level, strat, n, sel)
+    tails = {(r["level"], r["stratified"], r["t_min"]): r for r in rows if r["kind"] == "estimator"}
+    assert set(tails) == set(variance.ESTIMATORS)
+    count = tails["count", False, 0.0]
+    assert count["max_weight"] <= count["gen_length"]  # L/l with l >= 1
+    assert tails["time", False, 1e-3]["max_weight"] <= 1000 + 1e-9  # the floor bounds 1/t

@@ -92,6 +92,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--diff-replicates", type=int, default=32)
     p.add_argument("--diff-seqs", type=int, default=8)
     p.add_argument("--perturb", type=float, default=0.02, help="θ = θ_old + perturb·RMS·N(0,1)")
+    p.add_argument("--tail-draws", type=int, default=4096,
+                   help="single draws per estimator for its tail statistics (kind=estimator)")
     p.add_argument("--override", action="append", default=[], help="Hydra override for the methods")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1: the tiny model's ops gain nothing from more, and a thread team "
@@ -261,11 +263,10 @@ def diff_rows(args: argparse.Namespace, policy: DLLM, batch: Batch, bar: Any) ->
     policy.net.eval()
     theta.net.eval()
     rows = []
-    configs = [(level, strat, n) for level in ("time", "count") for strat in (False, True)
-               for n in args.diff_ns]
-    for i, (level, stratified, n) in enumerate(configs):
-        cfg = ELBOConfig(level=level, stratified=stratified)
-        bar.set_postfix_str(f"B̂ diff {level} strat={stratified} n={n}")
+    configs = [(est, n) for est in ESTIMATORS for n in args.diff_ns]
+    for i, ((level, stratified, t_min), n) in enumerate(configs):
+        cfg = ELBOConfig(level=level, stratified=stratified, t_min=t_min)
+        bar.set_postfix_str(f"B̂ diff {level} strat={stratified} t_min={t_min} n={n}")
         g = torch.Generator(device=policy.device).manual_seed(10**6 * (args.seed + 1) + i)
         d = replicate_draws(sub, cfg, n, R, policy.eos_token_id, g)
         chunk = max(1, 256 // k)
@@ -273,15 +274,33 @@ def diff_rows(args: argparse.Namespace, policy: DLLM, batch: Batch, bar: Any) ->
         b_old = elbo.ell_all(policy, sub, d, chunk).double().view(R, n, k).mean(1)  # [R, k]
         coupled = b_theta - b_old  # the same masks for θ and θ_old
         indep = b_theta[:half] - b_old[half : 2 * half]  # independent masks: R/2 pairs
-        base = {"kind": "elbo_diff", "level": level, "stratified": stratified, "n": n,
+        base = {"kind": "elbo_diff", "level": level, "stratified": stratified, "t_min": t_min, "n": n,
                 "perturb": args.perturb, "seqs": k, "var_theta": b_theta.var(0).mean().item(),
                 "mean_diff": coupled.mean().item()}
         rows.append({**base, "coupled": True, "replicates": R, "var": coupled.var(0).mean().item()})
         rows.append({**base, "coupled": False, "replicates": half, "var": indep.var(0).mean().item()})
         bar.update(2 * R * n)
+    for i, (level, stratified, t_min) in enumerate(ESTIMATORS):  # single-draw tails (n = 1)
+        cfg = ELBOConfig(level=level, stratified=stratified, t_min=t_min)
+        g = torch.Generator(device=policy.device).manual_seed(10**7 * (args.seed + 1) + i)
+        d = replicate_draws(sub, cfg, 1, args.tail_draws, policy.eos_token_id, g)
+        ell = elbo.ell_all(policy, sub, d, max(1, 256 // k)).double()  # [D, k]
+        dev = (ell - ell.mean(0)).square()  # [D, k]
+        top = max(1, args.tail_draws // 1000)
+        rows.append({"kind": "estimator", "level": level, "stratified": stratified, "t_min": t_min,
+                     "draws": args.tail_draws, "seqs": k, "var_ell": dev.mean(0).mean().item(),
+                     "max_weight": d.weight.max().item(), "max_abs_dev_sd": (dev.max(0).values / dev.mean(0))
+                     .sqrt().mean().item(), "top_share": (dev.topk(top, 0).values.sum(0) / dev.sum(0))
+                     .mean().item(), "mean_ell": ell.mean().item()})
+        bar.update(args.tail_draws)
     policy.net.train(was[0])
     theta.net.train(was[1])
     return rows
+
+
+# the estimator options compared (level, stratified, t_min); docs/methods.md §2 and paper/NOTES.md
+ESTIMATORS = (("time", False, 0.0), ("time", True, 0.0), ("time", False, 1e-3), ("count", False, 0.0),
+              ("count", True, 0.0))
 
 
 def run(args: argparse.Namespace, cmd: str) -> tuple[Path, list[dict[str, Any]]]:
@@ -297,7 +316,7 @@ def run(args: argparse.Namespace, cmd: str) -> tuple[Path, list[dict[str, Any]]]
     batch, rewards, synthetic = fixed_batch(policy, args.task, args.prompts, args.group, args.temperature,
                                             args.seed, args.max_tries)
     total = (len(args.methods) * (args.gold_mc + args.repeats * sum(args.mcs))
-             + 4 * 2 * args.diff_replicates * sum(args.diff_ns))
+             + len(ESTIMATORS) * (2 * args.diff_replicates * sum(args.diff_ns) + args.tail_draws))
     bar = tqdm(total=total, disable=not args.progress, desc=f"variance {spec.name}", unit="draw")
     rows = grad_rows(args, policy, batch, rewards, bar) + diff_rows(args, policy, batch, bar)
     bar.close()
@@ -326,15 +345,22 @@ def summary(rows: list[dict[str, Any]]) -> str:
         if r["kind"] == "onpolicy_check":
             out.append(f"on-policy BGPO vs VRPO-OL gradient, same draws: rel diff {r['rel_diff']:.2e}")
     d = [r for r in rows if r["kind"] == "elbo_diff"]
-    for level in ("time", "count"):
-        for strat in (False, True):
-            for coupled in (False, True):
-                sel = sorted((r for r in d if r["level"] == level and r["stratified"] == strat
-                              and r["coupled"] == coupled), key=lambda r: r["n"])
-                if sel:
-                    out.append(f"Var(B̂θ−B̂old) {level:5s} {'strat' if strat else 'iid  '} "
-                               f"{'coupled' if coupled else 'indep  '}: "
-                               + " ".join(f"n={r['n']}:{r['var']:.4g}" for r in sel))
+    for level, strat, t_min in ESTIMATORS:
+        for coupled in (False, True):
+            sel = sorted((r for r in d if r["coupled"] == coupled
+                          and (r["level"], r["stratified"], r.get("t_min", 0.0)) == (level, strat, t_min)),
+                         key=lambda r: r["n"])
+            if sel:
+                out.append(f"Var(B̂θ−B̂old) {level:5s} {'strat' if strat else 'iid  '} t_min={t_min:g} "
+                           f"{'coupled' if coupled else 'indep  '}: "
+                           + " ".join(f"n={r['n']}:{r['var']:.4g}" for r in sel))
+    for r in rows:
+        if r["kind"] == "estimator":
+            iid = "strat" if r["stratified"] else "iid  "
+            out.append(f"ℓ tails {r['level']:5s} {iid} t_min={r['t_min']:g}: "
+                       f"var {r['var_ell']:.4g}, max weight {r['max_weight']:.4g}, largest |ℓ−mean| "
+                       f"{r['max_abs_dev_sd']:.1f} sd, top 0.1% of draws hold {100 * r['top_share']:.1f}% "
+                       "of the sum of squares")
     return "\n".join(out)
 
 

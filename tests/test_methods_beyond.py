@@ -520,3 +520,43 @@ def test_each_new_method_trains(method, base_model, tmp_path, monkeypatch):
     assert orders and all(o == want for o, _ in orders)
     if method == "just_grpo":
         assert all(torch.equal(t, torch.arange(8).expand_as(t)) for _, t in orders)
+
+
+# ---- the benchmarks ------------------------------------------------------------------------------------
+NEW = ("spg", "espo", "coupled_grpo", "tracerl", "just_grpo")
+
+
+def test_memory_bench_runs_the_new_methods(base_model, tmp_path):
+    """Tiny settings: every new method gets rows; those that back-propagate one term at a time
+    (TraceRL's groups, JustGRPO's positions) stay flat in n_t, those whose estimator couples the
+    update's draws (SPG's EUBO, ESPO's ratio, coupled-GRPO's proxy) grow with it."""
+    from bgpo.bench import memory
+
+    argv = ["memory", "--model", str(base_model), "--name", "micro", "--methods", ",".join(NEW),
+            "--mcs", "1,4", "--prompts", "2", "--group", "4", "--prompt-length", "6", "--gen-length", "8",
+            "--repeats", "1", "--no-rss", "--out", str(tmp_path), "--no-progress"]
+    from bgpo.bench.__main__ import main as bench_main
+
+    assert bench_main(argv) == 0
+    rows = memory.load_rows(tmp_path / "memory-cpu-micro.jsonl")
+    by = {(r["method"], r["mc"]): r["peak_bytes"] for r in rows}
+    assert set(by) == {(m, n) for m in NEW for n in (1, 4)} and all(v > 0 for v in by.values())
+    for m in ("tracerl", "just_grpo"):
+        assert by[m, 4] <= 1.10 * by[m, 1], m
+    for m in ("spg", "espo", "coupled_grpo"):
+        assert by[m, 4] >= 2.5 * by[m, 1], m
+
+
+def test_variance_bench_runs_the_new_methods(base_model, tmp_path):
+    from bgpo.bench import variance
+
+    argv = ["--model", str(base_model), "--name", "micro", "--methods", ",".join(NEW), "--mcs", "1,4",
+            "--repeats", "2", "--gold-mc", "8", "--gold-chunk", "4", "--prompts", "1", "--group", "4",
+            "--max-tries", "16", "--diff-ns", "1", "--diff-replicates", "4", "--diff-seqs", "2",
+            "--out", str(tmp_path), "--no-progress"]
+    assert variance.main(argv) == 0
+    grads = {(r["method"], r["mc"]): r for r in variance.load_rows(tmp_path / "variance-micro.jsonl")
+             if r["kind"] == "grad"}
+    assert set(grads) == {(m, n) for m in NEW for n in (1, 4)}
+    for (m, _), r in grads.items():  # TraceRL's trajectory draws are deterministic: no MC noise
+        assert (r["grad_std"] == 0) == (m == "tracerl") and r["bias_rel"] >= 0, (m, r["grad_std"])

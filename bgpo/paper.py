@@ -37,12 +37,7 @@ TASKS = {"math500": "MATH500", "gsm8k": "GSM8K", "humaneval": "HumanEval", "mbpp
          "sudoku": "Sudoku", "countdown": "Countdown"}
 METHODS = {"base": "Base model", "diffugrpo": "diffu-GRPO", "vrpo": "VRPO-OL",
            "bgpo_offpolicy": "BGPO (off-policy)", "bgpo": "BGPO", "wd1": "wd1"}
-# the methods after BGPO (issue 17): their own table, each paper's numbers under its own protocol
-BEYOND = {"spg": "SPG", "espo": "ESPO", "coupledgrpo": "coupled-GRPO", "tracerl": "TraceRL",
-          "justgrpo": "JustGRPO"}
-BEYOND_SWEEP = "beyond_tiny"
-LABELS = {**METHODS, **BEYOND}
-ORDER = ["bgpo", "bgpo_offpolicy", "vrpo", "diffugrpo", "wd1", *BEYOND]  # columns and rows outside Table 1
+ORDER = ["bgpo", "bgpo_offpolicy", "vrpo", "diffugrpo", "wd1"]  # columns and rows outside Table 1
 MAIN_SWEEPS = ("tiny_repro", "paper_main")  # tiny_repro always shown; paper_main when it has runs
 FOOTNOTES = {
     "a": "no completed run with a final evaluation in this results folder",
@@ -50,9 +45,6 @@ FOOTNOTES = {
     "c": "not reported by the paper",
     "d": "from the wd1 paper at generation length 256 / 512 (wd1 is not in BGPO's Table 1)",
     "e": "the runs in this cell differ in more than the seed (several configurations averaged)",
-    "f": "reported under that paper's own protocol (model, length, shots, split, metric: see the notes); "
-         "not comparable across rows",
-    "g": "no number quoted: the paper's text could not be read for paper/reported.yaml",
 }
 
 
@@ -188,7 +180,7 @@ def mc_table(runs: list[Run], reported: dict[str, Any]) -> Table:
     sel = [r for r in runs if r.sweep == "mc_ablation"]
     cols = sorted({(r.method, r.task) for r in sel}, key=lambda k: (rank(k[0]), k))
     header = ["n_t", "paper: BGPO MATH500", "paper: BGPO GSM8K",
-              *[f"suite: {LABELS.get(m, m)} {TASKS.get(t, t)}" for m, t in cols]]
+              *[f"suite: {METHODS.get(m, m)} {TASKS.get(t, t)}" for m, t in cols]]
     if not cols:
         header.append("suite: results/mc_ablation")
     base = [cell_of(sel, "base", t) for _, t in cols] or [("–", "a")]
@@ -202,29 +194,6 @@ def mc_table(runs: list[Run], reported: dict[str, Any]) -> Table:
              "(%), mean ± sample std over runs, n = runs.", *commits_note(sel)]
     return Table("mc_ablation", "Table 2: accuracy (%) against the MC sample size n_t",
                  header, rows, notes)
-
-
-def beyond_table(runs: list[Run], reported: dict[str, Any]) -> Table:
-    """The methods after BGPO: each paper's reported row (``reported.yaml`` → ``beyond``) beside the
-    suite's tiny-scale runs (``results/beyond_tiny``, sweeps/beyond_tiny.yaml)."""
-    rep = reported.get("beyond", {})
-    sel = [r for r in runs if r.sweep == BEYOND_SWEEP]
-    rows, notes = [], []
-    for m, label in BEYOND.items():
-        entry = rep.get(m)
-        if entry:
-            paper = [reported_cell(entry["values"].get(t)) for t in TASKS]
-            rows.append([(label, ""), ("paper", "f"), *paper])
-            protocol = "; ".join(f"{k}: {v}" for k, v in entry["protocol"].items())
-            notes.append(f"{label}, paper: {entry['source']}. Protocol: {protocol}.")
-        else:
-            rows.append([(label, ""), ("paper", ""), *[("–", "g")] * len(TASKS)])
-        rows.append([(label, ""), (f"suite: {BEYOND_SWEEP}", ""), *[cell_of(sel, m, t) for t in TASKS]])
-    notes += [f"suite: results/{BEYOND_SWEEP}/ (sweeps/{BEYOND_SWEEP}.yaml): the tiny base models at CPU "
-              "scale; cells are FINAL evaluation accuracy (%), mean ± sample std over runs (seeds), n = "
-              "runs; the tiny_repro rows of Table 1 are the baselines run the same way.", *commits_note(sel)]
-    return Table("beyond", "The methods after BGPO: accuracy (%) by method and task", ["Method", "Source",
-                 *TASKS.values()], rows, notes)
 
 
 def mib(value: Any) -> str:
@@ -241,7 +210,7 @@ def memory_table(rows: list[dict[str, Any]]) -> Table:
         r = last[key]
         oom = ("OOM", "") if r.get("oom") else None
         step = r.get("step_time_s")
-        body.append([(key[0], ""), (key[1], ""), (LABELS.get(key[2], key[2]), ""), (str(key[3]), ""),
+        body.append([(key[0], ""), (key[1], ""), (METHODS.get(key[2], key[2]), ""), (str(key[3]), ""),
                      oom or (mib(r.get("peak_bytes")), ""), (mib(r.get("rss_peak_bytes")), ""),
                      (mib(r.get("floor_bytes")), ""),
                      (f"{step:.3f}" if isinstance(step, (int, float)) else "–", ""),
@@ -298,8 +267,7 @@ def render_tables(results: Path, reported: dict[str, Any]) -> dict[str, str]:
     runs = load_runs(results)
     mem = load_jsonl(sorted((results / "bench").glob("memory-*.jsonl")))
     out = {}
-    for t in (main_table(runs, reported), mc_table(runs, reported), memory_table(mem),
-              beyond_table(runs, reported)):
+    for t in (main_table(runs, reported), mc_table(runs, reported), memory_table(mem)):
         out[f"tables/{t.name}.md"], out[f"tables/{t.name}.tex"] = to_markdown(t), to_latex(t)
     return out
 

@@ -87,8 +87,7 @@ def test_tables_regenerate_byte_identically(tree: tuple[Path, Path]) -> None:
     results, out = tree
     assert generate(results, out, "--tables-only") == 0
     first = table_bytes(out)
-    names = ("main", "mc_ablation", "memory", "beyond")
-    assert set(first) == {f"{n}.{e}" for n in names for e in ("md", "tex")}
+    assert set(first) == {f"{n}.{e}" for n in ("main", "mc_ablation", "memory") for e in ("md", "tex")}
     assert generate(results, out, "--tables-only") == 0
     assert table_bytes(out) == first
     assert generate(results, out, "--check") == 0
@@ -142,20 +141,6 @@ def test_reported_numbers_come_from_reported_yaml(tree: tuple[Path, Path]) -> No
     assert row(md, "BGPO", "paper")[-1] == "12.3"
     mc = (out / "tables" / "mc_ablation.md").read_text()
     assert row(mc, "1")[:3] == ["1", "43.5", "45.6"]
-
-
-def test_beyond_table_takes_reported_numbers_and_the_beyond_sweep(tree: tuple[Path, Path]) -> None:
-    """The methods after BGPO: each paper's row from reported.yaml (or "–" where its text was not
-    read), the suite's row from results/beyond_tiny/."""
-    results, out = tree
-    for seed, acc in enumerate((0.2, 0.4)):
-        write_run(results, "beyond_tiny", "spg", "countdown", 2, seed, acc, base=0.25)
-    generate(results, out, "--tables-only")
-    md = (out / "tables" / "beyond.md").read_text()
-    rep = yaml.safe_load(REPORTED.read_text())["beyond"]
-    assert row(md, "SPG", "paper<sup>f</sup>")[2:] == [f"{rep['spg']['values'][t]:.1f}" for t in paper.TASKS]
-    assert row(md, "SPG", "suite: beyond_tiny")[-1] == "30.0 ± 14.1 (n=2)"
-    assert row(md, "ESPO", "paper")[2] == "–<sup>g</sup>" and "Protocol: model:" in md
 
 
 def test_mc_ablation_and_memory_tables(tree: tuple[Path, Path]) -> None:

@@ -165,9 +165,13 @@ class TrainConfig:
     """trackers (logs in the run folder: tb/, wandb/) and the job log's INFO lines"""
 
 
-# SPEC §4: n_t per method (and the task exceptions) in BGPO's comparison
-PAPER_MC = {"bgpo": 16, "vrpo": 4, "diffugrpo": 1, "wd1": 1}
+# SPEC §4: n_t per method (and the task exceptions) in BGPO's comparison; the methods after BGPO
+# take their own papers' values: SPG m = 2 MC samples (App. G.2), ESPO 2 (code: num_mc), coupled-GRPO
+# λ = 1 pair (§5); TraceRL n_t = steps / s with the code's shrinkage s = 8; JustGRPO every position
+# (n_t = gen_length: the exact AR log-likelihood)
+PAPER_MC = {"bgpo": 16, "vrpo": 4, "diffugrpo": 1, "wd1": 1, "spg": 2, "espo": 2, "coupledgrpo": 1}
 PAPER_MC_EXCEPTIONS = {("bgpo", "sudoku"): 32, ("vrpo", "humaneval"): 2, ("vrpo", "mbpp"): 2}
+TRACERL_SHRINK = 8
 
 
 # SPEC §4: training length / diffusion steps (block 32) and RL steps per task at full scale
@@ -178,9 +182,15 @@ PAPER_TASK = {"math500": _MATH, "gsm8k": _MATH, "humaneval": _CODE, "mbpp": _COD
               "countdown": {"gen_length": 256, "diffusion_steps": 128, "steps": 560}}
 
 
-def paper_mc(target: str, task: str) -> int:
-    """``${paper_mc:${method._target_},${task.name}}``: the paper's n_t for a method and task."""
+def paper_mc(target: str, task: str, gen_length: int | None = None, steps: int | None = None) -> int:
+    """``${paper_mc:${method._target_},${task.name}}``: the paper's n_t for a method and task. TraceRL
+    and JustGRPO depend on the sampler: pass ``${task.gen_length},${task.diffusion_steps}`` (default:
+    the task's full-scale settings, ``PAPER_TASK``)."""
     method = target.rsplit(".", 1)[-1].lower()
+    if method == "tracerl":
+        return max(1, (steps or paper_task(task, "diffusion_steps")) // TRACERL_SHRINK)
+    if method == "justgrpo":
+        return gen_length or paper_task(task, "gen_length")
     return PAPER_MC_EXCEPTIONS.get((method, task), PAPER_MC[method])
 
 
@@ -268,7 +278,8 @@ def build_method(cfg: DictConfig) -> Any:
     from hydra.utils import instantiate
 
     if "_target_" not in cfg.method:
-        raise ValueError("method: choose one of bgpo, vrpo, diffu_grpo, wd1 (method=<name>)")
+        raise ValueError("method: choose one of bgpo, vrpo, diffu_grpo, wd1, spg, espo, coupled_grpo, "
+                         "tracerl, just_grpo (method=<name>)")
     from hydra.errors import InstantiationException
 
     try:

@@ -20,6 +20,12 @@ Two meanings of "more than one update per rollout batch" (``OFF_POLICY``, a clas
   used once; θ_old is the rollout policy, evaluated on the SAME coupled draws as θ.
 - ``"inner_updates"`` (d1 §3.2, diffu-GRPO's μ; wd1): μ optimizer steps over the WHOLE batch,
   each with a fresh prompt mask.
+
+A method may also declare ``ROLLOUT_ORDER`` (a class attribute): ``"left_to_right"`` asks for
+rollouts decoded one token per step, left to right (JustGRPO: the dLLM as an autoregressive
+policy); the default ``"blocks"`` is the task's block-wise sampler. The trainer passes it to
+``bgpo.rollout.rollout`` whatever the method is; rollouts always carry the sampler's trace
+(``Batch.trace``), which a trajectory-likelihood method (TraceRL) scores.
 """
 
 from __future__ import annotations
@@ -99,6 +105,11 @@ def k3(ref: Tensor, cur: Tensor) -> Tensor:
     """k3 estimator of KL(π_θ || π_ref) from log-probs: ``exp(ref − θ) − (ref − θ) − 1`` (≥ 0)."""
     delta = ref - cur
     return delta.exp() - delta - 1
+
+
+def k2(ref: Tensor, cur: Tensor) -> Tensor:
+    """k2 estimator of KL(π_θ || π_ref): ``½ (θ − ref)²`` (≥ 0; no exponential)."""
+    return 0.5 * (cur - ref).square()
 
 
 def check_common(c: object, name: str) -> None:

@@ -31,9 +31,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-COLORS = {"bgpo": "C0", "bgpo_offpolicy": "C4", "vrpo": "C1", "diffugrpo": "C2", "wd1": "C3"}
+COLORS = {"bgpo": "C0", "bgpo_offpolicy": "C4", "vrpo": "C1", "diffugrpo": "C2", "wd1": "C3",
+          "spg": "C5", "espo": "C6", "coupledgrpo": "C7", "tracerl": "C8", "justgrpo": "C9"}
 LABELS = {"bgpo": "BGPO", "bgpo_offpolicy": "BGPO (off-policy)", "vrpo": "VRPO-OL",
-          "diffugrpo": "diffu-GRPO", "wd1": "wd1"}
+          "diffugrpo": "diffu-GRPO", "wd1": "wd1", "spg": "SPG", "espo": "ESPO",
+          "coupledgrpo": "coupled-GRPO", "tracerl": "TraceRL", "justgrpo": "JustGRPO"}
 ORDER = list(LABELS)
 # methods with identical curves (memory: VRPO-OL, diffu-GRPO, wd1) stay visible: own marker and dash
 STYLES = {"bgpo": ("o", "-", 7), "bgpo_offpolicy": ("P", "-", 7), "vrpo": ("s", "-", 9),

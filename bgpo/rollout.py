@@ -24,29 +24,41 @@ class Rollouts:
     rewards: torch.Tensor  # [B] float
 
 
+ORDERS = ("blocks", "left_to_right")
+
+
 def sampler_config(task_cfg: TaskConfig, temperature: float, eval_mode: bool = False,
-                   fast: SamplerConf | None = None) -> SamplerConfig:
+                   fast: SamplerConf | None = None, order: str = "blocks") -> SamplerConfig:
     """Rollouts use task.diffusion_steps (and the ``sampler.*`` mode); evaluation uses the
-    reference sampler with one token per step (SPEC §4)."""
+    reference sampler with one token per step (SPEC §4). ``order="left_to_right"`` (a method's
+    ``ROLLOUT_ORDER``, JustGRPO) decodes rollouts one token per step in blocks of one: exact
+    autoregressive sampling with the future masked."""
+    if order not in ORDERS:
+        raise ValueError(f"rollout order {order!r} is not one of {list(ORDERS)}")
     if eval_mode:
         return SamplerConfig(task_cfg.gen_length, task_cfg.block_length, task_cfg.gen_length, temperature)
     fast = fast or SamplerConf()
-    return SamplerConfig(task_cfg.gen_length, task_cfg.block_length, task_cfg.diffusion_steps, temperature,
-                         fast.mode, fast.threshold, fast.cache)
+    block, steps = task_cfg.block_length, task_cfg.diffusion_steps
+    if order == "left_to_right":
+        block, steps = 1, task_cfg.gen_length
+    return SamplerConfig(task_cfg.gen_length, block, steps, temperature, fast.mode, fast.threshold,
+                         fast.cache)
 
 
 def rollout(model: DLLM, task: Task, examples: list[Example], task_cfg: TaskConfig, G: int,
             temperature: float, generator: torch.Generator | None = None,
-            eval_mode: bool = False, fast: SamplerConf | None = None) -> Rollouts:
-    """G completions for each example (grouped, prompt-major) and their rewards."""
+            eval_mode: bool = False, fast: SamplerConf | None = None, order: str = "blocks") -> Rollouts:
+    """G completions for each example (grouped, prompt-major), their rewards and the sampler's
+    trace (``Batch.trace``: the step that committed each position)."""
     texts = [task.render(ex, task_cfg.format) for ex in examples for _ in range(G)]
     prompt_ids, prompt_mask = model.encode_prompts(texts)
-    comp = generate(model, prompt_ids, prompt_mask, sampler_config(task_cfg, temperature, eval_mode, fast),
-                    generator)
+    comp, trace = generate(model, prompt_ids, prompt_mask,
+                           sampler_config(task_cfg, temperature, eval_mode, fast, order), generator,
+                           return_trace=True)
     decoded = model.decode_completions(comp)
     rewards = [task.reward(ex, y, task_cfg.format)
                for ex, y in zip([ex for ex in examples for _ in range(G)], decoded, strict=True)]
-    return Rollouts(Batch.build(prompt_ids, prompt_mask, comp, G), decoded,
+    return Rollouts(Batch.build(prompt_ids, prompt_mask, comp, G, trace), decoded,
                     torch.tensor(rewards, dtype=torch.float64))
 
 

@@ -7,6 +7,13 @@ the ``k`` most confident predictions are committed, ``k`` spreading the block ev
 steps. Prompts are left-padded and the attention mask is passed to the model, so a prompt's
 tokens are the same whatever else is in the batch.
 
+``return_trace=True`` also returns the step at which each completion position was committed
+(``[B, L]``, steps counted from 0 across blocks): the trajectory a trajectory-likelihood method
+(TraceRL) scores. One token per step in blocks of one (``block_length=1``, ``steps=gen_length``)
+is exact left-to-right (autoregressive) decoding: each step predicts the first masked position
+with every later one masked, and commits it (JustGRPO's rollouts, ``bgpo.rollout``'s
+``order="left_to_right"``).
+
 ``SamplerConfig.mode = "cached"`` dispatches to the fast sampler of ``bgpo.sampler_cached``
 (block-wise KV cache + confidence-threshold parallel decoding); the reference path below is
 untouched by it.
@@ -96,12 +103,14 @@ def gumbel_argmax(logits: Tensor, temperature: float, generator: torch.Generator
 
 @torch.no_grad()
 def generate(model: DLLM, prompt_ids: Tensor, prompt_mask: Tensor, cfg: SamplerConfig,
-             generator: torch.Generator | None = None, progress: bool = False) -> Tensor:
-    """Sample completions ``[B, gen_length]`` for left-padded prompts ``[B, P]``."""
+             generator: torch.Generator | None = None, progress: bool = False,
+             return_trace: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """Sample completions ``[B, gen_length]`` for left-padded prompts ``[B, P]`` (and, with
+    ``return_trace``, the step that committed each position, ``[B, gen_length]``)."""
     if cfg.mode == "cached":  # the fast sampler (imported here: it builds on this module)
         from bgpo.sampler_cached import generate_cached
 
-        return generate_cached(model, prompt_ids, prompt_mask, cfg, generator, progress)
+        return generate_cached(model, prompt_ids, prompt_mask, cfg, generator, progress, return_trace)
     B, P = prompt_ids.shape
     L, bl = cfg.gen_length, cfg.block_length
     n_blocks = L // bl
@@ -110,6 +119,7 @@ def generate(model: DLLM, prompt_ids: Tensor, prompt_mask: Tensor, cfg: SamplerC
     x = torch.full((B, P + L), model.mask_token_id, dtype=torch.long, device=dev)  # [B, P+L]
     x[:, :P] = prompt_ids
     attn = torch.cat([prompt_mask, torch.ones(B, L, dtype=prompt_mask.dtype, device=dev)], 1)
+    trace = torch.full((B, L), -1, dtype=torch.long, device=dev)  # [B, L] step that committed each position
     bar = tqdm(total=cfg.steps, desc="rollout", disable=not progress, leave=False)
     for b in range(n_blocks):
         lo, hi = P + b * bl, P + (b + 1) * bl
@@ -126,6 +136,7 @@ def generate(model: DLLM, prompt_ids: Tensor, prompt_mask: Tensor, cfg: SamplerC
             rank = order.argsort(dim=-1)  # [B, bl]: rank of each position
             commit = (rank < schedule[:, s : s + 1]) & masked  # [B, bl]
             x[:, lo:hi] = torch.where(commit, x0, x[:, lo:hi])
+            trace[:, lo - P : hi - P].masked_fill_(commit, b * steps_per_block + s)
             bar.update(1)
     bar.close()
-    return x[:, P:]
+    return (x[:, P:], trace) if return_trace else x[:, P:]

@@ -112,8 +112,10 @@ def resolve_cache(model: DLLM, cache: str) -> str:
 
 @torch.no_grad()
 def generate_cached(model: DLLM, prompt_ids: Tensor, prompt_mask: Tensor, cfg: SamplerConfig,
-                    generator: torch.Generator | None = None, progress: bool = False) -> Tensor:
-    """Completions ``[B, gen_length]`` for left-padded prompts ``[B, P]`` (see the module doc)."""
+                    generator: torch.Generator | None = None, progress: bool = False,
+                    return_trace: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """Completions ``[B, gen_length]`` for left-padded prompts ``[B, P]`` (see the module doc); with
+    ``return_trace`` also the step that committed each position (``bgpo.sampler.generate``)."""
     cache = resolve_cache(model, cfg.cache)
     B, P = prompt_ids.shape
     L, bl = cfg.gen_length, cfg.block_length
@@ -124,6 +126,7 @@ def generate_cached(model: DLLM, prompt_ids: Tensor, prompt_mask: Tensor, cfg: S
     x[:, :P] = prompt_ids
     attn = torch.cat([prompt_mask, torch.ones(B, L, dtype=prompt_mask.dtype, device=dev)], 1)
     pos = (attn.long().cumsum(-1) - 1).clamp(min=0)  # as DLLM.logits: left padding starts at 0
+    trace = torch.full((B, L), -1, dtype=torch.long, device=dev)  # [B, L] step that committed each position
     bar = tqdm(total=cfg.steps, desc="rollout (cached)", disable=not progress, leave=False)
     for b in range(n_blocks):
         lo, hi = P + b * bl, P + (b + 1) * bl
@@ -151,9 +154,10 @@ def generate_cached(model: DLLM, prompt_ids: Tensor, prompt_mask: Tensor, cfg: S
             rank = conf.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)  # [b, bl]
             commit = ((rank < schedule[r, s : s + 1]) | (conf > cfg.threshold)) & masked
             x[r, lo:hi] = torch.where(commit, x0, xr[:, lo:hi])
+            trace[r, lo - P : hi - P] = trace[r, lo - P : hi - P].masked_fill(commit, b * steps_per_block + s)
             bar.update(1)
     bar.close()
-    return x[:, P:]
+    return (x[:, P:], trace) if return_trace else x[:, P:]
 
 
 @dataclass

@@ -139,9 +139,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             g = shard_generator(cfg.seed, step, s, device)
             # rollout
             t_gen = time.time()
-            with dist.full_params(policy.net):
+            with dist.full_params(policy.net):  # the method may ask for its rollout order (JustGRPO)
                 ro = rollout(policy, task, step_prompts[s * per_shard : (s + 1) * per_shard], cfg.task,
-                             cfg.group_size, cfg.temperature, g, fast=cfg.sampler)
+                             cfg.group_size, cfg.temperature, g, fast=cfg.sampler,
+                             order=getattr(method, "ROLLOUT_ORDER", "blocks"))
             gen_s += time.time() - t_gen
             # reward → advantages
             adv = advantages(ro.rewards, cfg.group_size, std_adv).to(device)

@@ -35,7 +35,8 @@ def test_saved_tensor_meter_counts_each_storage_once_and_skips_parameters():
 
 
 def test_memory_bench_bgpo_flat_vrpo_grows(micro_path, tmp_path):
-    argv = ["memory", "--model", str(micro_path), "--name", "micro", "--mcs", "1,4", "--prompts", "2",
+    argv = ["memory", "--model", str(micro_path), "--name", "micro", "--methods", "bgpo,vrpo,diffu_grpo,wd1",
+            "--mcs", "1,4", "--prompts", "2",
             "--group", "4", "--prompt-length", "6", "--gen-length", "8", "--repeats", "2",
             "--out", str(tmp_path), "--no-progress"]
     assert bench_main(argv) == 0  # through the dispatcher: python -m bgpo.bench memory ...
@@ -56,7 +57,8 @@ def test_memory_bench_bgpo_flat_vrpo_grows(micro_path, tmp_path):
 
 
 def test_variance_bench_coupling_lowers_variance(micro_path, tmp_path):
-    argv = ["--model", str(micro_path), "--name", "micro", "--mcs", "1,4", "--repeats", "3",
+    argv = ["--model", str(micro_path), "--name", "micro", "--methods", "diffu_grpo,vrpo,bgpo",
+            "--mcs", "1,4", "--repeats", "3",
             "--gold-mc", "16", "--gold-chunk", "8", "--prompts", "1", "--group", "4", "--max-tries", "16",
             "--diff-ns", "1,4", "--diff-replicates", "16", "--tail-draws", "256", "--out", str(tmp_path),
             "--no-progress"]

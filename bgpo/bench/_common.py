@@ -24,7 +24,8 @@ import torch
 from bgpo.elbo import Batch
 from bgpo.model import _DTYPES, DLLM, SPECIALS, apply_lora, build_char_tokenizer, load_dllm, tiny_config
 
-METHODS = ("bgpo", "vrpo", "diffu_grpo", "wd1")
+METHODS = ("bgpo", "vrpo", "diffu_grpo", "wd1", "spg", "espo", "coupled_grpo", "tracerl", "just_grpo")
+CHUNKED = ("bgpo", "vrpo", "tracerl", "just_grpo")  # methods with a method.cfg.mc_chunk
 ARCH_PRESETS = {
     # SPEC §1: LLaDA-8B (Llama-like, no GQA, untied output layer); built as a bidirectional Gemma3
     "llada8b": "hidden=4096,layers=32,heads=32,intermediate=12288,vocab=126464,tied=0",
@@ -232,6 +233,8 @@ class BatchSpec:
     prompt_length: int = 16
     gen_length: int = 16
     seed: int = 0
+    block_length: int = 8
+    """the synthetic decoding trace (TraceRL's input): blocks left to right, a random order inside"""
 
 
 def synthetic_batch(model: DLLM, spec: BatchSpec) -> tuple[Batch, torch.Tensor]:
@@ -252,8 +255,15 @@ def synthetic_batch(model: DLLM, spec: BatchSpec) -> tuple[Batch, torch.Tensor]:
     comp[torch.arange(L)[None, :] >= (L - n_eos)[:, None]] = model.eos_token_id
     rewards = (torch.rand(B, generator=g) < 0.5).double().view(spec.prompts, spec.group)
     rewards[:, 0], rewards[:, 1] = 1.0, 0.0  # every group mixed
+    # a decoding trace as the block-wise sampler makes one, one token per step (own generator: the
+    # batch above stays what it was before traces existed)
+    gt = torch.Generator().manual_seed(spec.seed + 1)
+    bl = min(spec.block_length, L)
+    block = torch.arange(L) // bl  # [L]
+    trace = torch.stack([block * bl + torch.cat([torch.randperm(min(bl, L - lo), generator=gt)
+                                                 for lo in range(0, L, bl)]) for _ in range(B)])  # [B, L]
     batch = Batch.build(prompt.to(model.device), torch.ones_like(prompt).to(model.device),
-                        comp.to(model.device), spec.group)
+                        comp.to(model.device), spec.group, trace.to(model.device))
     return batch, rewards.flatten()
 
 

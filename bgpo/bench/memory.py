@@ -1,9 +1,11 @@
 """``python -m bgpo.bench memory``: peak memory and step time of one RL update against n_t (issue 5;
 BGPO's Fig. 1 and its step-time comparison, SPEC §4).
 
-For every method (bgpo, vrpo, diffu_grpo, wd1) and n_t, real training steps run on one fixed
+For every method (bgpo, vrpo, diffu_grpo, wd1 and the methods after BGPO: spg, espo, coupled_grpo,
+tracerl, just_grpo; ``--methods``) and n_t, real training steps run on one fixed
 synthetic rollout batch (``--prompts`` × ``--group`` completions of ``--gen-length`` tokens after a
-``--prompt-length`` prompt): ``method.prepare`` + ``method.backward`` + grad-norm clip + AdamW
+``--prompt-length`` prompt, with a synthetic block-wise decoding trace for TraceRL):
+``method.prepare`` + ``method.backward`` + grad-norm clip + AdamW
 step, as the trainer does (methods built from ``conf/method/*.yaml`` with ``mc = n_t``). Recorded:
 
 - ``saved_bytes``: peak bytes of activation storage held by autograd for backward (saved-tensor

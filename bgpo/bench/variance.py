@@ -22,8 +22,14 @@ Table 2). Plotting-ready rows in ``<out>/variance-<model>.jsonl``, one per figur
   levels; averaged over the first ``--diff-seqs`` sequences of the batch. ``var_theta`` is
   Var(B̂_θ) alone, ``mean_diff`` the mean of B̂_θ − B̂_old.
 
-Default cost (tiny model, 2 CPU cores): 3 methods × (8 × 63 + 256) single-sample gradients of a
-1 × 8 batch of Countdown rollouts plus 4 × 2 × 13 × 32 forward-only draws of 4 sequences.
+The methods after BGPO (``--methods``): n_t is each one's cost knob (SPG and ESPO MC samples, ESPO
+and coupled-GRPO complementary pairs, TraceRL trajectory groups, JustGRPO AR positions). TraceRL's
+draws are deterministic (grad_std 0; what n_t changes is how many steps share a forward pass),
+JustGRPO is exact once n_t ≥ L; SPG's EUBO is a log of a mean over draws, so its gold (a mean of
+n_t = gold_chunk gradients) is not its own n_t = gold_mc gradient.
+
+Default cost (tiny model, 2 CPU cores): 8 methods × (8 × 63 + 256) gradients of n_t samples each on
+a 1 × 8 batch of Countdown rollouts plus 4 × 2 × 13 × 32 forward-only draws of 4 sequences.
 
     python -m bgpo.bench variance
     python -m bgpo.bench variance --mcs 1,4,16 --repeats 4 --gold-mc 64   # quicker
@@ -43,6 +49,8 @@ from torch import Tensor
 
 from bgpo import elbo
 from bgpo.bench._common import (
+    CHUNKED,
+    METHODS,
     ModelSpec,
     bench_main,
     check_model_args,
@@ -66,7 +74,7 @@ from bgpo.trainer import advantages
 
 __all__ = ["fixed_batch", "load_rows", "main"]
 
-GRAD_METHODS = ("diffu_grpo", "vrpo", "bgpo")
+GRAD_METHODS = ("diffu_grpo", "vrpo", "bgpo", "spg", "espo", "coupled_grpo", "tracerl", "just_grpo")
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -103,7 +111,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     args = p.parse_args(argv)
     check_model_args(p, args)
-    bad = sorted(set(args.methods) - {"bgpo", "vrpo", "diffu_grpo", "wd1"})
+    bad = sorted(set(args.methods) - set(METHODS))
     if bad:
         p.error(f"--methods: unknown {bad}")
     if args.repeats < 2:
@@ -121,7 +129,7 @@ def fixed_batch(policy: DLLM, task_name: str, prompts: int, G: int, temperature:
     """Rollouts of ``policy`` on the task's training prompts, keeping the first ``prompts`` groups
     whose rewards are not all equal; groups still missing after ``max_tries`` prompts are taken
     from the first tried, with synthetic rewards (1, 0, then Bernoulli(½)). Returns the batch, the
-    rewards and the number of synthetic groups."""
+    rewards and the number of synthetic groups. The batch keeps the sampler's trace (TraceRL)."""
     from bgpo.rollout import rollout
     from bgpo.tasks import get_task
 
@@ -129,31 +137,33 @@ def fixed_batch(policy: DLLM, task_name: str, prompts: int, G: int, temperature:
     task = get_task(cfg.task.name, test_file=cfg.task.test_file, n_test=cfg.task.n_test, **cfg.task.options)
     exs = task.train_examples(max_tries, seed)
     g = torch.Generator(device=policy.device).manual_seed(seed)
-    kept: list[tuple[str, Tensor, Tensor]] = []  # (prompt text, completions [G, L], rewards [G])
-    spare: list[tuple[str, Tensor, Tensor]] = []
+    kept: list[tuple[str, Tensor, Tensor, Tensor]] = []  # (prompt, completions, rewards, trace)
+    spare: list[tuple[str, Tensor, Tensor, Tensor]] = []
     was_training = policy.net.training
     policy.net.eval()
     for lo in range(0, max_tries, 16):
         chunk = exs[lo : lo + 16]
         ro = rollout(policy, task, chunk, cfg.task, G, temperature, g)
         comp, r = ro.batch.completion.view(len(chunk), G, -1), ro.rewards.view(len(chunk), G)
+        trace = ro.batch.trace.view(len(chunk), G, -1)
         for i, ex in enumerate(chunk):
-            item = (task.render(ex, cfg.task.format), comp[i], r[i])
+            item = (task.render(ex, cfg.task.format), comp[i], r[i], trace[i])
             (kept if r[i].std() > 0 else spare).append(item)
         if len(kept) >= prompts:
             break
     policy.net.train(was_training)
     synthetic = max(prompts - len(kept), 0)
     rng = torch.Generator().manual_seed(seed)
-    for text, comp, _ in spare[:synthetic]:
+    for text, comp, _, trace in spare[:synthetic]:
         r = (torch.rand(G, generator=rng) < 0.5).double()
         r[0], r[1] = 1.0, 0.0
-        kept.append((text, comp, r))
+        kept.append((text, comp, r, trace))
     kept = kept[:prompts]
-    prompt_ids, prompt_mask = policy.encode_prompts([t for t, _, _ in kept for _ in range(G)])
-    comp = torch.cat([c for _, c, _ in kept], 0)
-    rewards = torch.cat([r for _, _, r in kept], 0)
-    return Batch.build(prompt_ids, prompt_mask, comp, G), rewards, synthetic
+    prompt_ids, prompt_mask = policy.encode_prompts([k[0] for k in kept for _ in range(G)])
+    comp = torch.cat([k[1] for k in kept], 0)
+    rewards = torch.cat([k[2] for k in kept], 0)
+    trace = torch.cat([k[3] for k in kept], 0)
+    return Batch.build(prompt_ids, prompt_mask, comp, G, trace), rewards, synthetic
 
 
 # ---- gradients ----------------------------------------------------------------------------------
@@ -184,7 +194,7 @@ def grad_rows(args: argparse.Namespace, policy: DLLM, batch: Batch, rewards: Ten
 
     def build(m: str, n_t: int) -> tuple[Any, Tensor]:
         nonlocal ref
-        extra = [f"method.cfg.mc_chunk={min(args.chunk, n_t)}"] if m in ("bgpo", "vrpo") else []
+        extra = [f"method.cfg.mc_chunk={min(args.chunk, n_t)}"] if m in CHUNKED else []
         partial = method_partial(m, n_t, [*extra, *args.override])
         if needs_ref(partial) and ref is None:
             ref = make_ref(policy)

@@ -161,6 +161,9 @@ class TrainConfig:
     """explicit run folder (default: results_dir/<method>-<task>-mc<mc>-s<seed>-<hash>)"""
     device: str = "auto"
     progress: bool = True
+    threads: int = 0
+    """torch threads of this process (0: torch's default); 1 for several runs at once on a small
+    machine (hydra/launcher=local_parallel): two one-thread jobs beat one two-thread job on 2 cores"""
     logger: LoggerConf = field(default_factory=LoggerConf)
     """trackers (logs in the run folder: tb/, wandb/) and the job log's INFO lines"""
 

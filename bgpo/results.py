@@ -23,7 +23,7 @@ from typing import Any
 # keys that say WHERE or HOW a run executes, not WHAT it computes: excluded from the run key
 # (``parallel``: ddp is bit-exact to one process; fsdp changes only the order of float sums;
 # ``logger``: trackers observe a run, they do not change it)
-NON_IDENTITY_KEYS = ("results_dir", "run_dir", "device", "progress", "hydra", "parallel", "logger")
+NON_IDENTITY_KEYS = ("results_dir", "run_dir", "device", "progress", "hydra", "parallel", "threads", "logger")
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

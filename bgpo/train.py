@@ -23,6 +23,10 @@ log = logging.getLogger("bgpo.train")  # not __name__, which is "__main__" under
 def run(cfg: DictConfig) -> dict:
     """Validate, then train in the results store (skip when complete). Used by train and sweep."""
     validate_train(cfg)  # before any model is built
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
     from bgpo.parallel import export_launcher_env
     from bgpo.trainer import train
 

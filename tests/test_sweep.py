@@ -146,6 +146,19 @@ def test_sweep_runs_every_job_once_and_rerun_trains_nothing(reference, base_mode
 
 
 @pytest.mark.slow
+def test_parallel_local_launcher_gives_the_same_runs(reference, base_model, tmp_path):
+    """hydra/launcher=local_parallel (two one-thread joblib workers) trains the same runs, with the
+    same metrics, as the sequential launcher."""
+    ref_dir, _ = reference
+    proc = run_sweep(base_model, tmp_path, *SWEEP, f"steps={STEPS}", f"ckpt_every={CKPT_EVERY}",
+                     "hydra/launcher=local_parallel", "threads=1")
+    assert proc.returncode == 0, output(proc)[-5000:]
+    assert [d.name for d in run_dirs(tmp_path)] == [d.name for d in run_dirs(ref_dir)]
+    for d in run_dirs(tmp_path):
+        assert metrics(d) == metrics(ref_dir / d.name), d.name
+
+
+@pytest.mark.slow
 def test_each_job_log_records_its_run(reference):
     """Hydra's job logs (``<results_dir>/.hydra/sweep/<num>/sweep.log``) hold each run's messages:
     one run per job, its start, an INFO line at its last step, its final line; the sweep's report

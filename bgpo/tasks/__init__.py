@@ -10,9 +10,10 @@ from bgpo.tasks.base import (
     register_task,
     task_names,
 )
-from bgpo.tasks.data import d1_data_dir
+from bgpo.tasks.data import check_task_data, d1_data_dir
 
-__all__ = ["FORMATS", "Example", "Format", "Task", "d1_data_dir", "get_task", "register_task", "task_names"]
+__all__ = ["FORMATS", "Example", "Format", "Task", "check_task_data", "d1_data_dir", "get_task",
+           "register_task", "task_names"]
 
 
 def _import_user_tasks() -> None:

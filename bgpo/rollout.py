@@ -1,6 +1,8 @@
 """Prompts → completions → rewards: the rollout sampler wired to a task (SPEC §1, §5).
 
 Used by the RL trainer (sampled rollouts), by pretraining and by periodic evaluation (greedy).
+Rewards go through the task's batch API (``bgpo.tasks.task_scores``): the code tasks run their
+sandboxes in parallel, and each completion is checked ONCE for both its reward and correctness.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from bgpo.config import SamplerConf, TaskConfig
 from bgpo.elbo import Batch
 from bgpo.model import DLLM
 from bgpo.sampler import SamplerConfig, generate
-from bgpo.tasks import Example, Task
+from bgpo.tasks import Example, Task, task_scores
 
 
 @dataclass
@@ -22,6 +24,7 @@ class Rollouts:
     batch: Batch  # prompt + completion ids, G per prompt
     texts: list[str]  # decoded completions
     rewards: torch.Tensor  # [B] float
+    correct: list[bool]  # [B] the task's accuracy criterion, from the same check as the reward
 
 
 def sampler_config(task_cfg: TaskConfig, temperature: float, eval_mode: bool = False,
@@ -44,10 +47,10 @@ def rollout(model: DLLM, task: Task, examples: list[Example], task_cfg: TaskConf
     comp = generate(model, prompt_ids, prompt_mask, sampler_config(task_cfg, temperature, eval_mode, fast),
                     generator)
     decoded = model.decode_completions(comp)
-    rewards = [task.reward(ex, y, task_cfg.format)
-               for ex, y in zip([ex for ex in examples for _ in range(G)], decoded, strict=True)]
+    scores = task_scores(task, [ex for ex in examples for _ in range(G)], decoded, task_cfg.format)
     return Rollouts(Batch.build(prompt_ids, prompt_mask, comp, G), decoded,
-                    torch.tensor(rewards, dtype=torch.float64))
+                    torch.tensor([s.reward for s in scores], dtype=torch.float64),
+                    [s.correct for s in scores])
 
 
 @torch.no_grad()
@@ -60,7 +63,7 @@ def evaluate(model: DLLM, task: Task, examples: list[Example], task_cfg: TaskCon
     for lo in tqdm(range(0, len(examples), batch_size), desc="eval", disable=not progress, leave=False):
         chunk = examples[lo : lo + batch_size]
         r = rollout(model, task, chunk, task_cfg, 1, 0.0, eval_mode=True)
-        correct += sum(task.correct(ex, y, task_cfg.format) for ex, y in zip(chunk, r.texts, strict=True))
+        correct += sum(r.correct)
         reward += r.rewards.sum().item()
     model.net.train(was_training)
     n = max(len(examples), 1)

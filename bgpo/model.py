@@ -169,20 +169,28 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def load_dllm(kind: str, path: str | Path, dtype: str = "float32", device: str = "cpu",
-              mask_token_id: int | None = None, use_chat_template: bool = False) -> DLLM:
-    """Load a dLLM of ``kind`` from a local folder or hub name (no download happens for ``tiny``)."""
+              mask_token_id: int | None = None, use_chat_template: bool = False,
+              revision: str | None = None, trust_remote_code: bool | None = None) -> DLLM:
+    """Load a dLLM of ``kind`` from a local folder or hub name (no download happens for ``tiny``).
+    ``revision`` (hub branch, tag or commit) and ``trust_remote_code`` go to ``from_pretrained``
+    of the model and the tokenizer; ``trust_remote_code=None`` keeps each kind's default (LLaDA
+    and Dream ship their modelling code on the hub: True; tiny: transformers' default)."""
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     if kind not in KINDS:
         raise ValueError(f"model.kind={kind!r} is not one of {list(KINDS)}")
     if dtype not in _DTYPES:
         raise ValueError(f"model.dtype={dtype!r} is not one of {list(_DTYPES)}")
+    hub: dict = {"revision": revision} if revision else {}
+    if trust_remote_code is not None:
+        hub["trust_remote_code"] = bool(trust_remote_code)
     if kind == "tiny":
-        net = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype])
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        net = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype], **hub)
+        tokenizer = AutoTokenizer.from_pretrained(path, **hub)
     else:  # LLaDA and Dream ship their modeling code on the hub
-        net = AutoModel.from_pretrained(path, trust_remote_code=True, dtype=_DTYPES[dtype])
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+        hub.setdefault("trust_remote_code", True)
+        net = AutoModel.from_pretrained(path, dtype=_DTYPES[dtype], **hub)
+        tokenizer = AutoTokenizer.from_pretrained(path, **hub)
     return DLLM.wrap(net.to(device), tokenizer, kind, mask_token_id, use_chat_template)
 
 

@@ -16,7 +16,7 @@ from bgpo.config import SamplerConf, TaskConfig
 from bgpo.elbo import Batch
 from bgpo.model import DLLM
 from bgpo.sampler import SamplerConfig, generate
-from bgpo.tasks import Example, Task, task_scores
+from bgpo.tasks import Example, Task, task_rewards, task_scores
 
 
 @dataclass
@@ -24,7 +24,7 @@ class Rollouts:
     batch: Batch  # prompt + completion ids, G per prompt
     texts: list[str]  # decoded completions
     rewards: torch.Tensor  # [B] float
-    correct: list[bool]  # [B] the task's accuracy criterion, from the same check as the reward
+    correct: list[bool] | None = None  # [B] accuracy criterion, same check as the reward (eval_mode)
 
 
 def sampler_config(task_cfg: TaskConfig, temperature: float, eval_mode: bool = False,
@@ -47,10 +47,15 @@ def rollout(model: DLLM, task: Task, examples: list[Example], task_cfg: TaskConf
     comp = generate(model, prompt_ids, prompt_mask, sampler_config(task_cfg, temperature, eval_mode, fast),
                     generator)
     decoded = model.decode_completions(comp)
-    scores = task_scores(task, [ex for ex in examples for _ in range(G)], decoded, task_cfg.format)
+    flat = [ex for ex in examples for _ in range(G)]
+    correct = None
+    if eval_mode:  # accuracy too, from the same check of each completion
+        scores = task_scores(task, flat, decoded, task_cfg.format)
+        rewards, correct = [s.reward for s in scores], [s.correct for s in scores]
+    else:
+        rewards = task_rewards(task, flat, decoded, task_cfg.format)
     return Rollouts(Batch.build(prompt_ids, prompt_mask, comp, G), decoded,
-                    torch.tensor([s.reward for s in scores], dtype=torch.float64),
-                    [s.correct for s in scores])
+                    torch.tensor(rewards, dtype=torch.float64), correct)
 
 
 @torch.no_grad()
@@ -63,6 +68,7 @@ def evaluate(model: DLLM, task: Task, examples: list[Example], task_cfg: TaskCon
     for lo in tqdm(range(0, len(examples), batch_size), desc="eval", disable=not progress, leave=False):
         chunk = examples[lo : lo + batch_size]
         r = rollout(model, task, chunk, task_cfg, 1, 0.0, eval_mode=True)
+        assert r.correct is not None  # eval_mode scores accuracy too
         correct += sum(r.correct)
         reward += r.rewards.sum().item()
     model.net.train(was_training)

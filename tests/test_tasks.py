@@ -451,11 +451,12 @@ def test_humaneval_every_canonical_solution_passes_the_sandbox() -> None:
 
 
 def test_evaluation_checks_each_completion_once() -> None:
-    """``rollout.evaluate`` takes accuracy and reward from ONE batched check per completion."""
+    """``rollout.evaluate`` takes accuracy and reward from ONE batched check per completion; training
+    rollouts ask for the rewards only, in one batch."""
     import torch
 
     from bgpo.config import TaskConfig
-    from bgpo.rollout import evaluate
+    from bgpo.rollout import evaluate, rollout
     from tests.helpers import micro_model
 
     class Spy:
@@ -469,6 +470,10 @@ def test_evaluation_checks_each_completion_once() -> None:
             self.calls["scores"] += len(completions)
             return [(1.0, True) if ex.fields["i"] % 2 else (0.5, False) for ex in examples]
 
+        def rewards(self, examples, completions, fmt):
+            self.calls["rewards"] += len(completions)
+            return [0.25] * len(completions)
+
         def reward(self, ex, completion, fmt):
             self.calls["reward"] += 1
             return 0.0
@@ -480,6 +485,10 @@ def test_evaluation_checks_each_completion_once() -> None:
     spy = Spy()
     exs = [Example({"i": i}) for i in range(6)]
     cfg = TaskConfig(gen_length=4, block_length=4, diffusion_steps=4)
-    res = evaluate(micro_model(dtype=torch.float32), spy, exs, cfg, batch_size=4)
+    model = micro_model(dtype=torch.float32)
+    res = evaluate(model, spy, exs, cfg, batch_size=4)
     assert res == {"accuracy": 0.5, "reward": 0.75, "n": 6}
     assert spy.calls == {"scores": 6}  # never reward() and correct() separately
+    spy.calls.clear()
+    ro = rollout(model, spy, exs[:2], cfg, G=3, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    assert ro.rewards.tolist() == [0.25] * 6 and ro.correct is None and spy.calls == {"rewards": 6}

@@ -9,7 +9,7 @@ closes the fd, sends stdout/stderr to /dev/null, and then runs three pieces of a
 3. ``tests`` (trusted), on a fresh thread, with the builtins as they were before the program ran.
    Every program callable is wrapped, and setup names hide the program's except ``entry``.
 If the tests return, the harness writes the secret to its saved stdout. The reward is 1 iff the
-parent reads back exactly that line.
+parent reads back exactly that line. The program sees the standard library only (``python -I -S``).
 
 Covered:
 - ``sys.exit(0)``, ``os._exit(0)``, ``exit()``, killing itself or the parent, and printing "passed"

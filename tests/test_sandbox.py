@@ -121,9 +121,11 @@ IN_PROCESS_TRICKS = {
     """),
     "replace the harness": prog("""
         import builtins, sys
-        def fake_tests(code, ns, box, done, *rest):
-            box.append(True)
-            done.release()
+        def fake_tests(*args):  # fills the first empty list (the result box), releases the locks
+            [a for a in args if type(a) is list and not a][0].append(True)
+            for a in args:
+                if hasattr(a, 'release'):
+                    a.release()
         m = sys.modules['__main__']
         m._run_tests = fake_tests
         builtins.exec = lambda *a, **k: None
@@ -199,6 +201,45 @@ IN_PROCESS_TRICKS = {
                     f = f.f_back
             return x
     """), TESTS_ABS),
+    "a signal handler on the main thread": prog("""
+        import os, signal, time
+        def leak(frame):  # any 32 hex digits in the main thread's frames: written everywhere
+            while frame is not None:
+                for v in frame.f_locals.values():
+                    if isinstance(v, bytes) and len(v) == 32 and not v.strip(b"0123456789abcdef"):
+                        for fd in range(1, 64):
+                            try:
+                                os.write(fd, v + b"\\n")
+                            except OSError:
+                                pass
+                        os._exit(0)
+                frame = frame.f_back
+        def arm():  # only code running on the main thread may install a handler
+            try:
+                signal.signal(signal.SIGALRM, lambda sig, frame: leak(frame))
+                signal.setitimer(signal.ITIMER_REAL, 0.05)
+            except ValueError:
+                pass
+        class Meta(type):
+            @property
+            def __module__(cls):  # read by whoever builds the tests' namespace
+                arm()
+                return "x"
+        class Sneaky(metaclass=Meta):
+            def __call__(self, *a):
+                return 0
+        sneaky = Sneaky()
+        class Bomb:  # cyclic garbage: finalized by whichever thread allocates next
+            def __del__(self):
+                arm()
+        for i in range(2000):
+            b = Bomb()
+            b.me = b
+        del b
+        def f(x):
+            time.sleep(0.5)
+            return x
+    """),
     "tracing": (prog("""
         import sys, threading
         def tr(frame, ev, arg):

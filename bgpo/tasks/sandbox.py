@@ -16,7 +16,9 @@ Covered:
   all score 0.
 - The secret is in no argv, environment or file. An audit hook (PEP 578) allows frames only in the
   program's top-level thread (never a generator's). It blocks gc walks, ctypes, tracing, new
-  hooks, ``os.kill``, code replacement, symlinks and any path with a ``proc`` component.
+  hooks, ``os.kill``, code replacement, symlinks and any path with a ``proc`` component. Once the
+  program starts, the main thread runs no Python: only it could install a signal handler, and a
+  handler receives its frames.
 - The harness runs on a private copy of the builtins. The pre-loaded standard modules are
   restored before the tests and checked after every call.
 - A program callable must return plain data: atoms, containers, C types, or Python classes that

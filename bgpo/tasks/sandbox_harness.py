@@ -118,8 +118,8 @@ def stage2(job_path: str, secret_fd: str, memory_mb: str, cpu_s: str, nproc: str
     ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE = 0: no ptrace, no /proc/<pid>/mem
     set_limits(memory_mb, cpu_s, nproc)
     fd = int(secret_fd)
-    secret = os.read(fd, 256)
-    os.close(fd)
+    secret = [os.read(fd, 256)]  # handed on in a list that ``run`` empties: no frame of the main
+    os.close(fd)  # thread keeps it (the main thread may see a signal handler; see ``run``)
     with open(job_path, encoding="utf-8") as f:
         job = json.load(f)
     token_fd = os.dup(1)  # close-on-exec: children the program starts do not get it
@@ -304,11 +304,24 @@ def _run_program(code, ns: dict, go, done, exec_, base_exc, failed: list) -> Non
     done.release()
 
 
-def _run_tests(code, ns: dict, box: list, done, intact, flag: list) -> None:
-    """Phase 2 (a fresh thread, where no frame is available): the trusted tests. ``box`` gets ONE
-    value: whether they all ran without an exception and nothing was tampered with."""
+def _run_tests(code, ns: dict, trusted: dict, clean: dict, entry: frozenset, guard, box: list, done,
+               intact, flag: list) -> None:
+    """Phase 2 (a fresh thread, where no frame is available). The tests' namespace: the program's
+    names (callables guarded), the setup's names as the setup defined them (but the entry points)
+    and the builtins as they were. It is built here, not on the main thread, because looking at
+    the program's objects may run its code. ``box`` gets ONE value: did the tests all run without
+    an exception, with nothing tampered with?"""
     try:
-        exec(code, ns)
+        tns = {}
+        for k, v in list(ns.items()):
+            if k != "__builtins__":
+                typing_form = type(v).__module__ == "typing"
+                tns[k] = guard(v) if callable(v) and not isinstance(v, type) and not typing_form else v
+        for k, v in trusted.items():
+            if k not in entry:
+                tns[k] = v
+        tns["__builtins__"] = dict(clean)
+        exec(code, tns)
         ok = True
     except BaseException:
         ok = False
@@ -316,35 +329,13 @@ def _run_tests(code, ns: dict, box: list, done, intact, flag: list) -> None:
     done.release()
 
 
-def run(job: dict, secret: bytes, token_fd: int) -> None:
-    """Run the job; write ``secret`` to ``token_fd`` iff the tests passed. Never returns. (Sealed:
-    see ``stage2``. Module functions are bound to locals before the program runs.)"""
-    import _thread
-    import builtins
-    import importlib
-
-    exit_, write, start, new_lock = os._exit, os.write, _thread.start_new_thread, _thread.allocate_lock
+def _control(program, tests, ns: dict, trusted: dict, clean: dict, entry: frozenset, checks: tuple,
+             state: dict, secret: bytes, token_fd: int, os_calls: tuple) -> None:
+    """The controller thread: phase 1, restore, phase 2, then the token. It holds the secret; no
+    frame of it is reachable from the program (frames are only available on phase 1's thread)."""
+    exit_, write, start, new_lock = os_calls
+    guard, intact, restore, flag = checks
     try:
-        opts = {"dont_inherit": True, "optimize": 0}  # asserts stay on
-        setup = compile(job["setup"], "<setup>", "exec", **opts)
-        tests = compile(job["tests"], "<tests>", "exec", **opts)
-        for name in PRELOAD:
-            importlib.import_module(name)
-        clean = dict(builtins.__dict__)
-        plain, intact, restore = _make_checks(_snapshot_types(), _snapshot_modules())
-        flag: list = []
-        guard = _make_guard(plain, intact, flag)
-        trusted = {"__name__": "__main__", "__builtins__": dict(clean)}
-        exec(setup, trusted)  # trusted code, before any program code
-        ns = {"__name__": "__main__", "__builtins__": builtins}
-        exec(setup, ns)
-        state = {"frames": None}
-        sys.addaudithook(_make_hook(state))
-    except BaseException:
-        exit_(SETUP_FAILED)
-    try:
-        program = compile(job["program"], "<program>", "exec", dont_inherit=True, optimize=0)
-        # phase 1: the program's top level, in its own thread (frames allowed there: see the hook)
         go, done, failed = new_lock(), new_lock(), []
         go.acquire()
         done.acquire()
@@ -355,23 +346,61 @@ def run(job: dict, secret: bytes, token_fd: int) -> None:
         if failed:
             exit_(1)
         restore()  # undo what the program did to the loaded modules' functions
-        # phase 2: the tests see the program's names (callables guarded), the setup's names as the
-        # setup defined them (except the entry points) and the builtins as they were
-        tns = {k: (guard(v) if callable(v) and not isinstance(v, type) and type(v).__module__ != "typing"
-                   else v) for k, v in list(ns.items()) if k != "__builtins__"}
-        entry = set(job.get("entry") or ())
-        tns.update({k: v for k, v in trusted.items() if k not in entry})
-        tns["__builtins__"] = dict(clean)
         box: list = []
         done2 = new_lock()
         done2.acquire()
-        start(_run_tests, (tests, tns, box, done2, intact, flag))
+        start(_run_tests, (tests, ns, trusted, clean, entry, guard, box, done2, intact, flag))
         done2.acquire()
         if box == [True]:
             write(token_fd, secret + b"\n")
     except BaseException:
         exit_(1)
     exit_(0)
+
+
+def run(job: dict, secret: list, token_fd: int) -> None:
+    """Run the job; write the secret (``secret.pop()``) to ``token_fd`` iff the tests passed. Never
+    returns. (Sealed: see ``stage2``. Module functions are bound before the program runs.)
+
+    After the set-up the main thread only waits on a lock, so it runs no Python code: only the main
+    thread may install a signal handler, and a handler is given the main thread's frame. (The
+    program's finalizers and properties run on whichever thread touches them: never this one.)"""
+    import _thread
+    import builtins
+    import importlib
+
+    os_calls = (os._exit, os.write, _thread.start_new_thread, _thread.allocate_lock)
+    exit_, new_lock = os._exit, _thread.allocate_lock
+    try:
+        opts = {"dont_inherit": True, "optimize": 0}  # asserts stay on
+        setup = compile(job["setup"], "<setup>", "exec", **opts)
+        tests = compile(job["tests"], "<tests>", "exec", **opts)
+        program = compile(job["program"], "<program>", "exec", **opts)
+    except BaseException:
+        exit_(1)  # a program that does not compile fails; so does a broken job
+    try:
+        for name in PRELOAD:
+            importlib.import_module(name)
+        clean = dict(builtins.__dict__)
+        plain, intact, restore = _make_checks(_snapshot_types(), _snapshot_modules())
+        flag: list = []
+        checks = (_make_guard(plain, intact, flag), intact, restore, flag)
+        trusted = {"__name__": "__main__", "__builtins__": dict(clean)}
+        exec(setup, trusted)  # trusted code, before any program code
+        ns = {"__name__": "__main__", "__builtins__": builtins}
+        exec(setup, ns)
+        state = {"frames": None}
+        entry = frozenset(job.get("entry") or ())
+        sys.addaudithook(_make_hook(state))
+        forever = new_lock()
+        forever.acquire()
+        _thread.start_new_thread(_control, (program, tests, ns, trusted, clean, entry, checks, state,
+                                            secret.pop(), token_fd, os_calls))
+        del program, tests, ns, trusted, clean, checks, state, job
+        forever.acquire()  # the controller ends the process
+    except BaseException:
+        exit_(SETUP_FAILED)
+    exit_(SETUP_FAILED)
 
 
 if __name__ == "__main__":

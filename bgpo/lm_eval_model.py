@@ -10,13 +10,15 @@ for models, so the CLI needs the import first: ``python -m bgpo.lm_eval_cli`` (s
 or pass an instance: ``simple_evaluate(model=BGPODLLM(model=dllm, ...), ...)``.
 ``evaluate_suite_task`` is that path for an in-memory ``DLLM`` (the trainer's periodic evaluation).
 
-model_args (all optional but ``pretrained``):
+model_args (all optional but ``pretrained``; an unknown one is an error naming the allowed ones):
 
 - ``pretrained``: model folder or hub name; ``kind``: tiny | llada | dream | auto (default: from
   the folder's ``config.json`` ``model_type``, or the hub name); ``dtype``, ``mask_token_id``;
   ``remote_code`` (default False: LLaDA / Dream load into the suite's native classes; True: the
   checkpoint's published modeling code, as ``model.remote_code``; lm-eval's own
-  ``--trust_remote_code`` does not switch it);
+  ``--trust_remote_code`` does not switch it); ``revision`` (hub branch, tag or commit) and
+  ``trust_remote_code`` (lm-eval's ``--trust_remote_code`` sets it: may a tokenizer that ships as
+  code run) go to ``bgpo.model.load_dllm``;
   the device is lm-eval's ``--device`` / ``device=`` (``auto``: cuda when available; lm-eval's CLI
   passes ``cuda:0`` by default, which falls back to the CPU without CUDA) — on the CLI do not put
   ``device`` in ``--model_args`` as well (lm-eval then passes it twice);
@@ -43,6 +45,17 @@ is exact for a one-token continuation; ``greedy_check=False`` returns False with
 forward pass.)
 ``loglikelihood_rolling`` raises ``NotImplementedError``: a masked diffusion LM has no
 left-to-right factorisation, so perplexity tasks have nothing exact to compute.
+
+Data parallel. Under ``torchrun --nproc_per_node N -m bgpo.lm_eval_cli ...`` (or ``accelerate
+launch``), a model loaded from ``pretrained`` joins the process group (``bgpo.parallel.Dist``:
+accelerate, gloo on CPU, NCCL on ``cuda:<local rank>``) and reports its ``rank`` / ``world_size``
+to lm-eval (0.4.13), which gives each rank every N-th document, pads the ranks to equal request
+counts, and gathers the per-sample metrics and logged samples on rank 0 (``all_gather``,
+``gather_object``, ``barrier`` below); rank 0 prints and writes the results. Greedy generation
+and the log-likelihood draws (seeded per request) do not depend on which rank serves a request,
+so rank 0 reports what one process reports (tested with 2 gloo processes); sampled generation
+(temperature > 0) draws from one generator per rank and batch. A model passed in memory
+(``from_dllm``, the trainer's rank-0 evaluation) stays a single process.
 """
 
 from __future__ import annotations
@@ -53,7 +66,6 @@ import hashlib
 import json
 import logging
 import random
-import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -67,6 +79,7 @@ from tqdm.auto import tqdm
 from bgpo.elbo import Batch, Draws, ELBOConfig, draw, ell_all
 from bgpo.lm_eval_tasks import TASKS_DIR, lm_task_name
 from bgpo.model import DLLM, load_dllm
+from bgpo.parallel import Dist
 from bgpo.sampler import SamplerConfig, generate
 
 MODEL_NAME = "bgpo_dllm"
@@ -114,8 +127,21 @@ def _as_bool(v: Any) -> bool:
     return bool(v)
 
 
+def _opt_bool(v: Any) -> bool | None:
+    return None if v is None or v in ("", "None", "none", "null") else _as_bool(v)
+
+
 def _opt(v: Any, cast: type) -> Any:
     return None if v is None or v in ("", "None", "none", "null") else cast(v)
+
+
+def model_arg_names() -> list[str]:
+    """The model_args ``bgpo_dllm`` accepts (its constructor's keywords, minus ``model``)."""
+    import inspect
+
+    params = inspect.signature(BGPODLLM.__init__).parameters
+    return sorted(k for k, p in params.items()
+                  if k not in ("self", "model") and p.kind is p.POSITIONAL_OR_KEYWORD)
 
 
 def _chunks(items: list[int], size: int) -> Iterator[list[int]]:
@@ -133,11 +159,12 @@ class BGPODLLM(LM):
                  block_length: int | None = None, steps: int | None = None,
                  temperature: float | None = None, seed: int = 0, mc_num: int = 128, mc_batch: int = 32,
                  greedy_check: bool = True, batch_size: int | str = 32, max_batch_size: int | None = None,
-                 progress: bool = True, model: DLLM | None = None, **unused: Any) -> None:
+                 progress: bool = True, revision: str | None = None, trust_remote_code: bool | None = None,
+                 model: DLLM | None = None, **unknown: Any) -> None:
         super().__init__()
-        unused.pop("trust_remote_code", None)  # added by lm-eval's CLI; the adapter decides
-        if unused:
-            warnings.warn(f"{MODEL_NAME}: ignoring unknown model_args {sorted(unused)}", stacklevel=2)
+        if unknown:
+            raise ValueError(f"{MODEL_NAME}: unknown model_args {sorted(unknown)}; "
+                             f"allowed: {model_arg_names()}")
         if model is None:
             if not pretrained:
                 raise ValueError(f"{MODEL_NAME}: model_args must name pretrained=<model folder or hub name>")
@@ -146,11 +173,16 @@ class BGPODLLM(LM):
             elif str(device).startswith("cuda") and not torch.cuda.is_available():
                 log.warning("%s: device=%s but CUDA is not available: using the CPU", MODEL_NAME, device)
                 device = "cpu"  # lm-eval's CLI passes cuda:0 when --device is not given
+            dist = Dist.from_env("cpu" if str(device) == "cpu" else "cuda")  # torchrun: join the group
+            if dist.world > 1:
+                device = dist.device
+                self._rank, self._world_size = dist.rank, dist.world
             kind = detect_kind(pretrained) if kind == "auto" else kind
             model = load_dllm(kind, pretrained, dtype=dtype, device=device,
                               mask_token_id=_opt(mask_token_id, int),
                               use_chat_template=_as_bool(use_chat_template),
-                              remote_code=_as_bool(remote_code))
+                              remote_code=_as_bool(remote_code), revision=_opt(revision, str),
+                              trust_remote_code=_opt_bool(trust_remote_code))
             model.net.eval()
         self.model = model
         self.pretrained = str(pretrained) if pretrained else None
@@ -163,7 +195,7 @@ class BGPODLLM(LM):
         if self.mc_num < 1 or self.mc_batch < 1:
             raise ValueError(f"{MODEL_NAME}: mc_num={mc_num} and mc_batch={mc_batch} must be >= 1")
         self.greedy_check = _as_bool(greedy_check)
-        self.progress = _as_bool(progress)
+        self.progress = _as_bool(progress) and self._rank == 0
         if isinstance(batch_size, str) and batch_size.startswith("auto"):
             batch_size = 32  # no memory probing: a fixed batch (set batch_size=N to change it)
         self.batch_size = max(1, int(batch_size))
@@ -305,6 +337,28 @@ class BGPODLLM(LM):
             "LM has no left-to-right factorisation, so there is no exact rolling log-likelihood; only an "
             "ELBO bound of a whole text (use loglikelihood tasks or generate_until tasks instead)"
         )
+
+    # ---- data parallel: what lm-eval's evaluator calls when world_size > 1 --------------------
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The tensors of all ranks, concatenated along dim 0 (a scalar counts as one element)."""
+        if self._world_size <= 1:
+            return tensor
+        t = tensor.reshape(1) if tensor.dim() == 0 else tensor
+        parts = [torch.zeros_like(t) for _ in range(self._world_size)]
+        torch.distributed.all_gather(parts, t)
+        return torch.cat(parts)
+
+    def gather_object(self, obj: Any, dst: int = 0) -> list[Any] | None:
+        """Every rank's ``obj`` on rank ``dst`` (None elsewhere)."""
+        if self._world_size <= 1:
+            return [obj]
+        out: list[Any] | None = [None] * self._world_size if self._rank == dst else None
+        torch.distributed.gather_object(obj, out, dst=dst)
+        return out
+
+    def barrier(self) -> None:
+        if self._world_size > 1:
+            torch.distributed.barrier()
 
     # ---- chat template and provenance -------------------------------------------------------
     @property

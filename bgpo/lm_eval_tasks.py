@@ -22,7 +22,8 @@ test file for the task in ``bgpo.tasks.d1_data_dir()``: ``$BGPO_D1_DATA`` or ``.
 or ``val`` (the suite's validation set, ``task.val_examples()``: what checkpoint selection reads;
 disjoint from training and from both test sets).
 
-Metric. ``process_results`` calls the task's own ``reward`` and ``correct`` on the generated text:
+Metric. ``process_results`` scores the generated text with the task's own check
+(``bgpo.tasks.task_scores``: ``reward`` and ``correct`` from one check of the completion):
 ``accuracy`` (mean of ``correct``) and ``reward`` (mean reward) are the numbers
 ``bgpo.rollout.evaluate`` reports.
 
@@ -44,7 +45,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bgpo.tasks import Example, Task, d1_data_dir, get_task
+from bgpo.tasks import Example, Task, d1_data_dir, get_task, task_scores
 from bgpo.tasks.data import COUNTDOWN_D1_FILE, SUDOKU_D1_FILE
 
 TASKS_DIR = Path(__file__).resolve().parent / "lm_tasks"
@@ -169,6 +170,5 @@ def _task(name: str) -> Task:
 def process_results(doc: dict[str, Any], results: list[str]) -> dict[str, float]:
     """The suite's own metric of one generation: ``accuracy`` (task.correct) and ``reward``."""
     task, ex, fmt = _task(doc["task"]), example_of(doc), doc["format"]
-    completion = results[0]
-    return {"accuracy": float(task.correct(ex, completion, fmt)),
-            "reward": float(task.reward(ex, completion, fmt))}
+    (score,) = task_scores(task, [ex], [results[0]], fmt)  # one check gives both numbers
+    return {"accuracy": float(score.correct), "reward": score.reward}

@@ -187,20 +187,25 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 def load_dllm(kind: str, path: str | Path, dtype: str = "float32", device: str = "cpu",
               mask_token_id: int | None = None, use_chat_template: bool = False,
-              remote_code: bool = False) -> DLLM:
+              remote_code: bool = False, revision: str | None = None,
+              trust_remote_code: bool | None = None) -> DLLM:
     """Load a dLLM of ``kind`` from a local folder or hub name (no download happens for ``tiny``).
 
     ``llada`` / ``dream`` load into the suite's native classes (``bgpo.models``) unless
-    ``remote_code`` asks for the checkpoint's own modeling code. Raises ``FileNotFoundError`` for a
-    missing folder and ``ValueError`` for a config of another ``model_type`` or a checkpoint whose
-    parameter names do not match the class, each in one sentence naming the folder."""
+    ``remote_code`` asks for the checkpoint's own modeling code. ``revision`` (hub branch, tag or
+    commit) reaches every ``from_pretrained``; ``trust_remote_code`` decides whether a tokenizer
+    shipped as code may run (None: run it with a warning; the remote-code model path implies True).
+    Raises ``FileNotFoundError`` for a missing folder and ``ValueError`` for a config of another
+    ``model_type`` or a checkpoint whose parameter names do not match the class, each in one
+    sentence naming the folder."""
     from transformers import AutoModel, AutoModelForCausalLM
 
     if kind not in KINDS:
         raise ValueError(f"model.kind={kind!r} is not one of {list(KINDS)}")
     if dtype not in _DTYPES:
         raise ValueError(f"model.dtype={dtype!r} is not one of {list(_DTYPES)}")
-    config_file = _config_file(path)
+    hub: dict = {"revision": revision} if revision else {}
+    config_file = _config_file(path, revision)
     model_type = json.loads(config_file.read_text()).get("model_type")
     if model_type not in MODEL_TYPES[kind]:
         other = [k for k, types in MODEL_TYPES.items() if model_type in types]
@@ -208,21 +213,22 @@ def load_dllm(kind: str, path: str | Path, dtype: str = "float32", device: str =
         raise ValueError(f"{config_file} has model_type={model_type!r} but model.kind={kind!r} needs "
                          f"model_type {' or '.join(map(repr, MODEL_TYPES[kind]))}{hint}")
     if kind == "tiny":
-        net = _from_pretrained(AutoModelForCausalLM, path, dtype)
+        net = _from_pretrained(AutoModelForCausalLM, path, dtype, **hub)
     elif remote_code:  # the published modeling code (transformers 4.46-era)
-        net = AutoModel.from_pretrained(path, trust_remote_code=True, dtype=_DTYPES[dtype])
+        net = AutoModel.from_pretrained(path, trust_remote_code=True, dtype=_DTYPES[dtype], **hub)
     else:
         cls = NATIVE[kind]
-        config = cls.config_class.from_pretrained(path)
+        config = cls.config_class.from_pretrained(path, **hub)
         config.check_supported()  # a setting the native class does not implement: say which
-        net = _from_pretrained(cls, path, dtype, config=config)
+        net = _from_pretrained(cls, path, dtype, config=config, **hub)
         if mask_token_id is None:
             mask_token_id = getattr(config, "mask_token_id", None)
-    tokenizer = _load_tokenizer(kind, path, remote_code)
+    tokenizer = _load_tokenizer(kind, path, remote_code or bool(trust_remote_code),
+                                trust_remote_code is False, hub)
     return DLLM.wrap(net.to(device), tokenizer, kind, mask_token_id, use_chat_template, remote_code)
 
 
-def _config_file(path: str | Path) -> Path:
+def _config_file(path: str | Path, revision: str | None = None) -> Path:
     """``config.json`` of a local model folder, or of a hub model (from the hub cache or a download)."""
     folder = Path(path).expanduser()
     if folder.is_dir():
@@ -235,7 +241,7 @@ def _config_file(path: str | Path) -> Path:
     from transformers.utils import cached_file
 
     try:  # a hub name such as GSAI-ML/LLaDA-8B-Instruct
-        return Path(cached_file(name, "config.json"))
+        return Path(cached_file(name, "config.json", revision=revision))
     except OSError as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FileNotFoundError(f"model.path={name!r} is neither a model folder nor a model the Hugging Face "
@@ -258,21 +264,26 @@ def _from_pretrained(cls: type, path: str | Path, dtype: str, **kwargs: object) 
     return net
 
 
-def _load_tokenizer(kind: str, path: str | Path, remote_code: bool) -> PreTrainedTokenizerBase:
+def _load_tokenizer(kind: str, path: str | Path, trusted: bool, refused: bool,
+                    hub: dict) -> PreTrainedTokenizerBase:
     """The folder's tokenizer. A tokenizer that ships as code (Dream's ``tokenization_dream.py``)
-    is run even for a native model: only the modeling code is replaced by the suite's."""
+    is run even for a native model (only the modeling code is replaced by the suite's), with a
+    warning — unless ``trust_remote_code=False`` (``refused``) says not to."""
     from transformers import AutoTokenizer
 
     if kind == "tiny":
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, **hub)
     try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=remote_code)
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trusted, **hub)
     except ValueError as e:
-        if remote_code or "trust_remote_code" not in str(e):
+        if trusted or "trust_remote_code" not in str(e):
             raise
+        if refused:
+            raise ValueError(f"{path}: the tokenizer ships as custom code and "
+                             "trust_remote_code=False") from None
     warnings.warn(f"{path}: the tokenizer ships as custom code (trust_remote_code); running it "
                   "(the model itself is the suite's native class)", stacklevel=3)
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=True, **hub)
 
 
 def apply_lora(model: DLLM, r: int, alpha: int, dropout: float,

@@ -1,6 +1,8 @@
 """Prompts → completions → rewards: the rollout sampler wired to a task (SPEC §1, §5).
 
 Used by the RL trainer (sampled rollouts), by pretraining and by periodic evaluation (greedy).
+Rewards go through the task's batch API (``bgpo.tasks.task_scores``): the code tasks run their
+sandboxes in parallel, and each completion is checked ONCE for both its reward and correctness.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from bgpo.config import SamplerConf, TaskConfig
 from bgpo.elbo import Batch
 from bgpo.model import DLLM
 from bgpo.sampler import SamplerConfig, generate
-from bgpo.tasks import Example, Task
+from bgpo.tasks import Example, Task, task_rewards, task_scores
 
 
 @dataclass
@@ -22,6 +24,7 @@ class Rollouts:
     batch: Batch  # prompt + completion ids, G per prompt
     texts: list[str]  # decoded completions
     rewards: torch.Tensor  # [B] float
+    correct: list[bool] | None = None  # [B] accuracy criterion, same check as the reward (eval_mode)
 
 
 ORDERS = ("blocks", "left_to_right")
@@ -56,10 +59,15 @@ def rollout(model: DLLM, task: Task, examples: list[Example], task_cfg: TaskConf
                            sampler_config(task_cfg, temperature, eval_mode, fast, order), generator,
                            return_trace=True)
     decoded = model.decode_completions(comp)
-    rewards = [task.reward(ex, y, task_cfg.format)
-               for ex, y in zip([ex for ex in examples for _ in range(G)], decoded, strict=True)]
+    flat = [ex for ex in examples for _ in range(G)]
+    correct = None
+    if eval_mode:  # accuracy too, from the same check of each completion
+        scores = task_scores(task, flat, decoded, task_cfg.format)
+        rewards, correct = [s.reward for s in scores], [s.correct for s in scores]
+    else:
+        rewards = task_rewards(task, flat, decoded, task_cfg.format)
     return Rollouts(Batch.build(prompt_ids, prompt_mask, comp, G, trace), decoded,
-                    torch.tensor(rewards, dtype=torch.float64))
+                    torch.tensor(rewards, dtype=torch.float64), correct)
 
 
 @torch.no_grad()
@@ -73,7 +81,8 @@ def evaluate(model: DLLM, task: Task, examples: list[Example], task_cfg: TaskCon
     for lo in tqdm(range(0, len(examples), batch_size), desc="eval", disable=not progress, leave=False):
         chunk = examples[lo : lo + batch_size]
         r = rollout(model, task, chunk, task_cfg, 1, 0.0, eval_mode=True)
-        acc += [float(task.correct(ex, y, task_cfg.format)) for ex, y in zip(chunk, r.texts, strict=True)]
+        assert r.correct is not None  # eval_mode scores accuracy too
+        acc += [float(c) for c in r.correct]
         rew += r.rewards.tolist()
     model.net.train(was_training)
     n = max(len(examples), 1)

@@ -304,3 +304,119 @@ def test_lm_eval_cli_wrapper(micro_path, tmp_path):
     acc, reward = suite_score("countdown", texts)
     assert len(texts) == 4 and results["accuracy,none"] == acc
     assert results["reward,none"] == pytest.approx(reward)
+
+
+# ---- model_args: unknown ones fail, hub options reach from_pretrained (issues 15.5, 16.7) ------------
+def test_unknown_model_args_are_an_error(micro_path):
+    import lm_eval
+
+    msg = r"bgpo_dllm: unknown model_args \['gen_lenght'\]; allowed: \[.*'gen_length'"
+    with pytest.raises(ValueError, match=msg):
+        BGPODLLM.create_from_arg_string(f"pretrained={micro_path},gen_lenght=32", {"device": "cpu"})
+    with pytest.raises(ValueError, match=r"unknown model_args \['gen_lenght'\]"):
+        lm_eval.simple_evaluate(model="bgpo_dllm", model_args=f"pretrained={micro_path},gen_lenght=32",
+                                tasks=["bgpo_countdown"], device="cpu")
+
+
+def test_revision_and_trust_remote_code_are_honoured(micro_path, monkeypatch):
+    import transformers
+
+    import bgpo.lm_eval_model as lem
+    from bgpo.model import load_dllm
+
+    seen: list[dict] = []
+    real = lem.load_dllm
+    monkeypatch.setattr(lem, "load_dllm", lambda *a, **k: seen.append(k) or real(*a, **k))
+    args = f"pretrained={micro_path},revision=v1.0,trust_remote_code=true"
+    BGPODLLM.create_from_arg_string(args, {"device": "cpu"})
+    BGPODLLM.create_from_arg_string(f"pretrained={micro_path}", {"device": "cpu"})
+    assert [(k["revision"], k["trust_remote_code"]) for k in seen] == [("v1.0", True), (None, None)]
+
+    # ... and load_dllm hands the revision to every from_pretrained (native classes included), and
+    # trust_remote_code=True to the published-code path; nothing is loaded or downloaded
+    import bgpo.model as bm
+    from bgpo.models import DreamConfig, LLaDAConfig
+
+    calls: list[tuple[str, dict]] = []
+
+    def fake(name):
+        def from_pretrained(path, **kwargs):
+            calls.append((name, kwargs))
+            raise RuntimeError("stop")
+        return from_pretrained
+
+    for owner, name in ((transformers.AutoModel, "AutoModel"), (transformers.AutoModelForCausalLM, "causal"),
+                        (LLaDAConfig, "LLaDAConfig"), (DreamConfig, "DreamConfig")):
+        monkeypatch.setattr(owner, "from_pretrained", fake(name))
+    types = {"tiny": "gemma3_text", "llada": "llada", "dream": "Dream"}
+    for kind, kwargs, want in [("tiny", {"revision": "abc"}, ("causal", "abc", None)),
+                               ("llada", {"revision": "v2"}, ("LLaDAConfig", "v2", None)),
+                               ("dream", {}, ("DreamConfig", None, None)),
+                               ("llada", {"remote_code": True, "revision": "r"}, ("AutoModel", "r", True))]:
+        cfg = micro_path.parent / f"cfg-{kind}" / "config.json"
+        cfg.parent.mkdir(exist_ok=True)
+        cfg.write_text(json.dumps({"model_type": types[kind]}))
+        monkeypatch.setattr(bm, "_config_file", lambda path, revision=None, f=cfg: f)
+        calls.clear()
+        with pytest.raises(RuntimeError, match="stop"):
+            load_dllm(kind, "org/model", **kwargs)
+        name, kw = calls[0]
+        assert (name, kw.get("revision"), kw.get("trust_remote_code")) == want, kind
+
+
+# ---- data-parallel evaluation: torchrun, 2 gloo processes == 1 process --------------------------------
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_data_parallel_evaluation_matches_one_process(tmp_path):
+    """``torchrun --nproc_per_node 2 -m bgpo.lm_eval_cli ...``: each rank generates its share, rank 0
+    reports what one process reports (same accuracy and reward, same output and metric per problem)."""
+    from bgpo.tasks.sudoku import all_grids
+
+    # a micro model that writes 1s (its favourite token 'a' doubled into '1'), and 5 puzzles whose
+    # empty cells are the 1s (solved) or the 1s and 2s (half right): accuracy 3/5, reward 4/5
+    model = micro_model(seed=1, dtype=torch.float32)
+    emb = model.net.get_input_embeddings().weight
+    with torch.no_grad():
+        emb[model.tokenizer.convert_tokens_to_ids("1")] = 2 * emb[model.tokenizer.convert_tokens_to_ids("a")]
+    model.save(tmp_path / "model")
+    grids = all_grids()[:5]
+    rows = [(g.replace("1", "0") if i % 2 == 0 else g.replace("1", "0").replace("2", "0"), g)
+            for i, g in enumerate(grids)]
+    (tmp_path / "puzzles.csv").write_text("Puzzle,Solution\n" + "".join(f"{p},{g}\n" for p, g in rows))
+
+    # one process (in memory, through the same lm-eval path)
+    one_lm = BGPODLLM(pretrained=str(tmp_path / "model"), device="cpu", batch_size=2, progress=False)
+    puzzles = str(tmp_path / "puzzles.csv")
+    one = evaluate_suite_task(one_lm, "sudoku", {"test_file": puzzles}, log_samples=True)
+    assert (one["accuracy"], one["reward"], one["n"]) == (0.6, pytest.approx(0.8), 5)
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(_free_port()), "-m", "bgpo.lm_eval_cli", "--model", "bgpo_dllm", "--model_args",
+           f"pretrained={tmp_path / 'model'}", "--device", "cpu", "--tasks", "bgpo_sudoku",
+           "--batch_size", "2", "--include_path", str(TASKS_DIR),
+           "--metadata", json.dumps({"bgpo_test_file": puzzles}), "--log_samples", "--output_path", str(out)]
+    p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    assert p.stdout.count("|bgpo_sudoku") == 1  # rank 0 alone prints the table
+    results = json.loads(next(out.rglob("results_*.json")).read_text())["results"]["bgpo_sudoku"]
+    assert results["accuracy,none"] == one["accuracy"]
+    assert results["reward,none"] == pytest.approx(one["reward"])
+    samples = sorted((json.loads(line) for line in next(out.rglob("samples_bgpo_sudoku_*.jsonl")).open()),
+                     key=lambda s: s["doc_id"])
+    assert [s["doc_id"] for s in samples] == [0, 1, 2, 3, 4]  # every problem once, from both ranks
+    assert [s["resps"][0][0] for s in samples] == one["completions"]
+    task = get_task("sudoku", test_file=puzzles)
+    pairs = zip(task.test_examples(), one["completions"], strict=True)
+    per_problem = [task.reward(e, y, "compact") for e, y in pairs]
+    assert [s["reward"] for s in samples] == pytest.approx(per_problem)
+    assert len(set(per_problem)) > 1  # the problems differ: a mix-up between ranks would show

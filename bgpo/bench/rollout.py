@@ -34,6 +34,7 @@ from bgpo.model import DLLM, load_dllm
 from bgpo.results import atomic_write_text, git_commit
 from bgpo.sampler import SamplerConfig, generate
 from bgpo.sampler_cached import count_forwards
+from bgpo.tasks import task_scores
 
 
 def _floats(s: str) -> list[float]:
@@ -111,8 +112,8 @@ def measure(model: DLLM, task, examples: list, cfg: SamplerConfig, args: argpars
         nfe, rows, positions, batches = nfe + n.calls, rows + n.rows, positions + n.positions, batches + 1
         tokens += content_tokens(out, model.eos_token_id)
         texts += model.decode_completions(out)
-    correct = sum(task.correct(ex, y, args.format) for ex, y in zip(examples, texts, strict=True))
-    reward = sum(task.reward(ex, y, args.format) for ex, y in zip(examples, texts, strict=True))
+    scores = task_scores(task, examples, texts, args.format)  # each completion checked once
+    correct, reward = sum(s.correct for s in scores), sum(s.reward for s in scores)
     return {"tokens_per_s": tokens / wall, "positions_per_s": len(examples) * cfg.gen_length / wall,
             "nfe": nfe / batches, "nfe_total": nfe, "nfe_per_sequence": rows / len(examples),
             "positions_processed": positions,

@@ -5,14 +5,18 @@ from bgpo.tasks.base import (
     FORMATS,
     Example,
     Format,
+    Score,
     Task,
     get_task,
     register_task,
     task_names,
+    task_rewards,
+    task_scores,
 )
-from bgpo.tasks.data import d1_data_dir
+from bgpo.tasks.data import check_task_data, d1_data_dir
 
-__all__ = ["FORMATS", "Example", "Format", "Task", "d1_data_dir", "get_task", "register_task", "task_names"]
+__all__ = ["FORMATS", "Example", "Format", "Score", "Task", "check_task_data", "d1_data_dir", "get_task",
+           "register_task", "task_names", "task_rewards", "task_scores"]
 
 
 def _import_user_tasks() -> None:

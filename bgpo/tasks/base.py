@@ -3,14 +3,19 @@
 Every task registers itself by name with ``@register_task("name")`` and implements ``Task``.
 Two renderers share the same data: ``compact`` (the embedded tiny dLLM, character tokens) and
 ``d1`` (LLaDA-class instruct models, the d1 paper's reasoning/answer format).
+
+Batches. A task may also define ``rewards(examples, completions, fmt) -> list[float]`` and
+``scores(examples, completions, fmt) -> list[Score]`` (reward and correctness from ONE check of
+each completion); the code tasks do, running their sandboxes in parallel. Callers use
+``task_rewards`` / ``task_scores`` below, which fall back to ``reward`` / ``correct`` item by item.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 Format = Literal["compact", "d1"]
 FORMATS: tuple[str, ...] = ("compact", "d1")
@@ -52,6 +57,37 @@ class Task(Protocol):
     def correct(self, ex: Example, completion: str, fmt: Format) -> bool:
         """Accuracy criterion (full credit)."""
         ...
+
+
+class Score(NamedTuple):
+    """The reward of one completion and whether it counts as correct (accuracy)."""
+
+    reward: float
+    correct: bool
+
+
+def task_rewards(task: Task, examples: Sequence[Example], completions: Sequence[str],
+                 fmt: Format) -> list[float]:
+    """Rewards of a batch: the task's own ``rewards`` when it has one, else ``reward`` per item."""
+    if len(examples) != len(completions):
+        raise ValueError(f"{len(examples)} examples but {len(completions)} completions")
+    batched = getattr(task, "rewards", None)
+    if batched is not None:
+        return [float(r) for r in batched(examples, completions, fmt)]
+    return [float(task.reward(ex, y, fmt)) for ex, y in zip(examples, completions, strict=True)]
+
+
+def task_scores(task: Task, examples: Sequence[Example], completions: Sequence[str],
+                fmt: Format) -> list[Score]:
+    """Reward and correctness of a batch: the task's own ``scores`` when it has one (code tasks:
+    each completion runs once), else ``reward`` and ``correct`` per item."""
+    if len(examples) != len(completions):
+        raise ValueError(f"{len(examples)} examples but {len(completions)} completions")
+    batched = getattr(task, "scores", None)
+    if batched is not None:
+        return [Score(float(r), bool(c)) for r, c in batched(examples, completions, fmt)]
+    return [Score(float(task.reward(ex, y, fmt)), bool(task.correct(ex, y, fmt)))
+            for ex, y in zip(examples, completions, strict=True)]
 
 
 _REGISTRY: dict[str, Callable[..., Task]] = {}

@@ -42,6 +42,7 @@ from bgpo.tasks.base import (
     last_answer,
     register_task,
 )
+from bgpo.tasks.data import check_local_file
 
 NUM_LO, NUM_HI = 1, 100  # range of the given numbers (d1 file: 1..100)
 TARGET_LO, TARGET_HI = 1, 100  # range of the integer targets (d1 file: 1..100)
@@ -138,6 +139,7 @@ class CountdownTask:
     """SPEC §5 Countdown (3 numbers). ``test_file``: d1-style JSONL used as the test set;
     ``n_test``: size of the own test set (default 256) or the first ``n_test`` rows of the file."""
 
+    DATA_FILES = ("test_file",)
     name = "countdown"
 
     def __init__(self, test_file: str | None = None, n_test: int | None = None, n_val: int = 256) -> None:
@@ -154,6 +156,7 @@ class CountdownTask:
 
     def _load_file(self) -> list[Example]:
         assert self.test_file is not None
+        check_local_file("test_file", self.test_file)
         exs = []
         with open(self.test_file, encoding="utf-8") as f:
             for i, line in enumerate(x for x in f if x.strip()):

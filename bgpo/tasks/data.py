@@ -3,6 +3,14 @@
 ``d1_data_dir`` finds the folder holding d1's Countdown and Sudoku test files. ``load_records``
 reads a local JSON/JSONL/CSV/parquet file, or a hub data set through ``datasets.load_dataset``;
 ``datasets`` is imported only then, so building a task never touches the network.
+
+Local or hub? A value "looks local" when it is absolute, starts with ``.`` or ``~``, has a
+backslash or more than one ``/``, or ends with a data-file suffix (``.jsonl``, ``.json``, ``.csv``,
+``.tsv``, ``.parquet``, ``.arrow``, ``.txt``, optionally ``.gz``/``.bz2``/``.xz``/``.zst``). A
+local-looking value that names no existing file is an error naming the key and the file, never a
+hub request: ``data/gsm8k_tset.jsonl`` fails, ``openai/gsm8k`` goes to the hub. ``*_file`` keys are
+local files only. ``check_task_data`` checks a task's data keys (and its option names) at
+start-up, before any data or model is loaded; it imports neither torch nor ``datasets``.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ import gzip
 import json
 import os
 import random
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -39,10 +48,49 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def load_records(source: str, config: str | None = None, split: str = "train") -> list[dict[str, Any]]:
+_DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".arrow", ".txt")
+_PACKED = (".gz", ".bz2", ".xz", ".zst")
+
+
+def looks_local(source: str | Path) -> bool:
+    """True when ``source`` reads as a local path rather than a hub name (see the module docstring)."""
+    s = str(source)
+    if s.startswith(("/", ".", "~")) or "\\" in s or s.count("/") > 1:
+        return True
+    name = s.lower()
+    for packed in _PACKED:
+        name = name.removesuffix(packed)
+    return name.endswith(_DATA_SUFFIXES)
+
+
+def check_local_file(key: str, path: str | Path) -> Path:
+    """``path`` as an existing file, or ``FileNotFoundError`` naming ``key`` and the file."""
+    resolved = Path(path).expanduser()
+    if not resolved.is_file():
+        what = "is a folder, not a file" if resolved.is_dir() else "no such file"
+        raise FileNotFoundError(f"{key}={str(path)!r}: {what} ({resolved.resolve()})")
+    return resolved
+
+
+def check_source(key: str, source: str | Path) -> None:
+    """A hub name, or an existing local file or folder; a local-looking value that names nothing
+    fails here, naming ``key`` (it is never sent to the hub)."""
+    path = Path(source).expanduser()
+    if looks_local(source) and not path.exists():
+        raise FileNotFoundError(f"{key}={str(source)!r}: no such file ({path.resolve()}); a hub data set is "
+                                "named owner/name")
+
+
+def load_records(source: str, config: str | None = None, split: str = "train", key: str = "source",
+                 local: bool = False) -> list[dict[str, Any]]:
     """Rows of ``source``: a local ``.jsonl``/``.json``/``.csv``/``.parquet`` file (``split`` ignored),
-    or a hub data set name (``config``, ``split`` passed to ``datasets.load_dataset``)."""
-    path = Path(source)
+    or a hub data set name (``config``, ``split`` passed to ``datasets.load_dataset``). ``local``:
+    ``source`` must be a local file. A missing local-looking path fails naming ``key``."""
+    if local:
+        check_local_file(key, source)
+    else:
+        check_source(key, source)
+    path = Path(source).expanduser()
     if path.is_file():
         name = path.name.removesuffix(".gz")
         if name.endswith(".jsonl"):
@@ -59,9 +107,9 @@ def load_records(source: str, config: str | None = None, split: str = "train") -
 
             return list(datasets.load_dataset("parquet", data_files=str(path), split="train"))
         raise ValueError(f"unsupported data file {source!r}: use .jsonl, .json, .csv or .parquet")
-    import datasets  # lazy: only here may the hub be contacted
+    import datasets  # lazy: only here may the hub be contacted (or a local data set folder be read)
 
-    return list(datasets.load_dataset(source, config, split=split))
+    return list(datasets.load_dataset(str(path) if path.is_dir() else source, config, split=split))
 
 
 def sample_pool(pool: list[T], n: int, seed: int) -> list[T]:
@@ -76,3 +124,34 @@ def sample_pool(pool: list[T], n: int, seed: int) -> list[T]:
         rng.shuffle(order)
         out.extend(order[: n - len(out)])
     return out
+
+
+def check_task_data(name: str, test_file: str | None = None,
+                    options: Mapping[str, Any] | None = None) -> None:
+    """Start-up check of a task's data settings, before anything is loaded: the option names are
+    constructor arguments of the task, every local data path exists (``DATA_FILES``: local files;
+    ``DATA_SOURCES``: hub name or local path). Errors name the key as configured
+    (``task.test_file``, ``task.options.<key>``)."""
+    import inspect
+
+    from bgpo.tasks.base import _REGISTRY, task_names
+
+    if name not in _REGISTRY:
+        raise ValueError(f"task.name={name!r} is not a registered task; allowed: {task_names()}")
+    cls = _REGISTRY[name]
+    options = dict(options or {})
+    params = inspect.signature(cls).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    allowed = sorted(k for k in params if k not in ("self", "test_file", "n_test"))
+    for k in options:
+        if k in ("test_file", "n_test"):
+            raise ValueError(f"task.options.{k}: set task.{k} instead")
+        if k not in params and not takes_any:
+            raise ValueError(f"task.options.{k} is not an option of task {name!r}; allowed: {allowed}")
+    values = {"test_file": test_file, **options}
+    for k in getattr(cls, "DATA_FILES", ("test_file",) if "test_file" in params else ()):
+        if values.get(k):
+            check_local_file("task.test_file" if k == "test_file" else f"task.options.{k}", values[k])
+    for k in getattr(cls, "DATA_SOURCES", ()):
+        if values.get(k):
+            check_source(f"task.options.{k}", values[k])

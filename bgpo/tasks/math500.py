@@ -1,7 +1,7 @@
 """MATH500 (SPEC §5): competition maths, scored on the final answer.
 
 Data. Test: ``HuggingFaceH4/MATH-500`` (``test`` split; rows ``problem``, ``solution``,
-``answer``), or a local JSON/JSONL/CSV/parquet file with the same columns (``test_source``).
+``answer``), or a local JSON/JSONL/CSV/parquet file with the same columns (``test_source``, or ``test_file``).
 Training: MATH train, named by ``train_source`` (a hub name or a local file with ``problem`` and
 ``solution``, optionally ``answer``; e.g. ``EleutherAI/hendrycks_math`` with ``train_config``); there
 is no default, ``train_examples`` fails naming the argument. Training problems whose text is a
@@ -34,7 +34,7 @@ from bgpo.tasks.base import (
     last_answer,
     register_task,
 )
-from bgpo.tasks.data import load_records, sample_pool
+from bgpo.tasks.data import check_local_file, load_records, sample_pool
 
 
 def last_boxed(text: str) -> str | None:
@@ -133,6 +133,8 @@ def _to_example(row: dict[str, Any], index: int, source: str) -> Example:
 class Math500Task:
     """SPEC §5 MATH500; see the module docstring for the sources and the answer check."""
 
+    DATA_FILES = ("test_file",)
+    DATA_SOURCES = ("train_source", "test_source")
     name = "math500"
 
     def __init__(
@@ -144,8 +146,12 @@ class Math500Task:
         test_split: str = "test",
         n_test: int | None = None,
         format_bonus: float = 0.0,
+        test_file: str | None = None,
     ) -> None:
         self.train_source, self.train_config, self.train_split = train_source, train_config, train_split
+        if test_file:  # task.test_file (what the trainer passes): a local file replacing test_source
+            check_local_file("test_file", test_file)
+            test_source = test_file
         self.test_source, self.test_split, self.n_test = test_source, test_split, n_test
         self.format_bonus = format_bonus
         self._test: list[Example] | None = None
@@ -153,7 +159,7 @@ class Math500Task:
 
     def test_examples(self) -> list[Example]:
         if self._test is None:
-            rows = load_records(self.test_source, None, self.test_split)
+            rows = load_records(self.test_source, None, self.test_split, key="test_source")
             self._test = [_to_example(r, i, self.test_source) for i, r in enumerate(rows)][: self.n_test]
         return self._test
 
@@ -163,7 +169,7 @@ class Math500Task:
             raise ValueError("math500 needs train_source (MATH train: a hub name or a local file)")
         if self._train is None:
             test_problems = {ex.fields["problem"].strip() for ex in self.test_examples()}
-            rows = load_records(self.train_source, self.train_config, self.train_split)
+            rows = load_records(self.train_source, self.train_config, self.train_split, key="train_source")
             self._train = [
                 _to_example(r, i, self.train_source)
                 for i, r in enumerate(rows)

@@ -6,18 +6,29 @@ Data. ``google-research-datasets/mbpp`` (config ``full``: ``train`` 374, ``test`
 same columns (``train_file``, ``test_file``). Loaded on first use, never in the constructor.
 
 Reward: the code (``sandbox.extract_code``: last fenced block inside the last ``<answer>``, or the
-raw completion) is run as ``setup + code + asserts`` by ``sandbox.run_program`` (time limit
-``timeout``; see that module for what the sandbox does and does not cover): 1.0 if every assert
-passes, else 0. ``correct`` is reward == 1.
+raw completion) is the program of a ``sandbox.CodeJob``; the setup code is its trusted setup and
+the asserts its trusted tests (time limit ``timeout``; see that module for what the sandbox does
+and does not cover): 1.0 if every assert passes (the sandbox's token, not the exit status), else
+0. ``correct`` is reward == 1. ``rewards`` / ``scores`` run a batch in parallel (``workers``
+sandboxes, default ``$BGPO_SANDBOX_WORKERS`` or min(8, CPUs)), each completion once.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
-from bgpo.tasks.base import D1_INSTRUCTIONS, Example, Format, check_format, d1_completion, register_task
+from bgpo.tasks.base import (
+    D1_INSTRUCTIONS,
+    Example,
+    Format,
+    Score,
+    check_format,
+    d1_completion,
+    register_task,
+)
 from bgpo.tasks.data import load_records, sample_pool
-from bgpo.tasks.sandbox import extract_code, run_program
+from bgpo.tasks.sandbox import CodeJob, extract_code, run_jobs
 
 
 def _to_example(row: dict[str, Any], source: str) -> Example:
@@ -35,6 +46,8 @@ def _to_example(row: dict[str, Any], source: str) -> Example:
 class MBPPTask:
     """SPEC §5 MBPP; see the module docstring for the sources and the sandbox."""
 
+    DATA_FILES = ("train_file", "test_file")
+    DATA_SOURCES = ("hub_name",)
     name = "mbpp"
 
     def __init__(
@@ -45,15 +58,20 @@ class MBPPTask:
         hub_name: str = "google-research-datasets/mbpp",
         hub_config: str = "full",
         timeout: float = 5.0,
+        workers: int | None = None,
     ) -> None:
         self.train_file, self.test_file, self.n_test = train_file, test_file, n_test
         self.hub_name, self.hub_config, self.timeout = hub_name, hub_config, timeout
+        self.workers = workers
         self._cache: dict[str, list[Example]] = {}
 
     def _split(self, split: str, path: str | None) -> list[Example]:
         if split not in self._cache:
             source = path or self.hub_name
-            rows = load_records(source, None if path else self.hub_config, split)
+            if path:
+                rows = load_records(path, None, split, key=f"{split}_file", local=True)
+            else:
+                rows = load_records(self.hub_name, self.hub_config, split, key="hub_name")
             self._cache[split] = [_to_example(r, source) for r in rows]
         return self._cache[split]
 
@@ -79,13 +97,22 @@ class MBPPTask:
             raise ValueError("this MBPP example has no reference code")
         return d1_completion("A direct implementation.", f"```python\n{ex.solution.strip()}\n```")
 
-    def program(self, ex: Example, completion: str) -> str:
-        """The script that is run: setup, the extracted code, then every test assert."""
-        return "\n".join([ex.fields["setup"], extract_code(completion), "", *ex.fields["tests"], ""])
+    def job(self, ex: Example, completion: str) -> CodeJob:
+        """The sandbox job: the setup (trusted), the extracted code, then every test assert."""
+        return CodeJob(program=extract_code(completion), tests="\n".join([*ex.fields["tests"], ""]),
+                       setup=ex.fields["setup"])
+
+    def scores(self, examples: Sequence[Example], completions: Sequence[str], fmt: Format) -> list[Score]:
+        """Reward and correctness of a batch, each completion run once, in parallel."""
+        check_format(fmt)
+        jobs = [self.job(ex, y) for ex, y in zip(examples, completions, strict=True)]
+        return [Score(float(ok), ok) for ok in run_jobs(jobs, self.timeout, workers=self.workers)]
+
+    def rewards(self, examples: Sequence[Example], completions: Sequence[str], fmt: Format) -> list[float]:
+        return [s.reward for s in self.scores(examples, completions, fmt)]
 
     def reward(self, ex: Example, completion: str, fmt: Format) -> float:
-        check_format(fmt)
-        return 1.0 if run_program(self.program(ex, completion), timeout=self.timeout) else 0.0
+        return self.scores([ex], [completion], fmt)[0].reward
 
     def correct(self, ex: Example, completion: str, fmt: Format) -> bool:
-        return self.reward(ex, completion, fmt) == 1.0
+        return self.scores([ex], [completion], fmt)[0].correct

@@ -40,6 +40,7 @@ from bgpo.tasks.base import (
     last_answer,
     register_task,
 )
+from bgpo.tasks.data import check_local_file
 
 N_TRAIN_GRIDS = 200  # SPG's re-split: 200 training grids, 88 test grids
 N_VAL_GRIDS = 40  # of those 200, held out for validation
@@ -127,6 +128,7 @@ def make_puzzle(grid: str, rng: random.Random, n_empty: int = 8, tries: int = 50
 
 def read_d1_csv(path: str) -> list[tuple[str, str]]:
     """(puzzle, solution) rows of a d1 CSV with header ``Puzzle,Solution``."""
+    check_local_file("test_file", path)
     with open(path, newline="", encoding="utf-8") as f:
         return [(row["Puzzle"].strip(), row["Solution"].strip()) for row in csv.DictReader(f)]
 
@@ -135,6 +137,7 @@ def read_d1_csv(path: str) -> list[tuple[str, str]]:
 class SudokuTask:
     """SPEC §5 Sudoku 4×4 with a by-grid train/test split (see the module docstring)."""
 
+    DATA_FILES = ("test_file",)
     name = "sudoku"
 
     def __init__(

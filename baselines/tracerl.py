@@ -9,9 +9,10 @@ group's tokens, then over every (response, group) pair of the batch:
 ``−(1/N) Σ_(i,g) (1/|τ_ig|) Σ_(k ∈ τ_ig) min(ρA_i, clip(ρ, 1±ε)A_i)``. The groups are
 independent terms: one backward per ``mc_chunk`` groups, memory flat in n_t.
 
-Departures and switches. The paper's text could not be read for this implementation: the
-objective and defaults follow its abstract and the authors' released code (Gen-Verse/dLLM-RL,
-``train/rl_llada.py``, ``configs/rl_llada.yaml``); check them against the paper before quoting:
+Departures and switches. The paper's text could not be read (no arXiv HTML was found; the authors'
+README shows its Table 2 only): the objective and defaults follow its abstract and the authors'
+released code (Gen-Verse/dLLM-RL ``train/rl_llada.py``, ``configs/rl_llada.yaml``), read line by
+line; check them against the paper before quoting:
 - n_t (= mc) is the number of forward passes per response: the trajectory's distinct steps merged
   into n_t groups of s = ⌈steps / n_t⌉ (the code's shrinkage s = 8; s = 1 scores every step in
   exactly the sampler's state); ``mc_chunk`` groups per backward pass;
@@ -24,7 +25,8 @@ objective and defaults follow its abstract and the authors' released code (Gen-V
   reference, which the code does not have. Both are summed over a group's tokens and averaged over
   the (response, group) pairs, as the code's ``kl_seq`` (the clipped term is a mean per group);
 - off-policy: ``minibatches=μ`` (θ_old = the rollout policy; the trajectory draws are fixed); the code
-  splits its shuffled (response, group) rows into optimizer steps, here whole prompt groups;
+  walks its (response, group) rows in order, 2·128 per process and optimizer step, so one response's
+  groups can fall into two steps; here a mini-batch is whole prompt groups;
 - the scored window is up to the first EOS (``elbo.window=eos``; the code also drops the first EOS);
 - rollouts with ``sampler.mode=cached`` are scored with full forward passes, i.e. not in the
   exact (stale-cache) state the sampler saw.

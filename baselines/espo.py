@@ -10,16 +10,21 @@ samples; θ, θ_old and the reference see the same masks. μ inner updates (``in
 fresh set of draws each, θ_old the rollout policy. The exponential of a mean keeps the update's
 2·n_t graphs alive until its one backward: memory linear in n_t, like VRPO-OL.
 
-Departures and switches. The paper's text could not be read for this implementation: equations
-and defaults follow its abstract and the authors' released code (ML-GSAI/ESPO ``espo_trainer.py``,
-``recipes/``); check them against the paper before quoting results:
-- n_t = 2 MC samples (``num_mc``), each a complementary pair: 4 forward passes per update;
-- ε = 0.2, β = 0.01 (``recipes/train.yaml``; the Countdown script: β = 3e-3, μ = 8);
+Departures and switches. The paper's body could not be read (arXiv HTML: abstract and introduction
+only); its abstract and the authors' project page give the ratio ρ_seq = exp((ℓ_θ − ℓ_old)/L) and the
+k2 KL; the rest follows the authors' code (ML-GSAI/ESPO ``espo/espo_trainer.py``, ``recipes/``),
+read line by line; check it against the paper before quoting results:
+- n_t = 2 MC samples (the scripts' ``num_mc``), each a complementary pair: 4 forward passes per update;
+- ε = 0.2, β = 0.01 (``recipes/train.yaml``); the task scripts set μ = 8 inner updates, G = 6 (MATH
+  16, code 10) and β = 1e-3 (GSM8K, MATH), 1e-2 (Sudoku, code), 3e-3 (Countdown);
+- the Countdown script sets ε = 0, which the code's clamp(ρ, 1 − ε, 1 + ε) reads as ρ clipped to 1;
+  here ``clip_eps=0`` switches the clip OFF: ``clip_eps=1e-6`` gives the script's surrogate;
 - the k2 KL is divided by L once (the code's ``kl.sum() / (B·L)``), the ratio's log by L;
 - the code stratifies the mask counts over the rows of a micro-batch, here over a sequence's n_t
   samples (``elbo.stratified``); ``elbo.mode=elbo`` drops the complementary coupling;
 - advantages r − mean_G r; the code's leave-one-out baseline is G/(G−1) times that;
-- L_i is the scored window (``elbo.window``; default the whole window, as the code).
+- L_i is the scored window (``elbo.window``; default the whole window, EOS padding included, as the
+  code, whose ELBO and L cover every completion position).
 """
 
 from __future__ import annotations
@@ -40,9 +45,9 @@ class ESPOConfig:
     n_t: int = 2
     """MC samples per update, each a complementary pair of masks (code: num_mc = 2)"""
     clip_eps: float = 0.2
-    """PPO clip ε on the sequence ratio (code: 0.2)"""
+    """PPO clip ε on the sequence ratio (code: 0.2; 0 = no clip, unlike the code's ε = 0)"""
     beta: float = 0.01
-    """k2 KL coefficient to the reference (code: 0.01; Countdown 3e-3)"""
+    """k2 KL coefficient to the reference (code: 0.01; scripts 1e-3 to 1e-2, Countdown 3e-3)"""
     std_adv: bool = False
     """A = r − mean_G r (code: scale_rewards false)"""
     elbo: ELBOConfig = field(default_factory=lambda: ELBOConfig(mode="complementary", level="count",

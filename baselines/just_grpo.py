@@ -12,13 +12,18 @@ How the rollout order is declared: the class attribute ``ROLLOUT_ORDER = "left_t
 trainer hands every method's ``ROLLOUT_ORDER`` to ``bgpo.rollout.rollout`` without knowing which
 method it runs (``bgpo.method``). Evaluation keeps the task's block-wise sampler.
 
-Departures and switches. The paper's text could not be read for this implementation: the
-objective and defaults follow its abstract and the authors' released code (LeapLabTHU/JustGRPO,
-``grpo.py``); check them against the paper before quoting results:
+Departures and switches. The paper's text could not be read (no arXiv HTML was found); the objective
+and defaults follow its abstract and the authors' released code (LeapLabTHU/JustGRPO ``grpo.py``,
+``train.py``), read line by line; check them against the paper before quoting results:
 - n_t (= mc) positions per response: n_t ≥ L scores every position (the exact log-likelihood,
   the code); n_t < L samples n_t positions without replacement, weight L/n_t (unbiased, cheaper);
-- advantages (r − mean_G r)/(std_G r + 1e-4); ε = 0.2 (on-policy the clip is inactive);
-- the normalisation by L·N_A is the code's (``gain / gen_length / valid_samples``);
+- advantages (r − mean_G r)/(std_G r + 1e-4), Bessel's std; ε = 0.2 (on-policy the clip is inactive);
+  the code: G = 16 (8 generations × 2 repeats), 64 prompts per step, rollout temperature 1.0,
+  L = 256 decoded in 256 steps, lr 5e-6, 125 steps, gradient clip 1.0;
+- the normalisation by L·N_A is the code's (``gain / gen_length / valid_samples``), but the code counts
+  N_A per gradient-accumulation step (8 prompts) and SUMS the 8 steps' gradients: its gradient is
+  about 8 times this file's, with N_A counted over the whole (mini-)batch; a scale, which Adam
+  ignores and the gradient clip does not;
 - off-policy: ``minibatches=μ`` (θ_old = the rollout policy); the code is on-policy only;
 - the whole window is scored, EOS padding included (``elbo.window=full``, as the code).
 """

@@ -9,16 +9,24 @@ group's tokens, then over every (response, group) pair of the batch:
 ``−(1/N) Σ_(i,g) (1/|τ_ig|) Σ_(k ∈ τ_ig) min(ρA_i, clip(ρ, 1±ε)A_i)``. The groups are
 independent terms: one backward per ``mc_chunk`` groups, memory flat in n_t.
 
-Departures and switches. The paper's text could not be read for this implementation: the
-objective and defaults follow its abstract and the authors' released code (Gen-Verse/dLLM-RL,
-``train/rl_llada.py``, ``configs/rl_llada.yaml``); check them against the paper before quoting:
+Departures and switches. The paper's text could not be read (no arXiv HTML was found; the authors'
+README shows its Table 2 only): the objective and defaults follow its abstract and the authors'
+released code (Gen-Verse/dLLM-RL ``train/rl_llada.py``, ``configs/rl_llada.yaml``), read line by
+line; check them against the paper before quoting:
 - n_t (= mc) is the number of forward passes per response: the trajectory's distinct steps merged
   into n_t groups of s = ⌈steps / n_t⌉ (the code's shrinkage s = 8; s = 1 scores every step in
   exactly the sampler's state); ``mc_chunk`` groups per backward pass;
-- no value model (the paper's optional diffusion value model): advantages (r − mean_G r)/std_G r;
-- ε = 0.2; ``beta``: k3 KL to the reference, off (the code regularises toward θ_old, β = 0.01,
-  which has no gradient on-policy);
-- off-policy: ``minibatches=μ`` (θ_old = the rollout policy; the trajectory draws are fixed);
+- no value model (the paper's optional diffusion value model): advantages (r − mean_G r)/(std_G r +
+  1e-4) with Bessel's std; the code's z-score uses the population std and no 1e-4 (a constant
+  factor √(G/(G−1)) per group), and it drops every group whose accuracy is > 0.8 or < 0.2 and counts
+  a response within 5 tokens of the length limit as wrong (``reward/rl_reward.py``): not done here;
+- ε = 0.2; ``beta_old``: the code's k3 KL toward θ_old (``configs/rl_llada.yaml``: β = 0.01; no
+  gradient on-policy, a trust-region term across mini-batches), default off; ``beta``: k3 KL to the
+  reference, which the code does not have. Both are summed over a group's tokens and averaged over
+  the (response, group) pairs, as the code's ``kl_seq`` (the clipped term is a mean per group);
+- off-policy: ``minibatches=μ`` (θ_old = the rollout policy; the trajectory draws are fixed); the code
+  walks its (response, group) rows in order, 2·128 per process and optimizer step, so one response's
+  groups can fall into two steps; here a mini-batch is whole prompt groups;
 - the scored window is up to the first EOS (``elbo.window=eos``; the code also drops the first EOS);
 - rollouts with ``sampler.mode=cached`` are scored with full forward passes, i.e. not in the
   exact (stale-cache) state the sampler saw.
@@ -46,13 +54,18 @@ class TraceRLConfig:
     clip_eps: float = 0.2
     """PPO clip ε on the per-token ratio (code: 0.2)"""
     beta: float = 0.0
-    """k3 KL coefficient to the reference; 0 = off"""
+    """k3 KL coefficient to the reference; 0 = off (the code has none)"""
+    beta_old: float = 0.0
+    """k3 KL coefficient toward θ_old, the code's term (its config: 0.01); 0 = off"""
     std_adv: bool = True
     """A = (r − mean_G r)/std_G r (code)"""
     elbo: ELBOConfig = field(default_factory=lambda: ELBOConfig(mode="trajectory", window="eos"))
 
     def __post_init__(self) -> None:
         check_common(self, "tracerl")
+        b = self.beta_old
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not b >= 0:
+            raise ValueError(f"method.cfg.beta_old={b!r} must be a number >= 0 (tracerl)")
         if self.elbo.mode != "trajectory":
             raise ValueError(f"method.cfg.elbo.mode={self.elbo.mode!r} must be trajectory (tracerl)")
 
@@ -87,13 +100,15 @@ class TraceRL:
         # TraceRL: per-token clipped ratio, a mean over each group's tokens, a mean over groups
         ratio = (logp - logp_old).exp()  # [k, B, L]
         surr, was_clipped = clipped(ratio, adv[None, :, None], c.clip_eps, 0.0)  # [k, B, L]
-        per_token = -surr  # [k, B, L]
-        kl_tok = torch.zeros_like(per_token)
+        kl_ref, kl_old = torch.zeros_like(logp), torch.zeros_like(logp)  # [k, B, L]
         if c.beta > 0:
-            kl_tok = k3(prep.ref[js], logp)  # [k, B, L]
-            per_token = per_token + c.beta * kl_tok
+            kl_ref = k3(prep.ref[js], logp)  # [k, B, L]
+        if c.beta_old > 0:
+            kl_old = k3(logp_old, logp)  # [k, B, L] the code's KL: toward θ_old
         per_row = hit.sum(-1).clamp(min=1)  # [k, B] tokens of each group
-        mean = lambda t: ((t * hit).sum(-1) / per_row).sum() / n_rows  # noqa: E731
-        loss = mean(per_token)
-        return loss, {"loss": loss.detach(), "kl": mean(kl_tok.detach()),
-                      "clip_ratio": mean(was_clipped), "elbo/ell": (logp.detach() * hit).sum() / adv.shape[0]}
+        mean = lambda t: ((t * hit).sum(-1) / per_row).sum() / n_rows  # noqa: E731  mean in a group
+        total = lambda t: (t * hit).sum() / n_rows  # noqa: E731  sum in a group (the code's KL)
+        loss = mean(-surr) + total(c.beta * kl_ref + c.beta_old * kl_old)
+        return loss, {"loss": loss.detach(), "kl": total(kl_ref.detach()), "kl_old": total(kl_old.detach()),
+                      "clip_ratio": mean(was_clipped),
+                      "elbo/ell": (logp.detach() * hit).sum() / adv.shape[0]}

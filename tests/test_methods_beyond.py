@@ -394,9 +394,10 @@ def test_coupled_grpo_matches_the_reference(mu):
 
 
 # ---- TraceRL ----------------------------------------------------------------------------------------------
-def ref_tracerl(theta, old, batch, adv, n_t, eps):
+def ref_tracerl(theta, old, batch, adv, n_t, eps, refm=None, beta=0.0, beta_old=0.0):
     """Steps merged s = ⌈steps/n_t⌉ at a time; group g scored with groups ≥ g masked; per-token
-    clipped ratio, mean over the group's scored tokens, mean over (response, group) pairs."""
+    clipped ratio, mean over the group's scored tokens, plus the k3 KLs (to the reference, and the
+    code's toward θ_old) summed over those tokens; then a mean over (response, group) pairs."""
     scored = ref_scored(batch, "eos", theta.eos_token_id)
     P, (B, L) = batch.prompt_len, scored.shape
     group = torch.zeros(B, L, dtype=torch.long)
@@ -404,33 +405,42 @@ def ref_tracerl(theta, old, batch, adv, n_t, eps):
         steps = sorted(set(batch.trace[b].tolist()))
         s = -(-len(steps) // n_t)
         group[b] = torch.tensor([steps.index(st) // s for st in batch.trace[b].tolist()])
+    k3 = lambda base, lp: torch.exp(base - lp) - (base - lp) - 1  # noqa: E731
     terms = []
     for g in range(n_t):
         masked = torch.zeros(B, P + L, dtype=torch.bool)
         masked[:, P:] = group >= g
         lp, lp_old = ref_token_logp(theta, batch, masked), ref_token_logp(old, batch, masked).detach()
+        lp_ref = ref_token_logp(refm, batch, masked).detach() if refm is not None else None
         for b in range(B):
             toks = [i for i in range(L) if group[b, i] == g and scored[b, i]]
             if toks:
                 surr = [torch.minimum(torch.exp(lp[b, i] - lp_old[b, i]) * adv[b],
                                       torch.exp(lp[b, i] - lp_old[b, i]).clamp(1 - eps, 1 + eps) * adv[b])
                         for i in toks]
-                terms.append(-sum(surr) / len(toks))
+                kl = sum(beta_old * k3(lp_old[b, i], lp[b, i]) for i in toks)
+                if lp_ref is not None:
+                    kl = kl + sum(beta * k3(lp_ref[b, i], lp[b, i]) for i in toks)
+                terms.append(-sum(surr) / len(toks) + kl)
     return sum(terms) / len(terms)
 
 
 @pytest.mark.parametrize("off", [False, True], ids=["on-policy", "off-policy"])
-def test_tracerl_matches_the_reference(off):
+@pytest.mark.parametrize("beta,beta_old", [(0.0, 0.0), (0.1, 0.3)], ids=["no-kl", "kl"])
+def test_tracerl_matches_the_reference(off, beta, beta_old):
     old, theta = off_policy_pair(scale=0.2) if off else (micro_model(),) * 2
+    refm = micro_model(seed=5) if beta > 0 else None
     batch = with_trace(random_batch(old, eos_at=4))
-    method = TraceRL(TraceRLConfig(n_t=3, clip_eps=0.05))
+    cfg = TraceRLConfig(n_t=3, clip_eps=0.05, beta=beta, beta_old=beta_old)
+    method = TraceRL(cfg, ref=refm)
     prep = method.prepare(old, batch, 2 if off else 1, gen(0))
     stats, g = run_method(method, theta, batch, ADV, prep)
-    loss = ref_tracerl(theta, old, batch, ADV, 3, 0.05)
+    loss = ref_tracerl(theta, old, batch, ADV, 3, 0.05, refm, beta, beta_old)
     assert stats["loss"] == pytest.approx(loss.item(), rel=1e-10)
-    assert_close(g, ref_grad(theta, loss), f"TraceRL off={off}")
+    assert_close(g, ref_grad(theta, loss), f"TraceRL off={off} beta={beta}")
     assert (stats["clip_ratio"] > 0) == off
-    _, g3 = run_method(TraceRL(TraceRLConfig(n_t=3, mc_chunk=3, clip_eps=0.05)), theta, batch, ADV, prep)
+    assert (stats["kl"] > 0) == (beta > 0) and (stats["kl_old"] > 0) == (off and beta_old > 0)
+    _, g3 = run_method(TraceRL(dataclasses.replace(cfg, mc_chunk=3), ref=refm), theta, batch, ADV, prep)
     assert_close(g3, g, "TraceRL mc_chunk=3")
 
 
@@ -477,6 +487,7 @@ def test_just_grpo_matches_the_reference(off):
                                       (lambda: ESPOConfig(clip_eps=-1.0), "clip_eps"),
                                       (lambda: CoupledGRPOConfig(elbo=ELBOConfig()), "elbo.mode"),
                                       (lambda: TraceRLConfig(n_t=0), "n_t"),
+                                      (lambda: TraceRLConfig(beta_old=-0.1), "beta_old"),
                                       (lambda: JustGRPOConfig(elbo=ELBOConfig(mode="ar", length_norm=True)),
                                        "elbo.mode")])
 def test_bad_settings_name_the_key(conf, key):

@@ -56,3 +56,12 @@ def bench(session: nox.Session) -> None:
     """Benchmarks into results/bench/ (memory, rollout; `-- variance` picks others)."""
     for name in session.posargs or ["memory", "rollout"]:
         session.run(sys.executable, "-m", "bgpo.bench", name)
+
+
+@nox.session(python=False)
+def mutation(session: nox.Session) -> None:
+    """Mutation testing of bgpo/objective.py, bgpo/method.py, bgpo/elbo.py and baselines/ (mutmut,
+    configured in pyproject.toml; hours on 2 cores, resumable). Then `mutmut results` lists the
+    survivors; paper/MUTATION.md says why each surviving mutant is equivalent or harmless."""
+    session.run(sys.executable, "-m", "mutmut", "run", *session.posargs, env={"OMP_NUM_THREADS": "1"})
+    session.run(sys.executable, "-m", "mutmut", "results")

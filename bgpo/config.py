@@ -151,6 +151,9 @@ class TrainConfig:
     evaluated once, at the end, for the base, the validation-selected and the final policy"""
     eval_n: int = 256
     """validation problems per periodic evaluation (the first eval_n of the validation set)"""
+    eval_test: bool = True
+    """evaluate the test sets at the end (false: a search over settings on validation, which must
+    never look at a test set; the run's tables then have no test cells)"""
     ckpt_every: int = 10
     shards: int | None = None
     """units of rollout randomness per step (default: the number of processes)"""

@@ -246,7 +246,10 @@ def evaluation(policy: DLLM, task: Any, cfg: DictConfig, dist: Dist, source: str
 
 
 def test_sets(policy: DLLM, task: Any, cfg: DictConfig, dist: Dist) -> dict[str, Any]:
-    """Every test set of the run (``bgpo.evaluation.test_sources``), per problem."""
+    """Every test set of the run (``bgpo.evaluation.test_sources``), per problem; none when
+    ``eval_test=false`` (a search over settings on validation, which must not see the test sets)."""
+    if not cfg.eval_test:
+        return {}
     return {src: evaluation(policy, task, cfg, dist, src, per_problem=True) for src in test_sources(cfg.task)}
 
 

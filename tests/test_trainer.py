@@ -173,3 +173,13 @@ def test_bad_off_policy_combinations_fail_at_start_up(base_model, tmp_path, over
 
     with pytest.raises(ValueError, match=key):
         validate_train(cfg_of(base_model, tmp_path, *overrides))
+
+
+def test_a_search_on_validation_never_evaluates_a_test_set(base_model, tmp_path, monkeypatch):
+    """eval_test=false: only the validation set is evaluated (a settings search must not see test)."""
+    sources: list[str] = []
+    real = trainer.evaluate_on
+    monkeypatch.setattr(trainer, "evaluate_on", lambda p, t, c, src, *a, **k: sources.append(src) or real(
+        p, t, c, src, *a, **k))
+    summary = run(cfg_of(base_model, tmp_path, "method=wd1", "eval_test=false"))
+    assert set(sources) == {"val"} and summary["final"] == {}

@@ -82,3 +82,20 @@ def test_variance_bench_coupling_lowers_variance(micro_path, tmp_path):
     count = tails["count", False, 0.0]
     assert count["max_weight"] <= count["gen_length"]  # L/l with l >= 1
     assert tails["time", False, 1e-3]["max_weight"] <= 1000 + 1e-9  # the floor bounds 1/t
+
+
+def test_step_bench_counts_every_phase(micro_path, tmp_path):
+    from bgpo.bench import step
+
+    argv = ["--model", str(micro_path), "--name", "micro", "--repeats", "1", "--peak-n", "64",
+            "--peak-repeats", "2", "--override", "prompts_per_step=2", "--override", "group_size=2",
+            "--override", "mc=2", "--override", "eval_n=4", "--out", str(tmp_path)]
+    assert step.main(argv) == 0
+    rows = {r["phase"]: r for r in variance.load_rows(tmp_path / "step-cpu-micro.jsonl")}
+    assert set(rows) == {"rollout", "prepare", "backward", "optimizer", "evaluation", "step", "matmul_peak"}
+    assert rows["prepare"]["flops"] == 0  # on-policy BGPO, β = 0: no θ_old or reference pass
+    assert min(rows[k]["flops"] for k in ("rollout", "backward", "evaluation")) > 0
+    assert rows["step"]["seconds"] == pytest.approx(sum(rows[k]["seconds"] for k in
+                                                       ("rollout", "prepare", "backward", "optimizer")))
+    assert 0 < rows["step"]["fraction_of_peak"] and rows["matmul_peak"]["gflops_per_s"] > 0
+    assert rows["step"]["cmd"].startswith("python -m bgpo.bench step")

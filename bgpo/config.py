@@ -35,6 +35,10 @@ class TaskConfig:
     """denoising steps per completion; a multiple of gen_length / block_length"""
     options: dict[str, Any] = field(default_factory=dict)
     """extra constructor arguments of the task (dataset paths...)"""
+    eval_tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """other registered tasks whose test sets the run reports instead of its own, each with its
+    constructor options (``test_file``...), evaluated at the end with this task's format and lengths
+    (BGPO §4: ONE math model, trained on MATH + GSM8K, tested on GSM8K and MATH500)"""
     pretrain_steps: int = 700
     """SFT steps of the tiny base model: stopped short of mastery so that RL has headroom"""
 
@@ -54,6 +58,15 @@ class ModelConfig:
     path: str | None = None
     """local folder or hub name; tiny: None = the cached base model of the task (built if missing)"""
     dtype: str = "float32"
+    """storage dtype of the loaded weights (and so of gradients and AdamW state): float32,
+    bfloat16, float64 (tests); it must suit ``precision``"""
+    precision: str = "fp32"
+    """fp32 (compute in model.dtype), bf16-mixed (float32 master weights and optimizer state,
+    bfloat16 compute: torch.autocast, or FSDP2's MixedPrecisionPolicy with float32 gradient
+    reduction; model.dtype float32) or bf16-pure (everything bfloat16: most small updates round
+    away; for memory comparisons; model.dtype bfloat16)"""
+    activation_checkpointing: bool = False
+    """recompute each transformer block in the backward pass instead of storing its activations"""
     use_chat_template: bool = False
     mask_token_id: int | None = None
     remote_code: bool = False
@@ -145,13 +158,16 @@ class TrainConfig:
 
 # SPEC §4: n_t per method (and the task exceptions) in BGPO's comparison
 PAPER_MC = {"bgpo": 16, "vrpo": 4, "diffugrpo": 1, "wd1": 1}
-PAPER_MC_EXCEPTIONS = {("bgpo", "sudoku"): 32, ("vrpo", "humaneval"): 2, ("vrpo", "mbpp"): 2}
+PAPER_MC_EXCEPTIONS = {("bgpo", "sudoku"): 32,
+                       **{("vrpo", code): 2 for code in ("deepcoder", "humaneval", "mbpp")}}
 
 
 # SPEC §4: training length / diffusion steps (block 32) and RL steps per task at full scale
+# (math = MATH + GSM8K train, code = the DeepCoder subset; the single-test-set tasks keep them too)
 _MATH = {"gen_length": 512, "diffusion_steps": 256, "steps": 700}
 _CODE = {"gen_length": 512, "diffusion_steps": 512, "steps": 560}
-PAPER_TASK = {"math500": _MATH, "gsm8k": _MATH, "humaneval": _CODE, "mbpp": _CODE,
+PAPER_TASK = {"math": _MATH, "math500": _MATH, "gsm8k": _MATH,
+              "deepcoder": _CODE, "humaneval": _CODE, "mbpp": _CODE,
               "sudoku": {"gen_length": 256, "diffusion_steps": 128, "steps": 400},
               "countdown": {"gen_length": 256, "diffusion_steps": 128, "steps": 560}}
 
@@ -221,15 +237,19 @@ def validate_task(task: TaskConfig | DictConfig) -> None:
     except ValueError as e:  # name the keys as the user writes them
         raise ValueError(str(e).replace("sampler.steps", "task.diffusion_steps")
                          .replace("sampler.", "task.")) from None
+    for name in getattr(task, "eval_tasks", None) or {}:
+        if name not in task_names():
+            raise ValueError(f"task.eval_tasks.{name} is not a registered task; allowed: {task_names()}")
 
 
 def validate_model(model: ModelConfig | DictConfig) -> None:
-    from bgpo.model import _DTYPES, KINDS
+    from bgpo.model import _DTYPES, KINDS, check_precision
 
     if model.kind not in KINDS:
         raise ValueError(f"model.kind={model.kind!r} is not one of {list(KINDS)}")
     if model.dtype not in _DTYPES:
         raise ValueError(f"model.dtype={model.dtype!r} is not one of {list(_DTYPES)}")
+    check_precision(getattr(model, "precision", "fp32"), model.dtype)
     if model.kind != "tiny" and not model.path:
         raise ValueError(f"model.path must name a checkpoint for model.kind={model.kind!r}")
 

@@ -8,9 +8,11 @@ well-typed but wrong (unknown task, gen_length not a multiple of block_length, m
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -186,8 +188,30 @@ def paper_task(task: str, key: str) -> int:
     return PAPER_TASK[task][key]
 
 
+DATA_ENV = "BGPO_DATA"
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+
+
+def data_dir() -> Path:
+    """Where users put the data files the suite cannot ship: ``$BGPO_DATA``, default
+    ``~/.cache/bgpo/data`` (``$BGPO_CACHE/data``)."""
+    from bgpo.model import cache_dir
+
+    return Path(os.environ[DATA_ENV]) if os.environ.get(DATA_ENV) else cache_dir() / "data"
+
+
+def data_file(name: str, default: str | None = None) -> str | None:
+    """``${bgpo_data:NAME[,DEFAULT]}``: ``NAME.jsonl`` (or .json, .parquet, .csv) in ``data_dir()``
+    when it is there, else DEFAULT (a hub name, or None: the task's own default or error)."""
+    for suffix in DATA_SUFFIXES:
+        path = data_dir() / f"{name}{suffix}"
+        if path.is_file():
+            return str(path)
+    return default
+
+
 def register() -> None:
-    for name, fn in (("paper_mc", paper_mc), ("paper_task", paper_task)):
+    for name, fn in (("paper_mc", paper_mc), ("paper_task", paper_task), ("bgpo_data", data_file)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
     cs = ConfigStore.instance()

@@ -202,13 +202,15 @@ def native_model(arch: dict[str, Any], dtype: torch.dtype, device: str) -> DLLM:
     kind = arch["native"]
     cls = NATIVE[kind]
     fields = {NATIVE_KEYS[kind][k]: v for k, v in arch.items() if k != "native"}
-    if kind == "llada" and "vocab_size" in fields:
-        fields["embedding_size"] = fields["vocab_size"]
+    if "vocab_size" in fields:  # a small vocabulary: the special ids move to its top
+        V = fields["vocab_size"]
+        fields.update(mask_token_id=V - 1, pad_token_id=V - 2, eos_token_id=V - 2, bos_token_id=V - 2)
+        if kind == "llada":
+            fields["embedding_size"] = V
     config = cls.config_class(**fields)
     with torch.device(device), _default_dtype(dtype):  # initialise on the device, in dtype
         net = cls(config)
-    mask = config.mask_token_id if config.mask_token_id < config.vocab_size else config.vocab_size - 1
-    return DLLM.wrap(net.to(dtype), build_char_tokenizer(), kind=kind, mask_token_id=mask)
+    return DLLM.wrap(net.to(dtype), build_char_tokenizer(), kind=kind, mask_token_id=config.mask_token_id)
 
 
 def load_model(spec: ModelSpec) -> DLLM:

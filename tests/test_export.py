@@ -75,24 +75,23 @@ def test_micro_run_exports_a_folder_with_the_trained_logits_and_a_model_card(bas
     assert res["n"] == 2 and 0.0 <= res["accuracy"] <= 1.0
 
 
-@pytest.mark.parametrize("mode", ["merge", "adapter"])
-def test_lora_run_exports_merged_or_as_an_adapter(base_model, tmp_path, mode):
+def test_lora_run_exports_merged_or_as_an_adapter(base_model, tmp_path):
     summary = run(cfg_of(base_model, tmp_path, "method=bgpo", "temperature=1.0", "steps=1", "lr=1e-2",
                          "model.lora.enabled=true", "model.lora.r=4", "model.lora.alpha=8",
                          "model.lora.dropout=0.0", "eval_every=0"))
     run_dir = tmp_path / summary["run"]
-    out = export(ExportConfig(run_dir=str(run_dir), out=str(tmp_path / mode), lora=mode))
     ref = load_dllm("tiny", base_model)
     ref.net = trained(run_dir, "tiny", base_model, lora=True)
-    if mode == "merge":
-        assert (out / "config.json").is_file() and not (out / "adapter_config.json").exists()
-        back = load_dllm("tiny", out)
-    else:
-        assert (out / "adapter_config.json").is_file() and not (out / "config.json").exists()
-        m = OmegaConf.structured(ModelConfig)
-        back = evaluate.load_adapter(out, m, "cpu")
-    torch.testing.assert_close(logits(back), logits(ref), atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(logits(back), logits(load_dllm("tiny", base_model)), atol=1e-4)
+    for mode in ("merge", "adapter"):
+        out = export(ExportConfig(run_dir=str(run_dir), out=str(tmp_path / mode), lora=mode))
+        if mode == "merge":
+            assert (out / "config.json").is_file() and not (out / "adapter_config.json").exists()
+            back = load_dllm("tiny", out)
+        else:
+            assert (out / "adapter_config.json").is_file() and not (out / "config.json").exists()
+            back = evaluate.load_adapter(out, OmegaConf.structured(ModelConfig), "cpu")
+        torch.testing.assert_close(logits(back), logits(ref), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(logits(back), logits(load_dllm("tiny", base_model)), atol=1e-4)
 
 
 def test_llada_miniature_bf16_mixed_run_exports_in_the_hub_format(tmp_path, monkeypatch):

@@ -7,8 +7,8 @@ What is kept from the real model: the native class and its hub config keys, bidi
 attention, RoPE θ, the norms, GQA for Dream, untied output layers, the Dream logit shift, the
 special tokens (mask, EOS = pad, BOS, the chat-template markers) and a chat template of the same
 form (Llama-3-style headers for LLaDA, ``<|im_start|>`` turns for Dream). What is not: the width
-(d_model 64, MLP 128, 4 heads, 2 layers: the shapes of ``../shared/fixtures/{llada,dream}_tiny``,
-as ``tests/test_native_models.py`` knows them) and the vocabulary.
+(d_model 64, MLP 128, 4 heads, 2 layers: the shapes of the golden fixtures that
+``tests/test_native_models.py`` reads) and the vocabulary.
 
 Ids are MAPPED, not kept: a 126464-token output layer costs ~100× the rest of a 64-wide model and
 made one dry-run job take minutes on a CPU. The miniature's vocabulary has ``MINI_VOCAB`` = 1024
@@ -37,7 +37,7 @@ from bgpo.models import DreamConfig, DreamModel, LLaDAConfig, LLaDAModelLM
 
 MINI_VOCAB = 1024
 REAL_VOCAB = {"llada": 126464, "dream": 152064}
-SPECIALS = {  # the real tokenizers' special tokens and ids (SPEC §1)
+SPECIALS = {  # the real tokenizers' special tokens and ids (their hub tokenizer configs)
     "llada": {"bos": ("<|startoftext|>", 126080), "eos": ("<|endoftext|>", 126081),
               "mask": ("<|mdm_mask|>", 126336), "header_start": ("<|start_header_id|>", 126346),
               "header_end": ("<|end_header_id|>", 126347), "eot": ("<|eot_id|>", 126348)},

@@ -6,10 +6,11 @@ it exists, else a freshly initialised one of the same shape: memory and time do 
 weight values), a bidirectional Gemma3 built with random weights from ``--arch``
 (``hidden=4096,layers=32,heads=32,intermediate=12288,vocab=126464,tied=0``), or the suite's NATIVE
 LLaDA / Dream class with random weights (``--arch llada8b``: ``LLaDAModelLM(LLaDAConfig())``, i.e.
-LLaDA-8B, SPEC §1; ``dream7b``; or ``native=llada,hidden=64,layers=2,...`` for any shape),
-initialised directly on the device, optionally LoRA-wrapped. ``--precision`` (``model.precision``:
-fp32, bf16-mixed = float32 weights + bfloat16 autocast, bf16-pure = ``--dtype bfloat16``) and
-``--activation-checkpointing`` (``model.activation_checkpointing``) are the trainer's options.
+LLaDA-8B as the LLaDA paper, arXiv 2502.09992, and its hub config give it; ``dream7b``; or
+``native=llada,hidden=64,layers=2,...`` for any shape), initialised directly on the device,
+optionally LoRA-wrapped. ``--precision`` (``model.precision``: fp32, bf16-mixed = float32 weights
++ bfloat16 autocast, bf16-pure = ``--dtype bfloat16``) and ``--activation-checkpointing``
+(``model.activation_checkpointing``) are the trainer's options.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from bgpo.model import (
 
 METHODS = ("bgpo", "vrpo", "diffu_grpo", "wd1")
 ARCH_PRESETS = {
-    # SPEC §1: the native classes with their default configs — LLaDA-8B-Instruct's and Dream-7B's shapes
+    # the native classes with their default configs: LLaDA-8B-Instruct's and Dream-7B's hub shapes
     "llada8b": "native=llada",
     "dream7b": "native=dream",
 }

@@ -1,5 +1,5 @@
 """``deepcoder``: BGPO's code training set — DeepCoder-format problems, tested on HumanEval and MBPP
-(BGPO §4, SPEC §4: one code model, 560 steps = 5 epochs × 112 steps of 16 prompts).
+(BGPO §4: one code model, 560 steps = 5 epochs × 112 steps of 16 prompts).
 
 Data. ``train_file``: a local JSON/JSONL/CSV/parquet file of DeepCoder rows (the columns of
 ``agentica-org/DeepCoder-Preview-Dataset``): ``problem`` (the statement), ``tests`` (a list, or its

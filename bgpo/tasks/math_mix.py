@@ -1,4 +1,4 @@
-"""``math``: BGPO's math training set — MATH train + GSM8K train, one model (BGPO §4, SPEC §4).
+"""``math``: BGPO's math training set — MATH train + GSM8K train, one model (BGPO §4).
 
 BGPO trains ONE math model on the union of MATH's and GSM8K's training problems and reports it on
 MATH500 and GSM8K. This task is that training source; its test sets are the two tasks' own, named

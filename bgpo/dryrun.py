@@ -22,9 +22,11 @@ appended to the job's own:
   (``tests/fixtures/tasks``: MATH/GSM8K/DeepCoder training rows, GSM8K/MATH500/HumanEval/MBPP test
   rows) under the names the task configs read, so nothing comes from the hub.
 
-Every job is composed and validated before any is launched. Results go to ``--out`` (default: a
-temporary folder, removed afterwards unless ``--keep``) and ``dryrun.json`` there; the exit status
-is 1 when a job fails (its output's tail is printed).
+A random miniature scores 0 on the paper's tasks, so its updates are zero: the dry run checks that
+every job's code path runs and writes what it must, not that it learns (the tests that it learns
+are the tiny-model ones). Every job is composed and validated before any is launched. Results go
+to ``--out`` (default: a temporary folder, removed afterwards unless ``--keep``) and
+``dryrun.json`` there; the exit status is 1 when a job fails (its first traceback is printed).
 """
 
 from __future__ import annotations

@@ -112,6 +112,7 @@ def test_llada_miniature_bf16_mixed_run_exports_in_the_hub_format(tmp_path, monk
     assert load_dllm("llada", half, dtype="auto").net.model.transformer.wte.weight.dtype == torch.bfloat16
     model, _ = evaluate.load_model(OmegaConf.create({"checkpoint": str(out), "model": ModelConfig()}), "cpu")
     assert model.kind == "llada" and model.use_chat_template and model.mask_token_id == 896  # from the export
+    assert evaluated(out, n=1)["n"] == 1  # python -m bgpo.evaluate checkpoint=<export>, model left default
 
 
 def test_bad_exports_name_what_is_missing(base_model, tmp_path):

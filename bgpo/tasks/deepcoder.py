@@ -34,7 +34,7 @@ from typing import Any
 
 from bgpo.tasks.base import D1_INSTRUCTIONS, Example, Format, check_format, d1_completion, register_task
 from bgpo.tasks.data import load_records, sample_pool
-from bgpo.tasks.sandbox import extract_code, run_program
+from bgpo.tasks.sandbox import extract_code
 
 VAL_SEED = 0
 
@@ -181,6 +181,8 @@ class DeepCoderTask:
         return _HARNESS.format(code=extract_code(completion), tests=tests, fn=ex.fields["fn_name"])
 
     def reward(self, ex: Example, completion: str, fmt: Format) -> float:
+        from bgpo.tasks.sandbox import run_program  # the exit-status sandbox; see the module docstring
+
         check_format(fmt)
         return 1.0 if run_program(self.program(ex, completion), timeout=self.timeout) else 0.0
 

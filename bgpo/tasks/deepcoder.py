@@ -22,8 +22,13 @@ stdin/stdout: the program's standard output must equal the expected output token
 ``==`` the expected JSON value.
 
 Reward: the code (``sandbox.extract_code``) and the first ``max_tests`` tests run in ONE sandboxed
-program (``sandbox.run_program``, wall-clock ``timeout`` for all tests together): 1.0 if every test
-passes, else 0. Validation: ``n_val`` problems held out of the training rows (a fixed shuffle).
+run (wall-clock ``timeout`` for all tests together): 1.0 if every test passes, else 0. With a
+sandbox that judges trusted tests (``sandbox.CodeJob`` / ``run_job``: the verdict is the
+harness's token, not the exit status) the program defines two entry points around the model's
+code — ``__bgpo_stdin__(text)`` runs it as ``__main__`` with that stdin and returns what it
+printed, ``__bgpo_call__(args)`` calls ``func_name`` — and the tests (trusted, ``job``) compare
+their results; with an exit-status sandbox (``sandbox.run_program``) one script runs everything
+(``program``). Validation: ``n_val`` problems held out of the training rows (a fixed shuffle).
 """
 
 from __future__ import annotations
@@ -69,6 +74,35 @@ for kind, given, expected in TESTS:
         ok = got == want or (isinstance(want, list) and len(want) == 1 and got == want[0])
     if not ok:
         sys.exit(1)
+'''
+
+
+_ENTRIES = '''__bgpo_code__ = {code!r}
+
+
+def __bgpo_stdin__(text):
+    import contextlib
+    import io
+    import sys
+
+    out, saved = io.StringIO(), sys.stdin
+    sys.stdin = io.StringIO(text)
+    try:
+        with contextlib.redirect_stdout(out):
+            try:
+                exec(compile(__bgpo_code__, "<solution>", "exec"), {{"__name__": "__main__"}})
+            except SystemExit:
+                pass
+    finally:
+        sys.stdin = saved
+    return out.getvalue()
+
+
+def __bgpo_call__(args):
+    ns = {{"__name__": "solution"}}
+    exec(compile(__bgpo_code__, "<solution>", "exec"), ns)
+    fn = getattr(ns["Solution"](), {fn!r}) if "Solution" in ns else ns[{fn!r}]
+    return fn(*args)
 '''
 
 
@@ -180,11 +214,33 @@ class DeepCoderTask:
         tests = ex.fields["tests"][: self.max_tests]
         return _HARNESS.format(code=extract_code(completion), tests=tests, fn=ex.fields["fn_name"])
 
+    def job(self, ex: Example, completion: str) -> Any:
+        """The ``sandbox.CodeJob``: the entry points around the code (untrusted) and one assert per
+        test (trusted; expected values decoded here, outside the sandbox)."""
+        from bgpo.tasks.sandbox import CodeJob
+
+        lines = []
+        for kind, given, expected in ex.fields["tests"][: self.max_tests]:
+            if kind == "stdin":
+                lines.append(f"assert __bgpo_stdin__({given!r}).split() == {expected!r}.split()")
+                continue
+            args = [json.loads(a) for a in given.splitlines() if a.strip()]
+            want = json.loads(expected)
+            alts = [want, want[0]] if isinstance(want, list) and len(want) == 1 else [want]
+            lines.append(f"got = __bgpo_call__({args!r})")
+            lines.append("assert " + " or ".join(f"got == {w!r}" for w in alts))
+        program = _ENTRIES.format(code=extract_code(completion), fn=ex.fields["fn_name"])
+        return CodeJob(program=program, tests="\n".join(lines) + "\n")
+
     def reward(self, ex: Example, completion: str, fmt: Format) -> float:
-        from bgpo.tasks.sandbox import run_program  # the exit-status sandbox; see the module docstring
+        from bgpo.tasks import sandbox
 
         check_format(fmt)
-        return 1.0 if run_program(self.program(ex, completion), timeout=self.timeout) else 0.0
+        if hasattr(sandbox, "run_job"):  # trusted tests judged by the harness's token
+            ok = sandbox.run_job(self.job(ex, completion), timeout=self.timeout)
+        else:  # an exit-status sandbox: one script
+            ok = sandbox.run_program(self.program(ex, completion), timeout=self.timeout)
+        return 1.0 if ok else 0.0
 
     def correct(self, ex: Example, completion: str, fmt: Format) -> bool:
         return self.reward(ex, completion, fmt) == 1.0

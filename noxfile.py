@@ -65,3 +65,19 @@ def mutation(session: nox.Session) -> None:
     survivors; paper/MUTATION.md says why each surviving mutant is equivalent or harmless."""
     session.run(sys.executable, "-m", "mutmut", "run", *session.posargs, env={"OMP_NUM_THREADS": "1"})
     session.run(sys.executable, "-m", "mutmut", "results")
+
+
+@nox.session(python=False)
+def dryrun(session: nox.Session) -> None:
+    """Every job of the full-scale presets (paper_main, paper_mc_ablation) in miniature on the CPU:
+    native LLaDA, bf16-mixed, FSDP over 2 processes, checkpoints, evaluation, export (bgpo/dryrun.py).
+    `nox -s dryrun -- --select method=bgpo,task=math` runs a sample."""
+    session.run(sys.executable, "-m", "bgpo.dryrun", *session.posargs)
+
+
+@nox.session(python=False)
+def gpu_check(session: nox.Session) -> None:
+    """On one CUDA GPU, under 8 minutes: bf16 matmul speed, the LLaDA-8B-shaped memory curve in
+    bf16-mixed (BGPO, VRPO-OL), the floor with activation checkpointing, a short RL job; rows in
+    results/bench/ (bgpo/gpu_check.py). Refuses without CUDA; `-- --dry` runs it on the CPU."""
+    session.run(sys.executable, "-m", "bgpo.gpu_check", *session.posargs)

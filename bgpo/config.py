@@ -8,9 +8,11 @@ well-typed but wrong (unknown task, gen_length not a multiple of block_length, m
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -35,6 +37,10 @@ class TaskConfig:
     """denoising steps per completion; a multiple of gen_length / block_length"""
     options: dict[str, Any] = field(default_factory=dict)
     """extra constructor arguments of the task (dataset paths...)"""
+    eval_tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """other registered tasks whose test sets the run reports instead of its own, each with its
+    constructor options (``test_file``...), evaluated at the end with this task's format and lengths
+    (BGPO §4: ONE math model, trained on MATH + GSM8K, tested on GSM8K and MATH500)"""
     pretrain_steps: int = 700
     """SFT steps of the tiny base model: stopped short of mastery so that RL has headroom"""
 
@@ -54,6 +60,15 @@ class ModelConfig:
     path: str | None = None
     """local folder or hub name; tiny: None = the cached base model of the task (built if missing)"""
     dtype: str = "float32"
+    """storage dtype of the loaded weights (and so of gradients and AdamW state): float32,
+    bfloat16, float64 (tests); it must suit ``precision``"""
+    precision: str = "fp32"
+    """fp32 (compute in model.dtype), bf16-mixed (float32 master weights and optimizer state,
+    bfloat16 compute: torch.autocast, or FSDP2's MixedPrecisionPolicy with float32 gradient
+    reduction; model.dtype float32) or bf16-pure (everything bfloat16: most small updates round
+    away; for memory comparisons; model.dtype bfloat16)"""
+    activation_checkpointing: bool = False
+    """recompute each transformer block in the backward pass instead of storing its activations"""
     use_chat_template: bool = False
     mask_token_id: int | None = None
     remote_code: bool = False
@@ -176,14 +191,17 @@ class TrainConfig:
 # λ = 1 pair (§5); TraceRL n_t = steps / s with the code's shrinkage s = 8; JustGRPO every position
 # (n_t = gen_length: the exact AR log-likelihood)
 PAPER_MC = {"bgpo": 16, "vrpo": 4, "diffugrpo": 1, "wd1": 1, "spg": 2, "espo": 2, "coupledgrpo": 1}
-PAPER_MC_EXCEPTIONS = {("bgpo", "sudoku"): 32, ("vrpo", "humaneval"): 2, ("vrpo", "mbpp"): 2}
+PAPER_MC_EXCEPTIONS = {("bgpo", "sudoku"): 32,
+                       **{("vrpo", code): 2 for code in ("deepcoder", "humaneval", "mbpp")}}
 TRACERL_SHRINK = 8
 
 
 # SPEC §4: training length / diffusion steps (block 32) and RL steps per task at full scale
+# (math = MATH + GSM8K train, code = the DeepCoder subset; the single-test-set tasks keep them too)
 _MATH = {"gen_length": 512, "diffusion_steps": 256, "steps": 700}
 _CODE = {"gen_length": 512, "diffusion_steps": 512, "steps": 560}
-PAPER_TASK = {"math500": _MATH, "gsm8k": _MATH, "humaneval": _CODE, "mbpp": _CODE,
+PAPER_TASK = {"math": _MATH, "math500": _MATH, "gsm8k": _MATH,
+              "deepcoder": _CODE, "humaneval": _CODE, "mbpp": _CODE,
               "sudoku": {"gen_length": 256, "diffusion_steps": 128, "steps": 400},
               "countdown": {"gen_length": 256, "diffusion_steps": 128, "steps": 560}}
 
@@ -208,8 +226,30 @@ def paper_task(task: str, key: str) -> int:
     return PAPER_TASK[task][key]
 
 
+DATA_ENV = "BGPO_DATA"
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+
+
+def data_dir() -> Path:
+    """Where users put the data files the suite cannot ship: ``$BGPO_DATA``, default
+    ``~/.cache/bgpo/data`` (``$BGPO_CACHE/data``)."""
+    from bgpo.model import cache_dir
+
+    return Path(os.environ[DATA_ENV]) if os.environ.get(DATA_ENV) else cache_dir() / "data"
+
+
+def data_file(name: str, default: str | None = None) -> str | None:
+    """``${bgpo_data:NAME[,DEFAULT]}``: ``NAME.jsonl`` (or .json, .parquet, .csv) in ``data_dir()``
+    when it is there, else DEFAULT (a hub name, or None: the task's own default or error)."""
+    for suffix in DATA_SUFFIXES:
+        path = data_dir() / f"{name}{suffix}"
+        if path.is_file():
+            return str(path)
+    return default
+
+
 def register() -> None:
-    for name, fn in (("paper_mc", paper_mc), ("paper_task", paper_task)):
+    for name, fn in (("paper_mc", paper_mc), ("paper_task", paper_task), ("bgpo_data", data_file)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
     cs = ConfigStore.instance()
@@ -259,15 +299,19 @@ def validate_task(task: TaskConfig | DictConfig) -> None:
     except ValueError as e:  # name the keys as the user writes them
         raise ValueError(str(e).replace("sampler.steps", "task.diffusion_steps")
                          .replace("sampler.", "task.")) from None
+    for name in getattr(task, "eval_tasks", None) or {}:
+        if name not in task_names():
+            raise ValueError(f"task.eval_tasks.{name} is not a registered task; allowed: {task_names()}")
 
 
 def validate_model(model: ModelConfig | DictConfig) -> None:
-    from bgpo.model import _DTYPES, KINDS
+    from bgpo.model import _DTYPES, KINDS, check_precision
 
     if model.kind not in KINDS:
         raise ValueError(f"model.kind={model.kind!r} is not one of {list(KINDS)}")
     if model.dtype not in _DTYPES:
         raise ValueError(f"model.dtype={model.dtype!r} is not one of {list(_DTYPES)}")
+    check_precision(getattr(model, "precision", "fp32"), model.dtype)
     if model.kind != "tiny" and not model.path:
         raise ValueError(f"model.path must name a checkpoint for model.kind={model.kind!r}")
 

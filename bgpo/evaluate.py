@@ -5,9 +5,12 @@
     python -m bgpo.evaluate checkpoint=results/<run>/checkpoints/last.pt task=countdown
     python -m bgpo.evaluate checkpoint=PATH model=llada_8b_instruct task=countdown task.format=d1
 
-``checkpoint`` is a model folder (``DLLM.save`` / ``save_pretrained``: a pretrained base or an
-exported policy) or a trainer checkpoint ``last.pt``; for the latter the run's ``config.yaml``
-(two folders up) gives the model (kind, base path, LoRA) unless ``base=`` names the base folder.
+``checkpoint`` is a model folder (``DLLM.save`` / ``save_pretrained``: a pretrained base, or a
+policy exported by ``bgpo.export``, whose ``bgpo_export.json`` gives the kind, mask id and chat
+template the run used; an LLaDA / Dream folder's kind is read from its config.json; a LoRA
+``adapter`` export is loaded onto its base) or a trainer checkpoint ``last.pt``; for the latter the
+run's ``config.yaml`` (two folders up) gives the model (kind, base path, LoRA) unless ``base=``
+names the base folder. ``model.precision`` applies (bf16-mixed: bfloat16 autocast).
 Greedy, one token per step (``steps`` = ``task.gen_length``), exactly as ``bgpo.rollout.evaluate``,
 but through lm-eval: the suite's task YAMLs (``bgpo/lm_tasks``, ``TaskManager(include_path=...,
 include_defaults=False)``: no built-in task is indexed), the ``bgpo_dllm`` model and the task's
@@ -74,14 +77,17 @@ def _device(name: str) -> str:
 
 def load_model(cfg: DictConfig, device: str) -> tuple[Any, Path]:
     """The DLLM to evaluate and the default output folder."""
-    from bgpo.model import apply_lora, load_dllm
+    from bgpo.model import apply_lora, apply_precision, load_dllm
 
     path = Path(cfg.checkpoint).expanduser()
     m = cfg.model
     if path.is_dir():
+        m = exported_model(path, m)
+        if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+            return load_adapter(path, m, device), path  # bgpo.export lora=adapter
         model = load_dllm(m.kind, path, m.dtype, device, m.mask_token_id, m.use_chat_template,
                           m.remote_code)
-        return model, path
+        return apply_precision(model, m.precision), path
     if path.suffix != ".pt" or not path.is_file():
         raise FileNotFoundError(f"checkpoint={cfg.checkpoint!r} is neither a model folder nor a trainer "
                                 ".pt file")
@@ -100,7 +106,38 @@ def load_model(cfg: DictConfig, device: str) -> tuple[Any, Path]:
     if m.lora.enabled:
         apply_lora(model, m.lora.r, m.lora.alpha, m.lora.dropout)
     model.net.load_state_dict(torch.load(path, map_location=device, weights_only=False)["model"])
-    return model, run_dir
+    return apply_precision(model, m.precision), run_dir
+
+
+def exported_model(folder: Path, m: DictConfig) -> DictConfig:
+    """The model settings of a model folder: an export's ``bgpo_export.json`` (``bgpo.export``) fills
+    the keys left at their defaults (kind, mask id, chat template); otherwise an LLaDA / Dream
+    folder's kind comes from its config.json when ``model.kind`` is left at ``tiny``."""
+    from bgpo.export import export_settings
+    from bgpo.lm_eval_model import detect_kind
+
+    saved, default = export_settings(folder), ModelConfig()
+    m = OmegaConf.merge(m, {})  # a copy
+    for key in ("kind", "mask_token_id", "use_chat_template"):
+        if key in saved and m[key] == getattr(default, key):
+            m[key] = saved[key]
+    if m.kind == default.kind and (folder / "config.json").is_file() and detect_kind(folder) != "tiny":
+        m.kind = detect_kind(folder)
+    return m
+
+
+def load_adapter(folder: Path, m: DictConfig, device: str) -> Any:
+    """A LoRA adapter export: its base model (``adapter_config.json``) with the adapter applied."""
+    import json
+
+    from peft import PeftModel
+
+    from bgpo.model import apply_precision, load_dllm
+
+    base = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
+    model = load_dllm(m.kind, base, m.dtype, device, m.mask_token_id, m.use_chat_template, m.remote_code)
+    model.net = PeftModel.from_pretrained(model.net, folder).to(device)
+    return apply_precision(model, m.precision)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:

@@ -9,6 +9,11 @@
   checkpoint and the final one, per problem (``eval_test.json``): the suite's own test set
   (``own``) and, for Countdown and Sudoku, d1's test file (``d1``) when it is found
   (``bgpo.tasks.d1_data_dir``). Per-problem scores are what the tables' paired bootstrap needs.
+- ``task.eval_tasks`` (a training task whose test sets are OTHER tasks', BGPO §4: the one math
+  model, trained on MATH + GSM8K, reported on MATH500 and GSM8K; the code model on HumanEval and
+  MBPP) replaces those sources by the named tasks' own test sets, each built with its options and
+  ``task.n_test`` and evaluated with the training task's format and lengths; validation stays the
+  training task's (a held-out slice of its training data).
 
 Countdown and Sudoku go through lm-evaluation-harness (``bgpo_dllm`` and the suite's task YAMLs, the
 path of ``python -m bgpo.evaluate``); other tasks through the rollout sampler and the task's reward.
@@ -17,6 +22,8 @@ path of ``python -m bgpo.evaluate``); other tasks through the rollout sampler an
 from __future__ import annotations
 
 from typing import Any
+
+from omegaconf import OmegaConf
 
 from bgpo.model import DLLM
 
@@ -35,6 +42,8 @@ def test_sources(task_cfg: Any) -> list[str]:
     from bgpo.lm_eval_tasks import D1_FILES
     from bgpo.tasks import d1_data_dir
 
+    if getattr(task_cfg, "eval_tasks", None):  # other tasks' test sets (BGPO §4's math and code models)
+        return list(task_cfg.eval_tasks)
     sources = ["own"]
     root = d1_data_dir()
     if task_cfg.name in D1_FILES and not task_cfg.test_file and root is not None \
@@ -45,8 +54,15 @@ def test_sources(task_cfg: Any) -> list[str]:
 
 def evaluate_on(policy: DLLM, task: Any, task_cfg: Any, source: str, n: int | None = None,
                 per_problem: bool = False) -> dict[str, Any]:
-    """Greedy accuracy and reward of ``policy`` on a set: ``val``, ``own`` (the test set in use) or
-    ``d1``; the first ``n`` problems when given."""
+    """Greedy accuracy and reward of ``policy`` on a set: ``val``, ``own`` (the test set in use),
+    ``d1``, or the name of one of ``task.eval_tasks``; the first ``n`` problems when given."""
+    if source in (getattr(task_cfg, "eval_tasks", None) or {}):
+        from bgpo.tasks import get_task
+
+        sub = eval_task_config(task_cfg, source)
+        files = {"test_file": sub.test_file} if sub.test_file else {}
+        task = get_task(sub.name, n_test=sub.n_test, **files, **sub.options)
+        return evaluate_on(policy, task, sub, "own", n, per_problem)
     if suite_task(task_cfg.name):
         from bgpo.lm_eval_model import evaluate_suite_task
 
@@ -60,6 +76,16 @@ def evaluate_on(policy: DLLM, task: Any, task_cfg: Any, source: str, n: int | No
     if not per_problem:
         out.pop("per_problem")
     return out
+
+
+def eval_task_config(task_cfg: Any, name: str) -> Any:
+    """The task config that evaluates ``task.eval_tasks.<name>``: the training task's format,
+    lengths and ``n_test``; the eval task's own options (its ``test_file`` option is the config's)."""
+    cfg = (OmegaConf.to_container(task_cfg, resolve=True) if OmegaConf.is_config(task_cfg)
+           else vars(task_cfg).copy())
+    options = dict(cfg["eval_tasks"][name] or {})
+    cfg.update(name=name, test_file=options.pop("test_file", None), options=options, eval_tasks={})
+    return OmegaConf.create(cfg)
 
 
 def has_validation(task: Any) -> bool:

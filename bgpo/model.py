@@ -15,10 +15,19 @@ Backends (``kind``):
 ``remote_code=True`` (``model.remote_code``) loads LLaDA / Dream with the checkpoint's own
 modeling code instead (``trust_remote_code``; written for transformers 4.46, it does not load
 under transformers 5, and it has no KV cache for ``sampler.mode=cached``).
+
+Precision (``model.precision``, issue 12; BGPO §4 trains in bf16 with FSDP2): ``fp32`` computes in
+the storage dtype ``model.dtype`` (float32; float64 in the exactness tests); ``bf16-mixed`` keeps
+float32 weights (so AdamW's master weights and moments are float32) and runs every forward pass in
+bfloat16 — ``torch.autocast`` here (``DLLM.autocast``), FSDP2's ``MixedPrecisionPolicy`` under
+``parallel=fsdp`` (``bgpo.parallel``); ``bf16-pure`` stores everything in bfloat16 (at lr 5e-7
+most AdamW updates round back to the same bf16 value). Logits are upcast to float32 before any
+log-softmax (``bgpo.elbo``) and the sampler's Gumbel noise is float64 in every mode.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
@@ -35,6 +44,8 @@ KINDS = ("tiny", "llada", "dream")
 MODEL_TYPES = {"tiny": ("gemma3_text",), **{k: (c.config_class.model_type,) for k, c in NATIVE.items()}}
 """``model_type`` a checkpoint's config.json must have for each kind"""
 LLADA_MASK_ID = 126336
+PRECISIONS = {"fp32": ("float32", "float64"), "bf16-mixed": ("float32",), "bf16-pure": ("bfloat16",)}
+"""``model.precision`` -> the storage dtypes (``model.dtype``) it allows"""
 
 # Character tokenizer of the tiny model: specials first, then printable ASCII.
 PAD, EOS, MASK, UNK = "<|pad|>", "<|eos|>", "<|mask|>", "<|unk|>"
@@ -98,6 +109,8 @@ class DLLM:
     use_chat_template: bool = False
     remote_code: bool = False
     """the network is the checkpoint's published modeling code (not a native class)"""
+    autocast_dtype: torch.dtype | None = None
+    """bf16-mixed on one process / ddp: every forward pass runs under ``torch.autocast`` to this dtype"""
 
     @classmethod
     def wrap(cls, net: nn.Module, tokenizer: PreTrainedTokenizerBase, kind: str,
@@ -123,6 +136,14 @@ class DLLM:
         """Dream predicts token i at position i-1 (autoregressive heritage)."""
         return self.kind == "dream"
 
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The forward passes' precision context: ``torch.autocast`` for bf16-mixed, else nothing
+        (the network computes in its parameters' dtype). Whoever calls ``net`` directly (the cached
+        sampler) enters it too."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
     def logits(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Logits ``[B, T, V]`` where position i predicts token i, whatever the backend."""
         kwargs: dict[str, Tensor] = {}
@@ -134,7 +155,8 @@ class DLLM:
             if not (self.remote_code and self.kind == "llada"):  # LLaDA's remote code takes none
                 # Left padding: real tokens start at position 0 whatever the pad count.
                 kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        out = self.net(input_ids=input_ids, **kwargs).logits  # [B, T, V]
+        with self.autocast():
+            out = self.net(input_ids=input_ids, **kwargs).logits  # [B, T, V]
         if self.shift:
             out = torch.cat([out[:, :1], out[:, :-1]], dim=1)
         return out
@@ -284,6 +306,38 @@ def _load_tokenizer(kind: str, path: str | Path, trusted: bool, refused: bool,
     warnings.warn(f"{path}: the tokenizer ships as custom code (trust_remote_code); running it "
                   "(the model itself is the suite's native class)", stacklevel=3)
     return AutoTokenizer.from_pretrained(path, trust_remote_code=True, **hub)
+
+
+def check_precision(precision: str, dtype: str) -> None:
+    """``model.precision`` and ``model.dtype`` agree (one sentence naming both keys otherwise)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"model.precision={precision!r} is not one of {list(PRECISIONS)}")
+    if dtype != "auto" and dtype not in PRECISIONS[precision]:  # auto: checked once loaded
+        allowed = " or ".join(PRECISIONS[precision])
+        raise ValueError(f"model.precision={precision} stores the weights in {allowed}: "
+                         f"set model.dtype={PRECISIONS[precision][0]} (it is {dtype})")
+
+
+def apply_precision(model: DLLM, precision: str, sharded: bool = False) -> DLLM:
+    """Set the forward passes' precision of ``model.precision``: bf16-mixed autocasts to bfloat16
+    unless the network is FSDP-sharded (``sharded``: its ``MixedPrecisionPolicy`` casts instead)."""
+    check_precision(precision, str(next(model.net.parameters()).dtype).removeprefix("torch."))
+    model.autocast_dtype = torch.bfloat16 if precision == "bf16-mixed" and not sharded else None
+    return model
+
+
+def enable_activation_checkpointing(net: nn.Module) -> None:
+    """``model.activation_checkpointing``: every transformer block's activations are recomputed in
+    the backward pass instead of stored (transformers' activation checkpointing, non-reentrant
+    ``torch.utils.checkpoint``: the tiny Gemma3 and the native LLaDA / Dream; with LoRA call it
+    before ``apply_lora``; FSDP2 shards the same blocks)."""
+    if not getattr(net, "supports_gradient_checkpointing", False):
+        raise ValueError(f"model.activation_checkpointing: {type(net).__name__} does not support it")
+    kwargs = {"use_reentrant": False}
+    if hasattr(net, "activation_checkpointing_enable"):  # transformers >= 5
+        net.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def apply_lora(model: DLLM, r: int, alpha: int, dropout: float,

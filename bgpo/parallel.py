@@ -20,6 +20,11 @@ on the ranks:
   Rollouts and evaluation run inside ``full_params``: the blocks are gathered once and kept whole
   (as VeRL hands full weights to its rollout engine), so ranks may take different numbers of
   forward passes (threshold decoding, rank-0 evaluation) without a collective hanging.
+  ``model.precision=bf16-mixed`` (issue 12): the sharded parameters, their gradients and AdamW
+  state stay float32; FSDP2's ``MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)``
+  gathers them as bfloat16 for compute (``full_params`` too) and reduce-scatters the gradients in
+  float32. (On one process and under ``ddp`` the same precision is ``torch.autocast``,
+  ``bgpo.model.apply_precision``; the flat all-reduce below is float32 for any model.)
 
 accelerate's own FSDP path is not used: with ``Accelerator(cpu=True)`` it silently prepares DDP
 instead (tried with accelerate 1.x), so it could not be tested on CPU, and the trainer's
@@ -83,20 +88,24 @@ class Dist:
         return self.strategy == "fsdp" and self.world > 1
 
     # ---- the model on the ranks --------------------------------------------------------------
-    def shard(self, net: nn.Module) -> nn.Module:
-        """FSDP: shard every transformer block, then the root (in place). Otherwise: unchanged."""
+    def shard(self, net: nn.Module, param_dtype: torch.dtype | None = None) -> nn.Module:
+        """FSDP: shard every transformer block, then the root (in place); ``param_dtype``
+        (bf16-mixed: bfloat16) is the dtype they compute in, gradients reduced in float32.
+        Otherwise: unchanged."""
         if not self.fsdp:
             return net
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) \
+            if param_dtype is not None else MixedPrecisionPolicy()
         blocks = block_classes(net)
         units = [m for m in net.modules() if type(m).__name__ in blocks]
         if not units:
             raise ValueError(f"parallel=fsdp: no transformer blocks ({sorted(blocks)}) found in "
                              f"{type(net).__name__}")
         for m in units:
-            fully_shard(m)
-        fully_shard(net)
+            fully_shard(m, mp_policy=mp)
+        fully_shard(net, mp_policy=mp)
         return net
 
     @contextlib.contextmanager

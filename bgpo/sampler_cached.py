@@ -70,7 +70,8 @@ def _full_pass(model: DLLM, x: Tensor, attn: Tensor, pos: Tensor, lo: int, hi: i
     """First step of a block: a full forward pass; its block logits and the K/V to reuse."""
     s = int(model.shift)
     a = lo - s  # first position whose K/V are recomputed (Dream: lo-1, whose logits predict token lo)
-    out = model.net(input_ids=x, attention_mask=attn, position_ids=pos, use_cache=True)
+    with model.autocast():  # bf16-mixed: the same precision as DLLM.logits
+        out = model.net(input_ids=x, attention_mask=attn, position_ids=pos, use_cache=True)
     kv = []
     for layer in getattr(out, CACHE_KWARG).layers:
         k, v = layer.keys, layer.values  # [B, H, T, D]
@@ -92,9 +93,10 @@ def _cached_pass(model: DLLM, x: Tensor, attn: Tensor, pos: Tensor, lo: int, hi:
         q, mask = slice(a, None), attn
     else:  # keys: cached [0:a] + [hi:T], then fresh [a:hi]
         q, mask = slice(a, hi), torch.cat([attn[:, :a], attn[:, hi:], attn[:, a:hi]], 1)
-    out = model.net(input_ids=x[:, q], attention_mask=mask, position_ids=pos[:, q],
-                    **{CACHE_KWARG: DynamicCache(ddp_cache_data=kv)}, use_cache=True,
-                    logits_to_keep=torch.arange(hi - lo, device=x.device))
+    with model.autocast():
+        out = model.net(input_ids=x[:, q], attention_mask=mask, position_ids=pos[:, q],
+                        **{CACHE_KWARG: DynamicCache(ddp_cache_data=kv)}, use_cache=True,
+                        logits_to_keep=torch.arange(hi - lo, device=x.device))
     return out.logits  # [B, hi-lo, V]
 
 

@@ -30,7 +30,7 @@ from bgpo.evaluation import SELECTION, best_row, better, evaluate_on, has_valida
 from bgpo.loggers import Tracker, nested
 from bgpo.method import backward as method_backward
 from bgpo.method import minibatch
-from bgpo.model import DLLM, apply_lora, load_dllm
+from bgpo.model import DLLM, apply_lora, apply_precision, enable_activation_checkpointing, load_dllm
 from bgpo.parallel import Dist
 from bgpo.pretrain import ensure_base_model, pick_device
 from bgpo.results import atomic_write_json, provenance
@@ -57,6 +57,8 @@ def load_policy(cfg: DictConfig, device: str) -> DLLM:
     m = cfg.model
     path = ensure_base_model(cfg.task, m) if m.kind == "tiny" else m.path
     policy = load_dllm(m.kind, path, m.dtype, device, m.mask_token_id, m.use_chat_template, m.remote_code)
+    if m.activation_checkpointing:  # before LoRA wraps the network
+        enable_activation_checkpointing(policy.net)
     if m.lora.enabled:
         apply_lora(policy, m.lora.r, m.lora.alpha, m.lora.dropout)
     return policy
@@ -77,13 +79,19 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     task = get_task(cfg.task.name, test_file=cfg.task.test_file, n_test=cfg.task.n_test, **cfg.task.options)
     policy = load_policy(cfg, device)
+    # model.precision: bf16-mixed computes in bfloat16 over float32 weights (autocast, or FSDP's policy)
+    compute = torch.bfloat16 if cfg.model.precision == "bf16-mixed" else None
+    apply_precision(policy, cfg.model.precision, sharded=dist.fsdp)
     make_method = build_method(cfg)
     beta = getattr(make_method.keywords["cfg"], "beta", 0.0)
     ref = copy.deepcopy(policy).net.requires_grad_(False) if beta > 0 else None
-    method = make_method(ref=DLLM(**{**policy.__dict__, "net": dist.shard(ref)}) if ref is not None else None)
+    if ref is not None and compute is not None:
+        ref.to(compute)  # the frozen reference needs no float32 master copy
+    ref_model = DLLM(**{**policy.__dict__, "net": dist.shard(ref, compute)}) if ref is not None else None
+    method = make_method(ref=ref_model)
     std_adv = make_method.keywords["cfg"].std_adv
     mu = cfg.minibatches * cfg.inner_updates  # optimizer steps per rollout batch
-    dist.shard(policy.net)  # parallel=fsdp: sharded before the optimizer sees the parameters
+    dist.shard(policy.net, compute)  # parallel=fsdp: sharded before the optimizer sees the parameters
     params = [p for p in policy.net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, cfg.adam_beta2), weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))

@@ -99,3 +99,51 @@ def test_step_bench_counts_every_phase(micro_path, tmp_path):
                                                        ("rollout", "prepare", "backward", "optimizer")))
     assert 0 < rows["step"]["fraction_of_peak"] and rows["matmul_peak"]["gflops_per_s"] > 0
     assert rows["step"]["cmd"].startswith("python -m bgpo.bench step")
+
+
+def test_memory_bench_activation_checkpointing_lowers_the_one_sample_floor(micro_path, tmp_path):
+    """The --activation-checkpointing row set (issue 12): the floor falls, the rows say so."""
+    common = ["--model", str(micro_path), "--name", "micro", "--methods", "bgpo", "--mcs", "1,2", "--prompts",
+              "2", "--group", "4", "--prompt-length", "6", "--gen-length", "8", "--repeats", "1", "--no-rss",
+              "--out", str(tmp_path), "--no-progress"]
+    assert memory.main(common) == 0
+    assert memory.main([*common, "--activation-checkpointing"]) == 0
+    plain = memory.load_rows(tmp_path / "memory-cpu-micro.jsonl")
+    ckpt = memory.load_rows(tmp_path / "memory-cpu-micro-ac.jsonl")
+    assert all(r["activation_checkpointing"] for r in ckpt)
+    assert not any(r["activation_checkpointing"] for r in plain)
+    assert ckpt[0]["floor_bytes"] < 0.8 * plain[0]["floor_bytes"]
+    assert all(r["complete"] and r["rounds_done"] == 2 for r in plain + ckpt)
+
+
+def test_memory_bench_native_llada_in_bf16_mixed_with_a_time_budget(tmp_path):
+    """--arch native=llada builds the suite's LLaDAModelLM (llada8b: LLaDA-8B's config); a budget
+    stops starting measurements and still leaves the rows measured so far."""
+    arch = "native=llada,hidden=32,layers=2,heads=2,intermediate=64,vocab=256"
+    argv = ["--arch", arch, "--name", "mini", "--methods", "bgpo,vrpo", "--mcs", "1,2", "--prompts", "1",
+            "--group", "2", "--prompt-length", "4", "--gen-length", "8", "--precision", "bf16-mixed",
+            "--optimizer", "sgd", "--no-rss", "--out", str(tmp_path), "--no-progress"]
+    assert memory.main(argv) == 0
+    rows = memory.load_rows(tmp_path / "memory-cpu-mini-bf16-mixed.jsonl")
+    assert {(r["method"], r["mc"]) for r in rows} == {(m, n) for m in ("bgpo", "vrpo") for n in (1, 2)}
+    assert all(r["precision"] == "bf16-mixed" and r["optimizer"] == "sgd" and r["arch"]["native"] == "llada"
+               for r in rows)
+    assert all(r["step_time_s"] > 0 and r["complete"] for r in rows)
+    assert memory.main([*argv, "--budget-s", "0.001", "--name", "cut"]) == 0  # out of time at once
+    cut = memory.load_rows(tmp_path / "memory-cpu-cut-bf16-mixed.jsonl")
+    assert cut and not any(r["complete"] for r in cut) and all(r["step_time_s"] is None for r in cut)
+    with pytest.raises(SystemExit):
+        memory.parse(["--precision", "bf16-mixed", "--dtype", "bfloat16"])  # mixed keeps float32 weights
+
+
+def test_llada8b_preset_is_the_native_class_with_the_published_shape():
+    from bgpo.bench._common import parse_arch
+    from bgpo.models import LLaDAConfig, LLaDAModelLM
+
+    assert parse_arch("llada8b") == {"native": "llada"}
+    with torch.device("meta"):
+        from bgpo.bench._common import native_model
+
+        model = native_model(parse_arch("llada8b"), torch.bfloat16, "meta")
+    assert type(model.net) is LLaDAModelLM and model.net.config.d_model == LLaDAConfig().d_model == 4096
+    assert sum(p.numel() for p in model.net.parameters()) > 8.0e9 and model.mask_token_id == 126336

@@ -26,7 +26,7 @@ def cfg_of(*overrides: str):
 def test_groups_are_complete():
     assert METHODS == ["bgpo", "coupled_grpo", "diffu_grpo", "espo", "just_grpo", "spg", "tracerl", "vrpo",
                        "wd1"]
-    assert TASKS == ["countdown", "gsm8k", "humaneval", "math500", "mbpp", "sudoku"]
+    assert TASKS == ["countdown", "deepcoder", "gsm8k", "humaneval", "math", "math500", "mbpp", "sudoku"]
     assert MODELS == ["dream_7b", "llada_8b_instruct", "tiny"]
 
 

@@ -3,9 +3,14 @@ the methods built from the Hydra configs, a fixed rollout batch, the rows file.
 
 A model is either the embedded tiny model (``--model tiny``: the cached Countdown base model when
 it exists, else a freshly initialised one of the same shape: memory and time do not depend on the
-weight values) or any bidirectional Gemma3 built with random weights from ``--arch``
-(``hidden=4096,layers=32,heads=32,intermediate=12288,vocab=126464,tied=0`` or the preset
-``llada8b``: LLaDA-8B's shape, SPEC §1), optionally bf16 and LoRA-wrapped.
+weight values), a bidirectional Gemma3 built with random weights from ``--arch``
+(``hidden=4096,layers=32,heads=32,intermediate=12288,vocab=126464,tied=0``), or the suite's NATIVE
+LLaDA / Dream class with random weights (``--arch llada8b``: ``LLaDAModelLM(LLaDAConfig())``, i.e.
+LLaDA-8B as the LLaDA paper, arXiv 2502.09992, and its hub config give it; ``dream7b``; or
+``native=llada,hidden=64,layers=2,...`` for any shape), initialised directly on the device,
+optionally LoRA-wrapped. ``--precision`` (``model.precision``: fp32, bf16-mixed = float32 weights
++ bfloat16 autocast, bf16-pure = ``--dtype bfloat16``) and ``--activation-checkpointing``
+(``model.activation_checkpointing``) are the trainer's options.
 """
 
 from __future__ import annotations
@@ -22,15 +27,33 @@ from typing import Any
 import torch
 
 from bgpo.elbo import Batch
-from bgpo.model import _DTYPES, DLLM, SPECIALS, apply_lora, build_char_tokenizer, load_dllm, tiny_config
+from bgpo.model import (
+    _DTYPES,
+    DLLM,
+    PRECISIONS,
+    SPECIALS,
+    apply_lora,
+    apply_precision,
+    build_char_tokenizer,
+    enable_activation_checkpointing,
+    load_dllm,
+    tiny_config,
+)
 
 METHODS = ("bgpo", "vrpo", "diffu_grpo", "wd1", "spg", "espo", "coupled_grpo", "tracerl", "just_grpo")
 CHUNKED = ("bgpo", "vrpo", "tracerl", "just_grpo")  # methods with a method.cfg.mc_chunk
 ARCH_PRESETS = {
-    # SPEC §1: LLaDA-8B (Llama-like, no GQA, untied output layer); built as a bidirectional Gemma3
-    "llada8b": "hidden=4096,layers=32,heads=32,intermediate=12288,vocab=126464,tied=0",
+    # the native classes with their default configs: LLaDA-8B-Instruct's and Dream-7B's hub shapes
+    "llada8b": "native=llada",
+    "dream7b": "native=dream",
 }
 ARCH_KEYS = ("hidden", "layers", "heads", "intermediate", "vocab", "kv_heads", "tied", "max_len")
+NATIVE_KEYS = {  # --arch key -> the native config's field
+    "llada": {"hidden": "d_model", "layers": "n_layers", "heads": "n_heads", "kv_heads": "n_kv_heads",
+              "intermediate": "mlp_hidden_size", "vocab": "vocab_size"},
+    "dream": {"hidden": "hidden_size", "layers": "num_hidden_layers", "heads": "num_attention_heads",
+              "kv_heads": "num_key_value_heads", "intermediate": "intermediate_size", "vocab": "vocab_size"},
+}
 
 
 # ---- parsing ------------------------------------------------------------------------------------
@@ -42,16 +65,26 @@ def strs(s: str) -> list[str]:
     return [v.strip() for v in s.split(",") if v.strip()]
 
 
-def parse_arch(s: str) -> dict[str, int]:
-    """``hidden=..,layers=..,heads=..,intermediate=..,vocab=..[,kv_heads=..,tied=0|1,max_len=..]``."""
+def parse_arch(s: str) -> dict[str, Any]:
+    """``hidden=..,layers=..,heads=..,intermediate=..,vocab=..[,kv_heads=..,tied=0|1,max_len=..]``
+    (a bidirectional Gemma3), or ``native=llada|dream[,KEY=INT...]`` (the native class, its
+    defaults = the published 8B / 7B shape, overridden by the keys given), or a preset."""
     s = ARCH_PRESETS.get(s, s)
-    arch: dict[str, int] = {}
+    arch: dict[str, Any] = {}
     for part in strs(s):
         key, _, val = part.partition("=")
-        if key not in ARCH_KEYS or not val:
-            raise ValueError(f"--arch: {part!r} is not KEY=INT with KEY in {list(ARCH_KEYS)} "
-                             f"(or a preset: {list(ARCH_PRESETS)})")
+        if key == "native" and val in NATIVE_KEYS:
+            arch[key] = val
+            continue
+        if key not in ARCH_KEYS or not val.lstrip("-").isdigit():
+            raise ValueError(f"--arch: {part!r} is not KEY=INT with KEY in {list(ARCH_KEYS)}, nor "
+                             f"native=llada|dream (or a preset: {list(ARCH_PRESETS)})")
         arch[key] = int(val)
+    if "native" in arch:
+        bad = set(arch) - {"native", *NATIVE_KEYS[arch["native"]]}
+        if bad:
+            raise ValueError(f"--arch: {sorted(bad)} do not apply to native={arch['native']}")
+        return arch
     missing = {"hidden", "layers", "heads", "intermediate"} - set(arch)
     if missing:
         raise ValueError(f"--arch needs {sorted(missing)}")
@@ -74,6 +107,13 @@ def check_model_args(parser: Any, args: Any) -> None:
             parse_arch(args.arch)
         if args.dtype not in ("float32", "bfloat16", "float16", "float64"):
             raise ValueError(f"--dtype={args.dtype!r} is not one of float32, bfloat16, float16, float64")
+        precision = getattr(args, "precision", None)
+        if precision is not None:
+            if precision not in PRECISIONS:
+                raise ValueError(f"--precision={precision!r} is not one of {list(PRECISIONS)}")
+            if args.dtype not in PRECISIONS[precision]:
+                allowed = " or ".join(PRECISIONS[precision])
+                raise ValueError(f"--precision={precision} needs --dtype {allowed}")
     except ValueError as e:
         parser.error(str(e))
 
@@ -102,35 +142,47 @@ class ModelSpec:
 
     name: str
     path: str | None = None  # a saved tiny / HF folder (tiny kind)
-    arch: dict[str, int] | None = None  # random bidirectional Gemma3 of this shape
+    arch: dict[str, Any] | None = None  # random bidirectional Gemma3 of this shape, or a native class
     dtype: str = "float32"
     device: str = "cpu"
     lora: int = 0  # LoRA rank (0: full fine-tuning); alpha = r/2, dropout 0.05 (d1)
     seed: int = 0
+    precision: str | None = None  # model.precision (None: fp32, or bf16-pure for --dtype bfloat16)
+    activation_checkpointing: bool = False
+
+    @property
+    def resolved_precision(self) -> str:
+        if self.precision is not None:
+            return self.precision
+        return "bf16-pure" if self.dtype == "bfloat16" else "fp32"
 
 
 def model_spec(model: str, arch: str | None, name: str | None, dtype: str, device: str, lora: int,
-               seed: int, task: str = "countdown") -> ModelSpec:
+               seed: int, task: str = "countdown", precision: str | None = None,
+               activation_checkpointing: bool = False) -> ModelSpec:
     """``--model tiny`` (cached base model of ``task`` if present) or a folder; ``--arch`` wins."""
     from bgpo.pretrain import default_path, pick_device
 
     if dtype not in _DTYPES or dtype == "auto":
         raise ValueError(f"--dtype={dtype!r} is not one of {[d for d in _DTYPES if d != 'auto']}")
     device = pick_device(device)
+    extra = dict(precision=precision, activation_checkpointing=activation_checkpointing)
     if arch:
         a = parse_arch(arch)
-        default_name = arch if arch in ARCH_PRESETS else f"h{a['hidden']}l{a['layers']}"
-        return ModelSpec(name or default_name, None, a, dtype, device, lora, seed)
+        default_name = arch if arch in ARCH_PRESETS else (
+            f"{a['native']}-h{a.get('hidden', 'd')}l{a.get('layers', 'd')}" if "native" in a
+            else f"h{a['hidden']}l{a['layers']}")
+        return ModelSpec(name or default_name, None, a, dtype, device, lora, seed, **extra)
     if model == "tiny":
         path = default_path(task)
         if (path / "config.json").exists():
-            return ModelSpec(name or "tiny", str(path), None, dtype, device, lora, seed)
+            return ModelSpec(name or "tiny", str(path), None, dtype, device, lora, seed, **extra)
         from bgpo.config import ModelConfig
 
         m = ModelConfig()  # the tiny architecture, fresh weights (memory/time do not depend on them)
         a = dict(hidden=m.hidden, layers=m.layers, heads=m.heads, intermediate=m.intermediate)
-        return ModelSpec(name or "tiny", None, a, dtype, device, lora, seed)
-    return ModelSpec(name or Path(model).name, model, None, dtype, device, lora, seed)
+        return ModelSpec(name or "tiny", None, a, dtype, device, lora, seed, **extra)
+    return ModelSpec(name or Path(model).name, model, None, dtype, device, lora, seed, **extra)
 
 
 @contextlib.contextmanager
@@ -143,10 +195,34 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(old)
 
 
+def native_model(arch: dict[str, Any], dtype: torch.dtype, device: str) -> DLLM:
+    """The native LLaDA / Dream class with random weights, built on ``device`` in ``dtype``: its
+    default config (the published 8B / 7B shape) with ``arch``'s keys; the char tokenizer (token
+    ids are random in the benchmarks) and the config's mask id (the last id if it is out of range)."""
+    from bgpo.models import NATIVE
+
+    kind = arch["native"]
+    cls = NATIVE[kind]
+    fields = {NATIVE_KEYS[kind][k]: v for k, v in arch.items() if k != "native"}
+    if "vocab_size" in fields:  # a small vocabulary: the special ids move to its top
+        V = fields["vocab_size"]
+        fields.update(mask_token_id=V - 1, pad_token_id=V - 2, eos_token_id=V - 2, bos_token_id=V - 2)
+        if kind == "llada":
+            fields["embedding_size"] = V
+    config = cls.config_class(**fields)
+    with torch.device(device), _default_dtype(dtype):  # initialise on the device, in dtype
+        net = cls(config)
+    return DLLM.wrap(net.to(dtype), build_char_tokenizer(), kind=kind, mask_token_id=config.mask_token_id)
+
+
 def load_model(spec: ModelSpec) -> DLLM:
-    """Build the model of ``spec`` on its device (random weights are initialised there)."""
+    """Build the model of ``spec`` on its device (random weights are initialised there), with its
+    precision and activation checkpointing."""
     if spec.path is not None:
         model = load_dllm("tiny", spec.path, spec.dtype, spec.device)
+    elif spec.arch is not None and "native" in spec.arch:
+        torch.manual_seed(spec.seed)
+        model = native_model(spec.arch, _DTYPES[spec.dtype], spec.device)
     else:
         from transformers import Gemma3ForCausalLM
 
@@ -166,8 +242,11 @@ def load_model(spec: ModelSpec) -> DLLM:
         with torch.device(spec.device), _default_dtype(dtype):  # initialise on the device, in dtype
             net = Gemma3ForCausalLM(cfg)
         model = DLLM.wrap(net.to(dtype), tok, kind="tiny")
+    if spec.activation_checkpointing:
+        enable_activation_checkpointing(model.net)
     if spec.lora:
         apply_lora(model, spec.lora, max(spec.lora // 2, 1), 0.05)
+    apply_precision(model, spec.resolved_precision)
     model.net.train()  # as the trainer (the tiny configs have no dropout)
     return model
 
@@ -284,8 +363,9 @@ def common_meta(spec: ModelSpec, cmd: str) -> dict[str, Any]:
     from bgpo.results import git_commit
 
     meta = {"model": spec.name, "device": spec.device, "dtype": spec.dtype, "lora": spec.lora,
-            "commit": git_commit(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cmd": cmd}
+            "precision": spec.resolved_precision, "activation_checkpointing": spec.activation_checkpointing,
+            "arch": spec.arch, "commit": git_commit(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "cmd": cmd}
     if spec.device.startswith("cuda"):
         meta["device_name"] = torch.cuda.get_device_name()
     return meta

@@ -31,11 +31,24 @@ thread (``--threads``: on a shared machine a thread team stalls whenever another
 core). VRPO-OL at n_t = 32 then holds ~6 GB of activations.
 
 CUDA runs catch out-of-memory (``oom: true``; larger n_t of that method are skipped). Rows go to
-``<out>/memory-<device>-<model>.jsonl`` (atomically, with ``commit`` and the regenerating ``cmd``).
+``<out>/memory-<device>-<model>[-<precision>][-ac].jsonl`` (atomically, with ``commit`` and the
+regenerating ``cmd``), rewritten after every round: a run stopped early (``--budget-s``: no new
+measurement starts after that many seconds; or killed) leaves the rows measured so far
+(``rounds_done``, ``complete``).
+
+Model options (issue 12): ``--arch llada8b`` is the suite's native ``LLaDAModelLM(LLaDAConfig())``
+with random weights built on the device; ``--precision bf16-mixed`` keeps float32 weights and
+computes under bfloat16 autocast (what ``sweeps/paper_main.yaml`` trains with; ``--dtype bfloat16``
+alone is pure bf16); ``--activation-checkpointing`` recomputes each block in the backward pass
+(rows say ``activation_checkpointing``; compare their ``floor_bytes`` with a run without it);
+``--optimizer sgd`` replaces AdamW by plain SGD, which holds no state: one GPU cannot hold
+LLaDA-8B's float32 weights, gradients AND AdamW moments (128 GB) — under FSDP over 8 GPUs they are
+16 GB per GPU — while the activation memory this benchmark compares is the same.
 
     python -m bgpo.bench memory                                   # tiny model, CPU
-    python -m bgpo.bench memory --device cuda --arch llada8b --dtype bfloat16 --lora 128 \\
-        --prompts 1 --group 8 --prompt-length 128 --gen-length 512 --mcs 1,2,4,8,16
+    python -m bgpo.bench memory --activation-checkpointing        # the one-sample floor with it
+    python -m bgpo.bench memory --device cuda --arch llada8b --precision bf16-mixed --optimizer sgd \\
+        --methods bgpo,vrpo --prompts 1 --group 2 --prompt-length 128 --gen-length 512 --mcs 1,2,4,8,16,32
 """
 
 from __future__ import annotations
@@ -158,11 +171,15 @@ def maxrss_bytes() -> int:
 class Rig:
     """The model under test, its AdamW, the reference (when a method needs one) and the batch."""
 
-    def __init__(self, spec: ModelSpec, bspec: BatchSpec, lr: float, with_ref: bool) -> None:
+    def __init__(self, spec: ModelSpec, bspec: BatchSpec, lr: float, with_ref: bool,
+                 optimizer: str = "adamw") -> None:
         self.device = spec.device
         self.policy = load_model(spec)
         self.params = [p for p in self.policy.net.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(self.params, lr=lr, betas=(0.9, 0.999), weight_decay=0.01)
+        if optimizer == "sgd":  # no optimizer state (see the module docstring)
+            self.opt: torch.optim.Optimizer = torch.optim.SGD(self.params, lr=lr)
+        else:
+            self.opt = torch.optim.AdamW(self.params, lr=lr, betas=(0.9, 0.999), weight_decay=0.01)
         self.ref = make_ref(self.policy) if with_ref else None
         self.batch, self.rewards = synthetic_batch(self.policy, bspec)
         self.G = bspec.group
@@ -206,7 +223,8 @@ def _child(job: dict[str, Any]) -> dict[str, int]:
     """A fresh process: build everything, run ONE update of one point, report its peak RSS."""
     torch.set_num_threads(job["threads"])
     partial = job["partial"]
-    rig = Rig(job["spec"], job["bspec"], job["lr"], partial is not None and needs_ref(partial))
+    with_ref = partial is not None and needs_ref(partial)
+    rig = Rig(job["spec"], job["bspec"], job["lr"], with_ref, job["optimizer"])
     impl, adv = rig.build(partial) if partial is not None else (None, None)
     setup = maxrss_bytes()
     rig.run(impl, adv, job["seed"])
@@ -241,6 +259,16 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--name", default=None, help="model name in the results file name")
     p.add_argument("--task", default="countdown", help="whose cached tiny base model to use")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--precision", default=None,
+                   help="fp32 | bf16-mixed (float32 weights, bfloat16 autocast) | bf16-pure "
+                   "(default: from --dtype)")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each transformer block in the backward pass "
+                   "(model.activation_checkpointing)")
+    p.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw",
+                   help="sgd: no optimizer state (an 8B model's float32 AdamW state does not fit one GPU)")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="start no new measurement after this many seconds (rows so far are kept)")
     p.add_argument("--device", default="auto")
     p.add_argument("--lora", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
     p.add_argument("--prompts", type=int, default=4)
@@ -270,6 +298,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
         p.error("--mcs must be positive integers")
     if args.warmup < 1 or args.repeats < 1:
         p.error("--warmup and --repeats must be >= 1")
+    if args.budget_s is not None and args.budget_s <= 0:
+        p.error("--budget-s must be > 0")
     return args
 
 
@@ -312,7 +342,7 @@ def _measure(rig: Rig, pt: Point, seed: int, round_: int, warmup: int) -> None:
 
 
 def _rss_points(points: list[Point], spec: ModelSpec, bspec: BatchSpec, lr: float, seed: int,
-                bar: Any) -> None:
+                bar: Any, optimizer: str = "adamw") -> None:
     """Peak RSS of one update per point, each in a fresh process (forkserver: imports only)."""
     from bgpo.bench import memory as this  # importable by name even when run as __main__
 
@@ -320,7 +350,7 @@ def _rss_points(points: list[Point], spec: ModelSpec, bspec: BatchSpec, lr: floa
     ctx.set_forkserver_preload(["bgpo.bench.memory", "transformers.models.gemma3.modeling_gemma3"])
     for pt in points:
         job = {"spec": spec, "bspec": bspec, "lr": lr, "seed": seed, "threads": torch.get_num_threads(),
-               "partial": pt.partial}
+               "partial": pt.partial, "optimizer": optimizer}
         with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as ex:
             pt.rss = ex.submit(this._child, job).result()
         bar.update(1)
@@ -332,25 +362,42 @@ def _median(xs: Iterable[float]) -> float | None:
 
 
 def run(args: argparse.Namespace, cmd: str) -> tuple[Path, list[dict[str, Any]]]:
+    import time
+
     from tqdm.auto import tqdm
 
+    t_start = time.monotonic()
     spec = model_spec(args.model, args.arch, args.name, args.dtype, args.device, args.lora, args.seed,
-                      args.task)
+                      args.task, args.precision, args.activation_checkpointing)
     bspec = BatchSpec(args.prompts, args.group, args.prompt_length, args.gen_length, args.seed)
     cuda = spec.device.startswith("cuda")
     floor = Point("floor", 1)
     points = [Point(m, n, partial=method_partial(m, n, args.override))
               for n in args.mcs for m in args.methods]
-    rig = Rig(spec, bspec, args.lr, any(needs_ref(p.partial) for p in points))
+    rig = Rig(spec, bspec, args.lr, any(needs_ref(p.partial) for p in points), args.optimizer)
     for pt in points:
         pt.impl, pt.adv = rig.build(pt.partial)
     every = [floor, *points]
     do_rss = args.rss and not cuda
     rounds = args.warmup + args.repeats
+    n_params, n_train = count_params(rig.policy)
+    meta = {**common_meta(spec, cmd), "params": n_params, "trainable_params": n_train,
+            "prompts": args.prompts, "group_size": args.group, "prompt_length": args.prompt_length,
+            "gen_length": args.gen_length, "batch_sequences": args.prompts * args.group,
+            "warmup": args.warmup, "repeats": args.repeats, "overrides": args.override,
+            "optimizer": args.optimizer, "budget_s": args.budget_s}
+    dev = "cuda" if cuda else spec.device
+    suffix = ("-bf16-mixed" if spec.resolved_precision == "bf16-mixed" else "") + (
+        "-ac" if spec.activation_checkpointing else "")
+    path = Path(args.out) / f"memory-{dev}-{spec.name}{suffix}.jsonl"
     bar = tqdm(total=rounds * len(every) + (len(every) if do_rss else 0), disable=not args.progress,
                desc=f"memory {spec.name}")
+    rounds_done, out_of_time = 0, False
     for r in range(rounds):
         for i, pt in enumerate(every if r % 2 == 0 else every[::-1]):  # interleaved, alternating
+            if args.budget_s is not None and time.monotonic() - t_start > args.budget_s:
+                out_of_time = True  # no new measurement starts; the rows so far are written below
+                break
             bar.set_postfix_str(f"round {r} {pt.method} n_t={pt.mc}")
             if not pt.oom:
                 try:
@@ -361,16 +408,22 @@ def run(args: argparse.Namespace, cmd: str) -> tuple[Path, list[dict[str, Any]]]
                     rig.opt.zero_grad(set_to_none=True)
                     _free(spec.device)
             bar.update(1)
-    if do_rss:
+        if out_of_time:
+            break
+        rounds_done = r + 1
+        write_rows(path, _rows(points, floor, meta, cuda, rounds_done, complete=False))  # partial results
+    if do_rss and not out_of_time:
         bar.set_postfix_str("peak RSS (fresh processes)")
-        _rss_points(every, spec, bspec, args.lr, args.seed, bar)
+        _rss_points(every, spec, bspec, args.lr, args.seed, bar, args.optimizer)
     bar.close()
+    rows = _rows(points, floor, meta, cuda, rounds_done, complete=not out_of_time)
+    write_rows(path, rows)
+    return path, rows
 
-    n_params, n_train = count_params(rig.policy)
-    meta = {**common_meta(spec, cmd), "params": n_params, "trainable_params": n_train,
-            "prompts": args.prompts, "group_size": args.group, "prompt_length": args.prompt_length,
-            "gen_length": args.gen_length, "batch_sequences": args.prompts * args.group,
-            "warmup": args.warmup, "repeats": args.repeats, "overrides": args.override}
+
+def _rows(points: list[Point], floor: Point, meta: dict[str, Any], cuda: bool, rounds_done: int,
+          complete: bool) -> list[dict[str, Any]]:
+    """One row per (method, n_t) from what has been measured so far."""
     floor_bytes = floor.cuda_peak if cuda else floor.saved
     vrpo = {pt.mc: pt for pt in points if pt.method == "vrpo"}
     rows = []
@@ -387,9 +440,10 @@ def run(args: argparse.Namespace, cmd: str) -> tuple[Path, list[dict[str, Any]]]
                "time_per_sample_s": None if pt.oom or t is None else t / pt.mc,
                "rss_peak_bytes": pt.rss.get("rss_peak_bytes"),
                "rss_setup_bytes": pt.rss.get("rss_setup_bytes"),
-               "floor_rss_bytes": floor.rss.get("rss_peak_bytes"), **meta}
+               "floor_rss_bytes": floor.rss.get("rss_peak_bytes"), **meta,
+               "rounds_done": rounds_done, "complete": complete}
         if cuda:
-            row.update(backward_peak_bytes=None if pt.oom else pt.cuda_backward_peak,
+            row.update(backward_peak_bytes=None if pt.oom else (pt.cuda_backward_peak or None),
                        static_bytes=pt.cuda_static, floor_backward_peak_bytes=floor.cuda_backward_peak)
         ref_peak = row.get("backward_peak_bytes") if cuda else peak
         row["peak_over_floor"] = ref_peak / floor_bytes if ref_peak and floor_bytes else None
@@ -398,10 +452,7 @@ def run(args: argparse.Namespace, cmd: str) -> tuple[Path, list[dict[str, Any]]]
             paired = [pt.times[k] / v.times[k] for k in pt.times if k in v.times]
             row["step_time_ratio_vs_vrpo"] = _median(paired)
         rows.append(row)
-    dev = "cuda" if cuda else spec.device
-    path = Path(args.out) / f"memory-{dev}-{spec.name}.jsonl"
-    write_rows(path, rows)
-    return path, rows
+    return rows
 
 
 def summary(rows: list[dict[str, Any]]) -> str:

@@ -1,6 +1,15 @@
 """Tasks of the suite (SPEC §5). Importing this package registers every task by name."""
 
-from bgpo.tasks import countdown, gsm8k, humaneval, math500, mbpp, sudoku  # noqa: F401  (registration)
+from bgpo.tasks import (  # noqa: F401  (registration)
+    countdown,
+    deepcoder,
+    gsm8k,
+    humaneval,
+    math500,
+    math_mix,
+    mbpp,
+    sudoku,
+)
 from bgpo.tasks.base import (
     FORMATS,
     Example,

@@ -144,6 +144,17 @@ Cell = tuple[str, str]  # (text, footnote marks)
 NONE: Cell = ("–", "a")
 
 
+def sources_of(runs: list[Run]) -> list[str]:
+    """The test sets the runs report: the suite's own, d1's, then other tasks' (``task.eval_tasks``:
+    BGPO §4's math model on GSM8K and MATH500), in that order."""
+    found = {s for r in runs for s, res in (r.tests.get("final") or {}).items() if res}
+    return [s for s in SOURCES if s in found] + sorted(found - set(SOURCES))
+
+
+def source_label(source: str) -> str:
+    return SOURCES.get(source, f"{TASKS.get(source, source)} test set")
+
+
 def metrics_of(task: str) -> list[tuple[str, str]]:
     return METRICS.get(task, DEFAULT_METRICS)
 
@@ -251,9 +262,9 @@ def sweep_table(sweep: str, runs: list[Run], reported: dict[str, Any]) -> Table:
     for task in sorted({r.task for r in runs}, key=lambda t: list(TASKS).index(t) if t in TASKS else 99):
         tr = [r for r in runs if r.task == task]
         groups = groups_of(tr)
-        for source in [s for s in SOURCES if any(r.scores("final", s, "accuracy") is not None for r in tr)]:
+        for source in sources_of(tr):
             for metric, mname in metrics_of(task):
-                label = (f"{TASKS.get(task, task)} · {SOURCES[source]} · {mname}", "")
+                label = (f"{TASKS.get(task, task)} · {source_label(source)} · {mname}", "")
                 sel, fin = (compare(groups, w, source, metric) for w in ("best", "final"))
                 base = sel.cells.get("base")
                 if base is not None:
@@ -301,10 +312,10 @@ def mc_table(runs: list[Run], reported: dict[str, Any], sweep: str) -> Table:
     body: list[list[Cell]] = []
     for task in sorted({r.task for r in sel_runs}):
         tr = [r for r in sel_runs if r.task == task]
-        for source in [s for s in SOURCES if any(r.scores("final", s, "accuracy") is not None for r in tr)]:
+        for source in sources_of(tr):
             groups = {f"mc{mc}": [r for r in tr if r.mc == mc] for mc in sorted({r.mc for r in tr})}
             sel, fin = (compare(groups, w, source, "accuracy", ref="__none__") for w in ("best", "final"))
-            label = (f"{TASKS.get(task, task)} · {SOURCES[source]}", "")
+            label = (f"{TASKS.get(task, task)} · {source_label(source)}", "")
             if "base" in sel.cells:
                 b = sel.cells["base"]
                 body.append([label, ("base", ""), (f"1 × {b.n_problems}", ""), fmt(b), ("", ""), fmt(b),
@@ -338,9 +349,9 @@ def variant_table(name: str, title: str, runs: list[Run], reported_rows: dict[st
         tr = [r for r in runs if r.task == task]
         groups = {m: rs for m, rs in groups_of(tr).items() if m in order}
         groups = {m: groups[m] for m in order if m in groups}
-        for source in [s for s in SOURCES if any(r.scores("final", s, "accuracy") is not None for r in tr)]:
+        for source in sources_of(tr):
             sel, fin = (compare(groups, w, source, "accuracy", ref=ref) for w in ("best", "final"))
-            label = (f"{TASKS.get(task, task)} · {SOURCES[source]}", "")
+            label = (f"{TASKS.get(task, task)} · {source_label(source)}", "")
             for m, rs in groups.items():
                 iv = sel.cells.get(m)
                 mcs = ",".join(str(x) for x in sorted({r.mc for r in rs}))

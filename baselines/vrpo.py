@@ -11,7 +11,9 @@ Departures and switches (defaults = the paper; see docs/methods.md):
   optimizer step each, θ_old = the rollout policy on the same draws);
 - ``clip_eps`` / ``dual_clip``: PPO clip on the sequence ratio; off by default (not described);
 - ``beta``: k3 KL to the reference per MC sample; off by default;
-- ``mc_chunk`` only batches forward passes; all graphs are kept either way.
+- ``mc_chunk`` only batches forward passes; all graphs are kept either way;
+- the estimator: count levels, stratified, by default, as BGPO's (``elbo.level=time
+  elbo.stratified=false`` is the paper's; paper/NOTES.md).
 """
 
 from __future__ import annotations
@@ -41,7 +43,9 @@ class VRPOConfig:
     """k3 KL coefficient to the reference; 0 = off"""
     std_adv: bool = True
     """A = (r − mean_G r)/std_G r (BGPO §3)"""
-    elbo: ELBOConfig = field(default_factory=ELBOConfig)
+    elbo: ELBOConfig = field(default_factory=lambda: ELBOConfig(level="count", stratified=True))
+    """the estimator (docs/methods.md §2): count levels, stratified — finite variance (the paper's
+    t ~ U(0,1] with weight 1/t is elbo.level=time; paper/NOTES.md gives the measurement)"""
 
     def __post_init__(self) -> None:
         check_common(self, "vrpo")

@@ -16,7 +16,10 @@ Departures and switches (defaults = the paper; see docs/methods.md):
 - ``clip_eps`` / ``dual_clip``: PPO clip on the per-sample bound ratio (VeRL port: 0.2 / 3.0);
   off by default, as in the paper; inactive on-policy anyway;
 - ``beta``: k3 KL to the reference per MC sample; off by default (paper: no KL);
-- ELBO estimator choices (level, stratified, window, length_norm) live in ``elbo``.
+- the estimator: count levels l ~ U{1..L} (weight L/l), stratified over the n_t samples, by
+  default — finite variance where the paper's t ~ U(0,1] with weight 1/t has none
+  (``elbo.level=time elbo.stratified=false`` restores it; paper/NOTES.md has the measurement);
+  the other ELBO choices (window, length_norm, t_min) live in ``elbo`` too.
 """
 
 from __future__ import annotations
@@ -50,7 +53,9 @@ class BGPOConfig:
     """k3 KL coefficient to the reference; 0 = off (paper)"""
     std_adv: bool = True
     """A = (r − mean_G r)/std_G r (BGPO §3)"""
-    elbo: ELBOConfig = field(default_factory=ELBOConfig)
+    elbo: ELBOConfig = field(default_factory=lambda: ELBOConfig(level="count", stratified=True))
+    """the estimator (docs/methods.md §2): count levels, stratified — finite variance (the paper's
+    t ~ U(0,1] with weight 1/t is elbo.level=time; paper/NOTES.md gives the measurement)"""
 
     def __post_init__(self) -> None:
         check_common(self, "bgpo")

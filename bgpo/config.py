@@ -533,6 +533,9 @@ def validate_pretrain(cfg: PretrainConfig | DictConfig) -> None:
         check_int("seed", cfg.seed, 0)
         check_number("lr", cfg.lr, gt=0)
         check_device("device", cfg.device)
+        from bgpo.loggers import validate as validate_logger
+
+        validate_logger(cfg.logger)
 
 
 def validate_updates(cfg: DictConfig, method: Any) -> None:

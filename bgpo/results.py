@@ -380,8 +380,9 @@ def keep_metrics(file: Path, rows: dict[int, dict[str, Any]], upto: int, problem
     steps are recomputed exactly on resume); a file with bad lines is first kept as
     ``metrics.jsonl.corrupt``. ``upto`` < 0: start without a file."""
     if problems and file.exists():
-        set_aside(file, f"{len(problems)} bad line(s), first {problems[0]}; its valid rows up to step "
-                        f"{max(upto, 0)} are kept, later steps are recomputed")
+        kept = f"its valid rows up to step {upto} are kept" if upto >= 0 else "the run restarts"
+        set_aside(file, f"{len(problems)} bad line(s), first {problems[0]}; {kept}, later steps are "
+                        "recomputed")
     keep = [rows[s] for s in sorted(rows) if s <= upto]
     if keep:
         atomic_write_text(file, "".join(json.dumps(r) + "\n" for r in keep))

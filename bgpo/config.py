@@ -321,8 +321,10 @@ def check_int(key: str, v: Any, lo: int, optional: bool = False, why: str = "") 
     """``key``'s value is an int ``>= lo`` (or None when ``optional``)."""
     if v is None and optional:
         return
-    if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+    if not isinstance(v, int) or isinstance(v, bool):
         raise ValueError(f"{key}={v!r} must be an integer >= {lo}{why}")
+    if v < lo:
+        raise ValueError(f"{key}={v!r} must be >= {lo}{why}")
 
 
 def check_device(key: str, name: str) -> None:

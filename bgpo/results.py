@@ -346,19 +346,23 @@ def open_run(cfg: dict[str, Any], write: bool = True,
 
 # ---- metrics.jsonl --------------------------------------------------------------------------
 def read_metrics(file: Path) -> tuple[dict[int, dict[str, Any]], list[str]]:
-    """Valid rows by step, and one problem per bad line (``file:line: why``): a row cut by a kill,
-    a corrupt one, a duplicate step. Valid rows AFTER a bad one are kept."""
+    """Valid rows by step, and one problem per bad line (``file:line: why``): a corrupt row, a
+    duplicate step. Valid rows AFTER a bad one are kept. An unfinished last line (no newline: the
+    row a kill interrupted, of a step past the last checkpoint) is dropped without a problem."""
     rows: dict[int, dict[str, Any]] = {}
     problems: list[str] = []
     if not file.exists():
         return rows, problems
-    for n, line in enumerate(file.read_text(errors="replace").splitlines(), 1):
+    text = file.read_text(errors="replace")
+    lines = text.splitlines()
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except ValueError:
-            problems.append(f"{file}:{n}: not a JSON row (cut or corrupt)")
+            if n < len(lines) or text.endswith("\n"):
+                problems.append(f"{file}:{n}: not a JSON row (corrupt)")
             continue
         step = row.get("step") if isinstance(row, dict) else None
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:

@@ -87,17 +87,21 @@ def test_run_dir_reused_with_another_config_fails_naming_the_keys(reference, bas
 
 # ---- metrics.jsonl --------------------------------------------------------------------------
 @pytest.mark.parametrize("step,resume", [(4, [2]), (3, [2]), (1, [])],
-                         ids=["last row cut", "middle row corrupt", "early row corrupt: restart"])
+                         ids=["last row cut by a kill", "middle row corrupt", "early row corrupt: restart"])
 def test_bad_metrics_row_resumes_from_a_checkpoint_it_covers(step, resume, reference, base_model,
                                                              tmp_path, capsys):
     root, d = copy_of(reference, tmp_path)
     (d / "summary.json").unlink()  # e.g. killed between the last checkpoint and the summary
     line = next(x for x in (d / "metrics.jsonl").read_text().splitlines() if json.loads(x)["step"] == step)
-    rewrite_line(d / "metrics.jsonl", step, line[: len(line) // 2] + ("" if step == 4 else "\n"))
+    torn = step == STEPS  # the last line, unfinished: what a kill leaves (no newline)
+    rewrite_line(d / "metrics.jsonl", step, line[: len(line) // 2] + ("" if torn else "\n"))
     summary = run(cfg_of(base_model, root, *ARGS))
     err = capsys.readouterr().err
-    assert f"{d / 'metrics.jsonl'}:" in err and "not a JSON row" in err  # the file and line, named
-    assert (d / "metrics.jsonl.corrupt").exists()  # the evidence is kept
+    assert f"{d / 'checkpoints' / 'last.pt'} (step {STEPS}) is not used" in err  # it needs that row
+    if not torn:  # a corrupt row is named (file:line) and the file kept as evidence
+        assert f"{d / 'metrics.jsonl'}:{step + 1}: not a JSON row" in err
+        assert (d / "metrics.jsonl.corrupt").exists()
+    assert (d / "metrics.jsonl.corrupt").exists() != torn
     assert metrics(d) == metrics(reference)  # every valid row there, the rest recomputed exactly
     assert summary["resumed_at"] == resume and final(d) == final(reference)
 

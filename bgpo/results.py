@@ -42,7 +42,8 @@ NON_IDENTITY_KEYS = ("results_dir", "run_dir", "device", "progress", "hydra", "p
                      "logger", "validate_only", "retry_failed")
 # the part of ``base_model`` that identifies the weights (its ``path`` is where they were found)
 BASE_IDENTITY_FIELDS = ("sha256", "hub")
-# a summary.json counts as complete only with these fields (and a final evaluation): ONE place
+# a summary.json counts as complete only with these fields, and a test result of the final policy
+# on at least one test set (``final``: {source: {"accuracy", ...}}): ONE place
 COMPLETE_FIELDS: dict[str, type | tuple[type, ...]] = {
     "run": str, "method": str, "task": str, "mc": int, "seed": int, "steps": int, "final": dict,
     "commit": str, "resumed_at": list}
@@ -276,8 +277,8 @@ def summary_problem(s: Any, steps: int | None = None) -> str | None:
         return f"fields of the wrong type: {', '.join(wrong)}"
     if steps is not None and s["steps"] != steps:
         return f"steps={s['steps']}, the config says {steps}"
-    if "eval/accuracy" not in s["final"] or s["final"].get("step") != s["steps"]:
-        return "no final evaluation at the last step"
+    if not s["final"] or not all(isinstance(r, dict) and "accuracy" in r for r in s["final"].values()):
+        return "no test result of the final policy ('final')"
     return None
 
 
@@ -396,13 +397,12 @@ def keep_metrics(file: Path, rows: dict[int, dict[str, Any]], upto: int, problem
 
 def finish_run(path: Path, cfg: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
     """Write ``summary.json`` atomically: the run counts as complete only once it exists, and it is
-    written only over metrics with a valid row for every step 0..steps, the last one evaluated."""
+    written only over metrics with a valid row for every step 0..steps and a complete summary."""
     file = path / "metrics.jsonl"
     rows, problems = read_metrics(file)
     gap = missing_step(rows, cfg["steps"])
-    if problems or gap is not None or "eval/accuracy" not in rows.get(cfg["steps"], {}):
-        why = problems[0] if problems else (f"no row for step {gap}" if gap is not None
-                                            else "no evaluation at the last step")
+    if problems or gap is not None:
+        why = problems[0] if problems else f"no row for step {gap}"
         raise StoreError(f"{file}: {why}; the run is not finalised (re-run it to resume)")
     summary = {"run": path.name, "method": cfg["method"]["_target_"].rsplit(".", 1)[-1].lower(),
                "task": cfg["task"]["name"], "mc": cfg["mc"], "seed": cfg["seed"],

@@ -256,13 +256,16 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     # the test sets, once each: the final policy, then the validation-selected checkpoint
     tests = {"final": test_sets(policy, task, cfg, dist)}
     best_step = dist.gather([best["step"] if best else None])[0]
-    if best_step is not None:
-        if best_step != cfg.steps:
-            state = torch.load(run_dir / "checkpoints" / "best.pt", map_location=device, weights_only=False)
+    if best_step is not None and best_step != cfg.steps:
+        state = load_weights(run_dir / "checkpoints" / "best.pt", best_step, device, dist)
+        if state is None:  # unreadable: reported; the selected checkpoint's test result is lost
+            best_step = None
+        else:
             dist.load_model_state_dict(policy.net, state["model"])
+    if best_step is not None:
         tests["best"] = tests["final"] if best_step == cfg.steps else test_sets(policy, task, cfg, dist)
     if dist.rank == 0:
-        stored = json.loads((run_dir / "eval_test.json").read_text())
+        stored = read_json(run_dir / "eval_test.json", "the base model's test results are missing from it")
         atomic_write_json(run_dir / "eval_test.json", {**stored, **tests, "best_step": best_step,
                                                        "selection": SELECTION})
         tracker.log({"step": cfg.steps, **nested("test", tests["final"]),
@@ -305,10 +308,51 @@ def save_weights(path: Path, dist: Dist, policy: DLLM, step: int) -> None:
     model = dist.model_state_dict(policy.net)
     if dist.rank != 0:
         return
+    atomic_torch_save({"step": step, "model": model}, path)
+
+
+def load_weights(path: Path, step: int, device: str, dist: Dist) -> dict[str, Any] | None:
+    """``best.pt`` of ``step``, or None (reported, set aside by rank 0) when it is unreadable."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=False)
+        if not isinstance(state, dict) or state.get("step") != step or "model" not in state:
+            raise ValueError(f"not the weights of step {step}")
+    except Exception as e:  # noqa: BLE001  (a torn or corrupt file: any loader error)
+        if dist.rank == 0 and path.exists():
+            set_aside(path, f"unreadable ({type(e).__name__}); the test result of the validation-selected "
+                            f"checkpoint (step {step}) is not reported")
+        return None
+    return state
+
+
+def read_json(path: Path, consequence: str) -> dict[str, Any]:
+    """A JSON object the run wrote earlier; a missing or corrupt one is reported (and set aside)."""
+    try:
+        obj = json.loads(path.read_text())
+        if isinstance(obj, dict):
+            return obj
+        raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        if path.exists():
+            set_aside(path, f"unreadable ({type(e).__name__}); {consequence}")
+        else:
+            warn(f"{path} is missing: {consequence}")
+        return {}
+
+
+def atomic_torch_save(obj: Any, path: Path, keep_previous: bool = False) -> None:
+    """``torch.save`` to a temp file, fsync, rename (the old file kept as ``prev.pt`` when
+    ``keep_previous``), fsync the folder: a crash leaves the old file or the new one, whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save({"step": step, "model": model}, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    if keep_previous and path.exists():
+        os.replace(path, path.with_name("prev.pt"))
     os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 def _stop(previous: dict[int, Any], tracker: Tracker, err: Exception) -> Exception:
@@ -338,17 +382,9 @@ def save_checkpoint(path: Path, dist: Dist, policy: DLLM, opt: torch.optim.Optim
     model, optim = dist.state_dicts(policy.net, opt)
     if dist.rank != 0:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as f:
-        torch.save({"step": step, "model": model, "opt": optim, "sched": sched.state_dict(),
-                    "rng": torch.get_rng_state(), "resumed_at": resumed_at, "commits": commits}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    if path.exists():
-        os.replace(path, path.with_name("prev.pt"))
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    atomic_torch_save({"step": step, "model": model, "opt": optim, "sched": sched.state_dict(),
+                       "rng": torch.get_rng_state(), "resumed_at": resumed_at, "commits": commits}, path,
+                      keep_previous=True)
 
 
 CHECKPOINT_FIELDS = ("step", "model", "opt", "sched", "rng")

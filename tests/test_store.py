@@ -58,8 +58,9 @@ def copy_of(reference: Path, tmp_path: Path) -> tuple[Path, Path]:
 
 
 def final(run_dir: Path) -> dict:
+    """The summary's test results (final and validation-selected policy) and the selected step."""
     s = json.loads((run_dir / "summary.json").read_text())
-    return {k: v for k, v in s["final"].items() if not k.startswith(("time/", "mem/"))}
+    return {"final": s["final"], "selected": s["selected"], "best_step": s["best_step"]}
 
 
 def rewrite_line(file: Path, step: int, text: str) -> None:

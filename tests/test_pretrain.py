@@ -44,9 +44,10 @@ def test_pretrain_rejects_bad_config(tmp_path):
 
 # each process: wait for the go file, then ask for the (missing) tiny Sudoku base model
 ENSURE = """
-import functools, hashlib, sys, time
+import functools, hashlib, logging, sys, time
 from pathlib import Path
 import bgpo.pretrain
+logging.basicConfig(level=logging.INFO, stream=sys.stdout)
 from bgpo.config import ModelConfig, TaskConfig
 from bgpo.pretrain import ensure_base_model
 # small data and evaluation, as the CLI test above sets them (ensure_base_model takes the defaults)

@@ -9,6 +9,7 @@ metrics of an uninterrupted run) and never finalise a run wrongly.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 from pathlib import Path
@@ -90,14 +91,14 @@ def test_run_dir_reused_with_another_config_fails_naming_the_keys(reference, bas
 @pytest.mark.parametrize("step,resume", [(4, [2]), (3, [2]), (1, [])],
                          ids=["last row cut by a kill", "middle row corrupt", "early row corrupt: restart"])
 def test_bad_metrics_row_resumes_from_a_checkpoint_it_covers(step, resume, reference, base_model,
-                                                             tmp_path, capsys):
+                                                             tmp_path, caplog):
     root, d = copy_of(reference, tmp_path)
     (d / "summary.json").unlink()  # e.g. killed between the last checkpoint and the summary
     line = next(x for x in (d / "metrics.jsonl").read_text().splitlines() if json.loads(x)["step"] == step)
     torn = step == STEPS  # the last line, unfinished: what a kill leaves (no newline)
     rewrite_line(d / "metrics.jsonl", step, line[: len(line) // 2] + ("" if torn else "\n"))
     summary = run(cfg_of(base_model, root, *ARGS))
-    err = capsys.readouterr().err
+    err = caplog.text
     assert f"{d / 'checkpoints' / 'last.pt'} (step {STEPS}) is not used" in err  # it needs that row
     if not torn:  # a corrupt row is named (file:line) and the file kept as evidence
         assert f"{d / 'metrics.jsonl'}:{step + 1}: not a JSON row" in err
@@ -109,14 +110,14 @@ def test_bad_metrics_row_resumes_from_a_checkpoint_it_covers(step, resume, refer
 
 # ---- summary.json ---------------------------------------------------------------------------
 @pytest.mark.parametrize("content", ["{\"run\": \"x\", \"fin", "{}", "[]", "no-final"])
-def test_incomplete_or_corrupt_summary_is_not_complete(content, reference, base_model, tmp_path, capsys):
+def test_incomplete_or_corrupt_summary_is_not_complete(content, reference, base_model, tmp_path, caplog):
     root, d = copy_of(reference, tmp_path)
     if content == "no-final":  # every field but an empty final evaluation
         s = json.loads((d / "summary.json").read_text())
         content = json.dumps({**s, "final": {}})
     (d / "summary.json").write_text(content)
     summary = run(cfg_of(base_model, root, *ARGS))
-    assert f"{d / 'summary.json'}: not the summary of a complete run" in capsys.readouterr().err
+    assert f"{d / 'summary.json'}: not the summary of a complete run" in caplog.text
     assert (d / "summary.json.corrupt").read_text() == content
     assert summary["resumed_at"] == [STEPS] and final(d) == final(reference)  # re-finalised, nothing trained
     assert metrics(d) == metrics(reference)
@@ -126,7 +127,7 @@ def test_incomplete_or_corrupt_summary_is_not_complete(content, reference, base_
 # ---- checkpoints ----------------------------------------------------------------------------
 @pytest.mark.parametrize("which", ["last", "both"])
 def test_corrupt_checkpoint_falls_back_to_the_previous_or_restarts(which, reference, base_model, tmp_path,
-                                                                   capsys):
+                                                                   caplog):
     root, d = copy_of(reference, tmp_path)
     (d / "summary.json").unlink()
     last = d / "checkpoints" / "last.pt"
@@ -134,7 +135,7 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_or_restarts(which, refere
     if which == "both":
         (d / "checkpoints" / "prev.pt").write_bytes(b"not a checkpoint")
     summary = run(cfg_of(base_model, root, *ARGS))
-    err = capsys.readouterr().err
+    err = caplog.text
     assert f"{last}: unreadable checkpoint" in err and (d / "checkpoints" / "last.pt.corrupt").exists()
     assert summary["resumed_at"] == ([2] if which == "last" else [])
     assert metrics(d) == metrics(reference) and final(d) == final(reference)
@@ -171,7 +172,7 @@ def poison_at(monkeypatch, step: int, what: str) -> None:
 
 @pytest.mark.parametrize("what", ["loss", "parameter"])
 def test_non_finite_value_fails_the_run_and_only_an_explicit_retry_resumes(what, reference, base_model,
-                                                                           tmp_path, monkeypatch, capsys):
+                                                                           tmp_path, monkeypatch, caplog):
     for mod in (bgpo.results, bgpo.train):
         monkeypatch.setattr(mod, "git_commit", lambda: "commit-A")
     poison_at(monkeypatch, 3, what)
@@ -192,7 +193,7 @@ def test_non_finite_value_fails_the_run_and_only_an_explicit_retry_resumes(what,
         run(cfg)
     assert (d / "metrics.jsonl").read_bytes() == before
     summary = run(cfg_of(base_model, tmp_path, *ARGS, "retry_failed=true"))
-    assert "commit commit-B; the run was trained so far with commit commit-A" in capsys.readouterr().err
+    assert "commit commit-B; the run was trained so far with commit commit-A" in caplog.text
     assert summary["resumed_at"] == [2] and summary["commits"] == ["commit-A", "commit-B"]
     assert metrics(d) == metrics(reference) and final(d) == final(reference)
     assert not (d / "failed.json").exists() and (d / "failed.json.retried").exists()
@@ -228,8 +229,9 @@ def test_config_and_summary_record_the_base_model(reference, base_model):
     assert json.loads((reference / "summary.json").read_text())["base_model"] == ident
 
 
-def test_validate_only_never_pretrains_and_says_the_key_is_provisional(tmp_path, monkeypatch, capsys):
+def test_validate_only_never_pretrains_and_says_the_key_is_provisional(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("BGPO_CACHE", str(tmp_path / "empty-cache"))
+    caplog.set_level(logging.INFO, logger="bgpo.train")
 
     def pretrains(*args, **kwargs):
         raise AssertionError("validate_only pretrained a base model")
@@ -246,6 +248,6 @@ def test_validate_only_never_pretrains_and_says_the_key_is_provisional(tmp_path,
     with initialize_config_module("bgpo.conf", version_base="1.3"):
         out = run(compose("train", overrides=[f"results_dir={tmp_path / 'r'}", "validate_only=true"]))
     assert out == {"ok": True, "run_dir": None, "state": "new"}
-    line = capsys.readouterr().out.strip().splitlines()[-1].replace(str(tmp_path), "TMP")
+    line = caplog.records[-1].getMessage().replace(str(tmp_path), "TMP")
     assert line.startswith("ok: run folder TMP/r/bgpo-countdown-mc16-s0-<hash> (new) (provisional:")
     assert not (tmp_path / "empty-cache" / "tiny-countdown").exists()

@@ -437,14 +437,12 @@ def validate_model(model: ModelConfig | DictConfig) -> None:
 
 
 def check_model_path(model: ModelConfig | DictConfig) -> None:
-    """A local ``model.path`` must be a model folder; ``org/name`` not on disk is a hub name.
-    Checked last, so that a run with several bad settings reports the values first."""
+    """A local ``model.path`` must be a folder (its weights are hashed into the run key before any
+    model is built: ``bgpo.results.folder_hash``); ``org/name`` not on disk is a hub name. Checked
+    last, so that a run with several bad settings reports the values first."""
     if not model.path:
         return
-    path = Path(model.path).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ValueError(f"model.path={model.path}: the folder has no config.json (not a model folder)")
+    if Path(model.path).expanduser().is_dir():
         return
     if model.kind == "tiny" or not _HUB_NAME.match(str(model.path)):
         raise ValueError(f"model.path={model.path}: no such model folder"

@@ -143,7 +143,9 @@ def folder_hash(folder: Path) -> str:
     files = sorted(p for p in folder.iterdir() if p.is_file() and (
         p.name == "config.json" or p.name.endswith(WEIGHT_SUFFIXES)))
     if not any(p.name.endswith(WEIGHT_SUFFIXES) for p in files):
-        raise ValueError(f"model.path={folder}: no weights (*.safetensors, *.bin) in the folder")
+        from bgpo.config import ConfigError
+
+        raise ConfigError(f"model.path={folder}: no weights (*.safetensors, *.bin) in the folder")
     cache_file = cache_dir() / "hashes" / f"{hashlib.sha256(str(folder).encode()).hexdigest()[:16]}.json"
     try:
         cached = json.loads(cache_file.read_text())["files"]

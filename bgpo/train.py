@@ -51,7 +51,7 @@ def run(cfg: DictConfig) -> dict:
     from bgpo.trainer import NonFinite, train
 
     export_launcher_env()  # the tasks of one Slurm job form one process group
-    if cfg.model.kind == "tiny":
+    if cfg.model.kind == "tiny" and not cfg.model.path:
         ensure_base_model(cfg.task, cfg.model)  # built once (locked): its hash is part of the key
     resolved = with_base_model(resolved)
     rank = int(os.environ.get("RANK", "0"))  # torchrun / accelerate: only rank 0 writes

@@ -158,7 +158,7 @@ BAD: list[tuple[list[str], str]] = [
     (["model.kind=gpt"], "model.kind='gpt'"),
     (["model.dtype=int8"], "model.dtype='int8'"),
     (["model.path={d}/no-such-model"], "model.path={d}/no-such-model"),
-    (["model.path={d}"], "model.path={d}: the folder has no config.json"),
+    (["model.path={d}"], "model.path={d}: no weights"),
     (["model.kind=llada"], "model.path"),
     (["model=llada_8b_instruct", "model.path=./no/such/llada"], "model.path=./no/such/llada"),
     (["model.mask_token_id=-1"], "model.mask_token_id=-1"),

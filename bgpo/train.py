@@ -73,7 +73,7 @@ def run(cfg: DictConfig) -> dict:
         if failure is not None:  # retry_failed=true (open_run raised otherwise)
             os.replace(path / "failed.json", path / "failed.json.retried")
             log.info(f"[bgpo] {path}: retrying after a failure at step {failure.get('step')} "
-                  f"({failure.get('reason')}) from its last good checkpoint")
+                     f"({failure.get('reason')}) from its last good checkpoint")
         try:
             result = train(cfg, path)
         except NonFinite as e:

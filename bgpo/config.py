@@ -477,7 +477,7 @@ def validate_train(cfg: DictConfig) -> None:
 def _validate_train(cfg: DictConfig) -> None:
     for key, lo in (("mc", 1), ("steps", 1), ("prompts_per_step", 1), ("group_size", 1), ("minibatches", 1),
                     ("inner_updates", 1), ("eval_n", 1), ("ckpt_every", 1), ("eval_every", 0),
-                    ("warmup_steps", 0), ("seed", 0)):
+                    ("warmup_steps", 0), ("seed", 0), ("threads", 0)):
         check_int(key, getattr(cfg, key), lo)
     check_int("shards", cfg.shards, 1, optional=True)
     if cfg.shards and cfg.prompts_per_step % cfg.shards:

@@ -83,7 +83,7 @@ BAD: list[tuple[list[str], str]] = [
     (["method=diffu_grpo", "method.cfg.beta=-0.04"], "method.cfg.beta=-0.04"),
     (["mc=2", "method.cfg.n_t=4"], "method.cfg.n_t=4"),
     # issue 15, "rejected late"
-    (["task.test_file={d}/missing.jsonl"], "task.test_file={d}/missing.jsonl: no such file"),
+    (["task.test_file={d}/missing.jsonl"], "task.test_file='{d}/missing.jsonl': no such file"),
     (["task.test_file={d}/cd_bad_int_at_3.jsonl"], "{d}/cd_bad_int_at_3.jsonl:3"),
     (["method.cfg.mc_chunk=0"], "method.cfg.mc_chunk=0"),
     (["adam_beta2=2"], "adam_beta2=2.0"),
@@ -129,6 +129,7 @@ BAD: list[tuple[list[str], str]] = [
     (["parallel=zero3"], "parallel='zero3'"),
     (["device=gpu"], "device='gpu'"),
     (["results_dir="], "results_dir"),
+    (["threads=-1"], "threads=-1"),
     # sampler keys
     (["sampler.mode=fast"], "sampler.mode='fast'"),
     (["sampler.threshold=1.5"], "sampler.threshold=1.5"),

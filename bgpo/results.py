@@ -267,8 +267,10 @@ def check_stored_config(path: Path, cfg: dict[str, Any]) -> None:
                           "choose another run_dir (or results_dir)")
 
 
-def summary_problem(s: Any, steps: int | None = None) -> str | None:
-    """Why ``s`` is not the summary of a complete run (None: it is)."""
+def summary_problem(s: Any, cfg: dict[str, Any] | None = None) -> str | None:
+    """Why ``s`` is not the summary of a complete run of ``cfg`` (None: it is). Its test results
+    (``final``: {test set: {"accuracy", ...}}) may be empty only when the config turned the test
+    sets off (``eval_test=false``)."""
     if not isinstance(s, dict):
         return "not a JSON object"
     missing = [k for k in COMPLETE_FIELDS if k not in s]
@@ -277,16 +279,20 @@ def summary_problem(s: Any, steps: int | None = None) -> str | None:
     wrong = [k for k, t in COMPLETE_FIELDS.items() if not isinstance(s[k], t) or isinstance(s[k], bool)]
     if wrong:
         return f"fields of the wrong type: {', '.join(wrong)}"
-    if steps is not None and s["steps"] != steps:
-        return f"steps={s['steps']}, the config says {steps}"
-    if not s["final"] or not all(isinstance(r, dict) and "accuracy" in r for r in s["final"].values()):
+    cfg = cfg or {}
+    if "steps" in cfg and s["steps"] != cfg["steps"]:
+        return f"steps={s['steps']}, the config says {cfg['steps']}"
+    if not all(isinstance(r, dict) and "accuracy" in r for r in s["final"].values()):
+        return "a test result of the final policy ('final') has no accuracy"
+    if not s["final"] and cfg.get("eval_test", True) and cfg:
         return "no test result of the final policy ('final')"
     return None
 
 
-def read_summary(path: Path, steps: int | None = None, write: bool = True) -> dict[str, Any] | None:
-    """The run's summary if it is complete; a corrupt or incomplete one is reported naming the
-    file and set aside (``write``), and the run is then NOT complete (it resumes)."""
+def read_summary(path: Path, cfg: dict[str, Any] | None = None, write: bool = True) -> dict[str, Any] | None:
+    """The run's summary if it is complete (for ``cfg`` when given); a corrupt or incomplete one is
+    reported naming the file and set aside (``write``), and the run is then NOT complete (it
+    resumes)."""
     file = path / "summary.json"
     if not file.exists():
         return None
@@ -295,7 +301,7 @@ def read_summary(path: Path, steps: int | None = None, write: bool = True) -> di
     except (OSError, ValueError) as e:
         problem: str | None = f"unreadable ({type(e).__name__}: {e})"
     else:
-        problem = summary_problem(s, steps)
+        problem = summary_problem(s, cfg)
     if problem is None:
         return s
     if write:
@@ -335,7 +341,7 @@ def open_run(cfg: dict[str, Any], write: bool = True,
     cfg = with_base_model(cfg)
     path = run_dir_of(cfg)
     check_stored_config(path, cfg)
-    summary = read_summary(path, cfg.get("steps"), write)
+    summary = read_summary(path, cfg, write)
     if summary is not None:
         return path, summary
     failure = read_failure(path)
@@ -410,7 +416,7 @@ def finish_run(path: Path, cfg: dict[str, Any], result: dict[str, Any]) -> dict[
                "task": cfg["task"]["name"], "mc": cfg["mc"], "seed": cfg["seed"],
                "base_model": cfg.get("base_model"),
                "wall_s": round(sum(r.get("time/step_s", 0.0) for r in rows.values()), 1), **result}
-    problem = summary_problem(summary, cfg["steps"])
+    problem = summary_problem(summary, cfg)
     if problem:
         raise StoreError(f"{path}: the summary would not be complete ({problem}); not written")
     atomic_write_json(path / "summary.json", summary)

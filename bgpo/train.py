@@ -115,7 +115,7 @@ def validated(resolved: dict[str, Any]) -> dict[str, Any]:
     path = run_dir_of(resolved)
     if "base_model" in resolved:
         check_stored_config(path, resolved)
-    state = ("complete" if read_summary(path, resolved["steps"], write=False) is not None
+    state = ("complete" if read_summary(path, resolved, write=False) is not None
              else "failed" if read_failure(path) is not None
              else "resumes" if (path / "checkpoints").exists() else "new")
     log.info(f"ok: run folder {path} ({state}){note}")

@@ -251,3 +251,16 @@ def test_validate_only_never_pretrains_and_says_the_key_is_provisional(tmp_path,
     line = caplog.records[-1].getMessage().replace(str(tmp_path), "TMP")
     assert line.startswith("ok: run folder TMP/r/bgpo-countdown-mc16-s0-<hash> (new) (provisional:")
     assert not (tmp_path / "empty-cache" / "tiny-countdown").exists()
+
+
+def test_a_run_without_test_sets_is_complete(base_model, tmp_path):
+    """eval_test=false: 'final' is empty by design; such a summary still counts as complete (the
+    re-run skips it), while the same empty 'final' of an eval_test=true run does not."""
+    cfg = cfg_of(base_model, tmp_path, *ARGS, "eval_test=false")
+    summary = run(cfg)
+    assert summary["final"] == {}
+    assert bgpo.results.summary_problem(summary, to_container(cfg)) is None
+    assert bgpo.results.summary_problem(summary, {**to_container(cfg), "eval_test": True})
+    d = tmp_path / summary["run"]
+    before = (d / "summary.json").read_bytes()
+    assert run(cfg) == json.loads(before) and (d / "summary.json").read_bytes() == before

@@ -1,16 +1,24 @@
 """Structured config schemas (Hydra ConfigStore) and start-up validation.
 
 A typo in a key or a wrong type fails when Hydra composes (the schemas below); values that are
-well-typed but wrong (unknown task, gen_length not a multiple of block_length, mc = 0...) fail in
-``validate`` — before any model is built — with a message naming the key and what is allowed.
+well-typed but wrong (unknown task, gen_length not a multiple of block_length, mc = 0, lr = nan, a
+test file with a bad row...) fail in ``validate_train`` / ``validate_pretrain`` — before any model is
+built — with a :class:`ConfigError` naming the key and what is allowed. The entry points turn it
+into one sentence on stderr and exit code 2 (:func:`cli_errors`), without a traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import os
+import re
+import sys
 import types
 import typing
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -184,6 +192,11 @@ class TrainConfig:
     machine (hydra/launcher=local_parallel): two one-thread jobs beat one two-thread job on 2 cores"""
     logger: LoggerConf = field(default_factory=LoggerConf)
     """trackers (logs in the run folder: tb/, wandb/) and the job log's INFO lines"""
+    validate_only: bool = False
+    """run every start-up check, print "ok" and the run folder, exit without building a model"""
+    retry_failed: bool = False
+    """a run that stopped on a non-finite value (failed.json) is retried from its last good
+    checkpoint only when this is true; otherwise it is reported and skipped"""
 
 
 # SPEC §4: n_t per method (and the task exceptions) in BGPO's comparison; the methods after BGPO
@@ -258,6 +271,75 @@ def register() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+class ConfigError(ValueError):
+    """A bad setting, found before any model is built; the message names the key."""
+
+
+class ConfigWarning(UserWarning):
+    """A legal setting that is very likely a mistake (e.g. greedy rollouts)."""
+
+
+@contextlib.contextmanager
+def as_config_error() -> Iterator[None]:
+    """Inside validation: a ValueError (or an interpolation / instantiation error) is a bad setting."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (ValueError, OmegaConfBaseException) as e:
+        raise ConfigError(" ".join(str(e).split())) from None
+
+
+@contextlib.contextmanager
+def cli_errors(prog: str) -> Iterator[None]:
+    """Entry points (``bgpo.train``, ``bgpo.sweep``, ``bgpo.evaluate``, ``bgpo.pretrain``): a bad
+    setting is ONE sentence on stderr and exit code 2 — no traceback (Hydra only prints one for
+    exceptions; SystemExit passes through it)."""
+    try:
+        yield
+    except ConfigError as e:
+        print(f"[{prog}] bad setting: {' '.join(str(e).split())}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def check_number(key: str, v: Any, *, gt: float | None = None, ge: float | None = None,
+                 lt: float | None = None, le: float | None = None, why: str = "") -> None:
+    """``key``'s value is a finite number within the bounds, else a ValueError naming the key."""
+    bounds = [f"> {gt}" if gt is not None else "", f">= {ge}" if ge is not None else "",
+              f"< {lt}" if lt is not None else "", f"<= {le}" if le is not None else ""]
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (
+        (gt is None or v > gt) and (ge is None or v >= ge)) and (lt is None or v < lt) and (
+        le is None or v <= le)
+    if not ok:
+        cond = " and ".join(b for b in bounds if b)
+        raise ValueError(f"{key}={v!r} must be a finite number{' ' + cond if cond else ''}{why}")
+
+
+def check_int(key: str, v: Any, lo: int, optional: bool = False, why: str = "") -> None:
+    """``key``'s value is an int ``>= lo`` (or None when ``optional``)."""
+    if v is None and optional:
+        return
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise ValueError(f"{key}={v!r} must be an integer >= {lo}{why}")
+    if v < lo:
+        raise ValueError(f"{key}={v!r} must be >= {lo}{why}")
+
+
+def check_device(key: str, name: str) -> None:
+    """``auto`` or a device torch can parse (``cpu``, ``cuda``, ``cuda:1``...); availability is
+    checked where the run executes (a sweep is validated on a login node without GPUs)."""
+    if name == "auto":
+        return
+    import torch
+
+    try:
+        torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{key}={name!r} is not a device: use auto, cpu, cuda or cuda:<index>") from None
+
+
 def check_types(obj: Any, prefix: str) -> None:
     """Check a (nested) dataclass instance's field values against its annotations."""
     hints = typing.get_type_hints(type(obj))
@@ -287,8 +369,11 @@ def _matches(val: Any, tp: Any) -> bool:
 
 
 def validate_task(task: TaskConfig | DictConfig) -> None:
+    """Task keys: name, format, the sampler schedule, sizes, options, and the test file (exists,
+    parses, every row valid; the first bad row named ``file:line``)."""
     from bgpo.sampler import validate_schedule
-    from bgpo.tasks import task_names
+    from bgpo.tasks import check_task_data, get_task, task_names
+    from bgpo.tasks.data import check_test_rows
 
     if task.name not in task_names():
         raise ValueError(f"task.name={task.name!r} is not a registered task; allowed: {task_names()}")
@@ -302,6 +387,32 @@ def validate_task(task: TaskConfig | DictConfig) -> None:
     for name in getattr(task, "eval_tasks", None) or {}:
         if name not in task_names():
             raise ValueError(f"task.eval_tasks.{name} is not a registered task; allowed: {task_names()}")
+    check_int("task.n_test", task.n_test, 1, optional=True)
+    check_int("task.pretrain_steps", task.pretrain_steps, 1)
+    try:  # option names, and the data files exist (never a hub request)
+        check_task_data(task.name, task.test_file, task.options)
+    except FileNotFoundError as e:
+        raise ValueError(str(e)) from None
+    try:  # constructors only store their arguments: cheap, and they reject what they do not take
+        get_task(task.name, **task_args(task))
+    except TypeError as e:
+        m = re.search(r"keyword argument '(\w+)'", str(e))
+        name = m.group(1) if m else "?"
+        key = f"task.{name}" if name in ("test_file", "n_test") else f"task.options.{name}"
+        raise ValueError(f"{key}: task {task.name!r} takes no such setting ({e})") from None
+    try:
+        check_test_rows(task.name, task.test_file, task.n_test, dict(task.options or {}), task.format)
+    except FileNotFoundError as e:
+        raise ValueError(str(e)) from None
+
+
+def task_args(task: TaskConfig | DictConfig) -> dict[str, Any]:
+    """The task constructor's arguments (``test_file`` only when set: not every task reads files)."""
+    return {**({"test_file": task.test_file} if task.test_file else {}), "n_test": task.n_test,
+            **(task.options or {})}
+
+
+_HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+$")  # org/name, as the Hugging Face hub spells models
 
 
 def validate_model(model: ModelConfig | DictConfig) -> None:
@@ -314,13 +425,28 @@ def validate_model(model: ModelConfig | DictConfig) -> None:
     check_precision(getattr(model, "precision", "fp32"), model.dtype)
     if model.kind != "tiny" and not model.path:
         raise ValueError(f"model.path must name a checkpoint for model.kind={model.kind!r}")
+    check_int("model.mask_token_id", model.mask_token_id, 0, optional=True)
+    for key in ("hidden", "layers", "heads", "intermediate"):
+        check_int(f"model.{key}", getattr(model, key), 1)
+    if model.hidden % model.heads:
+        raise ValueError(f"model.heads={model.heads} must divide model.hidden={model.hidden}")
+    if model.lora.enabled:
+        check_int("model.lora.r", model.lora.r, 1)
+        check_number("model.lora.alpha", model.lora.alpha, gt=0)
+        check_number("model.lora.dropout", model.lora.dropout, ge=0, lt=1)
 
 
-def _positive(cfg: Any, keys: tuple[str, ...], allow_zero: tuple[str, ...] = ()) -> None:
-    for k in keys:
-        v = getattr(cfg, k)
-        if v < 0 or (v == 0 and k not in allow_zero):
-            raise ValueError(f"{k}={v} must be {'>= 0' if k in allow_zero else '>= 1'}")
+def check_model_path(model: ModelConfig | DictConfig) -> None:
+    """A local ``model.path`` must be a folder (its weights are hashed into the run key before any
+    model is built: ``bgpo.results.folder_hash``); ``org/name`` not on disk is a hub name. Checked
+    last, so that a run with several bad settings reports the values first."""
+    if not model.path:
+        return
+    if Path(model.path).expanduser().is_dir():
+        return
+    if model.kind == "tiny" or not _HUB_NAME.match(str(model.path)):
+        raise ValueError(f"model.path={model.path}: no such model folder"
+                         + ("" if model.kind == "tiny" else " (nor a hub name org/name)"))
 
 
 def build_method(cfg: DictConfig) -> Any:
@@ -341,14 +467,34 @@ def build_method(cfg: DictConfig) -> Any:
 
 
 def validate_train(cfg: DictConfig) -> None:
-    """Everything that can be checked before a model is built."""
-    _positive(cfg, ("mc", "steps", "prompts_per_step", "group_size", "minibatches", "inner_updates",
-                    "eval_n", "ckpt_every"), allow_zero=("steps",))
-    _positive(cfg, ("eval_every", "warmup_steps"), allow_zero=("eval_every", "warmup_steps"))
-    if cfg.lr <= 0:
-        raise ValueError(f"lr={cfg.lr} must be > 0")
-    if cfg.temperature < 0:
-        raise ValueError(f"temperature={cfg.temperature} must be >= 0")
+    """Everything that can be checked before a model is built (issue 15): the range of every
+    numeric key, the task (and its data files), the model keys, the method config, and how they
+    fit together. Raises :class:`ConfigError` naming the first bad key."""
+    with as_config_error():
+        _validate_train(cfg)
+
+
+def _validate_train(cfg: DictConfig) -> None:
+    for key, lo in (("mc", 1), ("steps", 1), ("prompts_per_step", 1), ("group_size", 1), ("minibatches", 1),
+                    ("inner_updates", 1), ("eval_n", 1), ("ckpt_every", 1), ("eval_every", 0),
+                    ("warmup_steps", 0), ("seed", 0), ("threads", 0)):
+        check_int(key, getattr(cfg, key), lo)
+    check_int("shards", cfg.shards, 1, optional=True)
+    if cfg.shards and cfg.prompts_per_step % cfg.shards:
+        raise ValueError(f"shards={cfg.shards} must divide prompts_per_step={cfg.prompts_per_step}")
+    check_number("lr", cfg.lr, gt=0)
+    check_number("weight_decay", cfg.weight_decay, ge=0)
+    if cfg.lr * cfg.weight_decay >= 1:
+        raise ValueError(f"weight_decay={cfg.weight_decay} with lr={cfg.lr}: lr·weight_decay must be < 1 "
+                         "(AdamW multiplies every weight by 1 − lr·weight_decay each step)")
+    check_number("adam_beta2", cfg.adam_beta2, ge=0, lt=1)
+    check_number("grad_clip", cfg.grad_clip, gt=0,
+                 why=" (the max gradient norm: <= 0 zeroes or reverses every update; use a large value "
+                     "to clip nothing)")
+    check_number("temperature", cfg.temperature, ge=0)
+    if not cfg.results_dir:
+        raise ValueError("results_dir must name a folder")
+    check_device("device", cfg.device)
     validate_task(cfg.task)
     validate_model(cfg.model)
     from bgpo.sampler import validate_mode
@@ -363,6 +509,33 @@ def validate_train(cfg: DictConfig) -> None:
         raise ValueError(f"parallel={cfg.parallel!r} is not one of {list(STRATEGIES)}")
     method = build_method(cfg)
     validate_updates(cfg, method)
+    if cfg.group_size < 2:
+        std = method.keywords["cfg"].std_adv
+        raise ValueError(f"group_size={cfg.group_size} must be >= 2: group advantages r − mean_G r are 0 "
+                         "with one completion per prompt" + (" and the group std is NaN" if std else ""))
+    if cfg.temperature == 0:
+        warnings.warn("temperature=0: greedy rollouts give the G completions of a prompt identical — zero "
+                      "advantages, no learning signal (evaluation is greedy anyway)", ConfigWarning,
+                      stacklevel=3)
+    check_model_path(cfg.model)
+
+
+def validate_pretrain(cfg: PretrainConfig | DictConfig) -> None:
+    """``python -m bgpo.pretrain``'s keys, before a model is built (:class:`ConfigError`)."""
+    with as_config_error():
+        validate_task(cfg.task)
+        validate_model(cfg.model)
+        if cfg.level not in ("time", "count"):
+            raise ValueError(f"level={cfg.level!r} is not one of ['time', 'count']")
+        check_int("steps", cfg.steps, 1, optional=True)
+        for key in ("batch_size", "n_train", "eval_n"):
+            check_int(key, getattr(cfg, key), 1)
+        check_int("seed", cfg.seed, 0)
+        check_number("lr", cfg.lr, gt=0)
+        check_device("device", cfg.device)
+        from bgpo.loggers import validate as validate_logger
+
+        validate_logger(cfg.logger)
 
 
 def validate_updates(cfg: DictConfig, method: Any) -> None:

@@ -35,7 +35,17 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from bgpo.config import ModelConfig, TaskConfig, validate_model, validate_task
+from bgpo.config import (
+    ModelConfig,
+    TaskConfig,
+    as_config_error,
+    check_device,
+    check_int,
+    check_number,
+    cli_errors,
+    validate_model,
+    validate_task,
+)
 
 log = logging.getLogger("bgpo.evaluate")  # not __name__, which is "__main__" under python -m
 
@@ -140,23 +150,46 @@ def load_adapter(folder: Path, m: DictConfig, device: str) -> Any:
     return apply_precision(model, m.precision)
 
 
+def validate_evaluate(cfg: DictConfig) -> None:
+    """Every key before a model is loaded (a :class:`bgpo.config.ConfigError` names it)."""
+    from bgpo.lm_eval_tasks import SOURCES, lm_task_name
+    from bgpo.sampler import validate_schedule
+
+    with as_config_error():
+        validate_task(cfg.task)
+        validate_model(cfg.model)
+        if cfg.data not in SOURCES:
+            raise ValueError(f"data={cfg.data!r} is not one of {list(SOURCES)}")
+        if cfg.data == "d1" and cfg.task.test_file:
+            raise ValueError("data=d1 and task.test_file are exclusive: d1 means d1's own test file")
+        check_int("n", cfg.n, 1, optional=True)
+        check_int("batch_size", cfg.batch_size, 1)
+        check_int("steps", cfg.steps, 1, optional=True)
+        if cfg.steps is not None:
+            try:
+                validate_schedule(cfg.task.gen_length, cfg.task.block_length, cfg.steps)
+            except ValueError as e:
+                raise ValueError(str(e).replace("sampler.", "task.").replace("task.steps", "steps")) from None
+        check_number("temperature", cfg.temperature, ge=0)
+        check_device("device", cfg.device)
+        lm_task_name(cfg.task.name, cfg.data)  # fails for tasks without a suite YAML
+        path = Path(cfg.checkpoint).expanduser()
+        if not path.is_dir() and not (path.is_file() and path.suffix == ".pt"):
+            raise ValueError(f"checkpoint={cfg.checkpoint}: neither a model folder nor a trainer .pt file")
+        if cfg.base and not Path(cfg.base).expanduser().is_dir():
+            raise ValueError(f"base={cfg.base}: no such model folder")
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate, merge the result into ``<out>/eval.json``, log and return it."""
     import lm_eval
 
     from bgpo.lm_eval_model import evaluate_suite_task
-    from bgpo.lm_eval_tasks import SOURCES, lm_task_name
+    from bgpo.lm_eval_tasks import lm_task_name
     from bgpo.results import atomic_write_json, provenance
 
-    validate_task(cfg.task)
-    validate_model(cfg.model)
-    if cfg.data not in SOURCES:
-        raise ValueError(f"data={cfg.data!r} is not one of {list(SOURCES)}")
-    if cfg.data == "d1" and cfg.task.test_file:
-        raise ValueError("data=d1 and task.test_file are exclusive: d1 means d1's own test file")
-    if cfg.n is not None and cfg.n < 1:
-        raise ValueError(f"n={cfg.n} must be >= 1")
-    name = lm_task_name(cfg.task.name, cfg.data)  # fails for tasks without a suite YAML
+    validate_evaluate(cfg)
+    name = lm_task_name(cfg.task.name, cfg.data)
     device = _device(cfg.device)
     model, default_out = load_model(cfg, device)
     t0 = time.time()
@@ -186,6 +219,8 @@ register()
 
 @hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    with cli_errors("bgpo.evaluate"):
+        validate_evaluate(cfg)
     run(cfg)
 
 

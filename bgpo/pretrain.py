@@ -9,13 +9,23 @@ mastery (``steps``) so that RL has headroom; the end-of-run greedy evaluation is
 ``pretrain.json`` beside the model. With ``logger.backends=[tensorboard,wandb]`` the loss (mean
 over each ``logger.log_every`` steps) and that evaluation (``val/*``) also go to
 ``<model folder>/tb/``, ``wandb/`` (``bgpo.loggers``).
+
+Building a base model holds an exclusive lock (``fcntl``, ``<cache>/.tiny-<task>.lock``) shared by
+every process and job on the machine or shared file system: a second process that needs the same
+model waits, then uses the one the first built (issue 16.6). The model is written into a
+temporary folder unique to the process and renamed into place whole.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import fcntl
 import logging
 import shutil
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import hydra
@@ -24,10 +34,9 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from bgpo import elbo
-from bgpo.config import ModelConfig, PretrainConfig, TaskConfig, register, validate_task
+from bgpo.config import ModelConfig, PretrainConfig, TaskConfig, cli_errors, register, validate_pretrain
 from bgpo.elbo import Batch, ELBOConfig
 from bgpo.loggers import Tracker
-from bgpo.loggers import validate as validate_logger
 from bgpo.model import build_tiny, cache_dir
 from bgpo.results import atomic_write_json, provenance
 from bgpo.rollout import evaluate
@@ -46,19 +55,34 @@ def pick_device(name: str) -> str:
     return name
 
 
+@contextlib.contextmanager
+def build_lock(out: Path) -> Iterator[None]:
+    """Exclusive lock on building the model folder ``out`` (a lock file beside it); waits."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info(f"[pretrain] another process is building {out}: waiting for it")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
 def pretrain(cfg: PretrainConfig | DictConfig) -> dict:
     """Train, save (model + tokenizer + pretrain.json) and return the evaluation."""
-    validate_task(cfg.task)
-    validate_logger(cfg.logger)
-    sft_elbo = ELBOConfig(mode="elbo", level=cfg.level, window="full")  # validates pretrain.level
-    steps = cfg.steps if cfg.steps is not None else cfg.task.pretrain_steps
-    if steps < 1 or cfg.batch_size < 1:
-        raise ValueError(f"steps={steps} and batch_size={cfg.batch_size} must be >= 1")
-    device = pick_device(cfg.device)
+    validate_pretrain(cfg)
     out = Path(cfg.out) if cfg.out else default_path(cfg.task.name)
-    tmp = out.with_name(out.name + ".tmp")  # the model folder appears whole or not at all
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    with build_lock(out):
+        return _build(cfg, out)
+
+
+def _build(cfg: PretrainConfig | DictConfig, out: Path) -> dict:
+    """Pretrain and save to ``out`` (the caller holds ``build_lock(out)``)."""
+    sft_elbo = ELBOConfig(mode="elbo", level=cfg.level, window="full")
+    steps = cfg.steps if cfg.steps is not None else cfg.task.pretrain_steps
+    device = pick_device(cfg.device)
+    # the model folder appears whole or not at all; the temporary one is unique to the process
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     config = OmegaConf.to_container(OmegaConf.structured(cfg) if not isinstance(cfg, DictConfig) else cfg,
                                      resolve=True)
     # trackers write into the model folder (tb/, wandb/); pretraining never resumes
@@ -114,15 +138,25 @@ def pretrain(cfg: PretrainConfig | DictConfig) -> dict:
     return summary
 
 
-def ensure_base_model(task: TaskConfig, model: ModelConfig) -> Path:
-    """The tiny base model of ``task``: the configured path, or the cached one (built if missing)."""
+def ensure_base_model(task: TaskConfig | DictConfig, model: ModelConfig | DictConfig) -> Path:
+    """The tiny base model of ``task``: the configured path, or the cached one, built if missing
+    (with the configured tiny architecture) by exactly one process: the others wait on the lock
+    and then use it."""
     if model.path:
         return Path(model.path)
     path = default_path(task.name)
-    if not (path / "pretrain.json").exists():
-        log.info(f"[pretrain] no base model at {path}: pretraining it now (once)")
-        pretrain(PretrainConfig(task=TaskConfig(**OmegaConf.to_container(task))  # type: ignore[arg-type]
-                                if isinstance(task, DictConfig) else task))
+    if (path / "pretrain.json").exists():
+        return path
+    plain = lambda c: OmegaConf.to_container(c) if isinstance(c, DictConfig) else dataclasses.asdict(c)  # noqa: E731
+    cfg = PretrainConfig(task=TaskConfig(**plain(task)), model=ModelConfig(**{  # type: ignore[arg-type]
+        k: v for k, v in plain(model).items() if k in ("kind", "hidden", "layers", "heads", "intermediate")}))
+    validate_pretrain(cfg)
+    with build_lock(path):
+        if (path / "pretrain.json").exists():
+            log.info(f"[pretrain] {path} was built by another process meanwhile: using it")
+        else:
+            log.info(f"[pretrain] no base model at {path}: pretraining it now (once)")
+            _build(cfg, path)
     return path
 
 
@@ -131,6 +165,8 @@ register()
 
 @hydra.main(config_path="conf", config_name="pretrain", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    with cli_errors("bgpo.pretrain"):
+        validate_pretrain(cfg)
     pretrain(cfg)
 
 

@@ -1,8 +1,22 @@
-"""The results store: run folders keyed by config, atomic writes, provenance (no timestamps).
+"""The results store: run folders keyed by config and start point, atomic writes, provenance.
 
-``results_dir/<method>-<task>-mc<mc>-s<seed>-<hash>/`` holds ``config.yaml`` (resolved),
-``metrics.jsonl`` (one JSON object per RL step / evaluation), ``checkpoints/`` (git-ignored) and
-``summary.json``, written atomically (temp file + rename) only when the run completes.
+``results_dir/<method>-<task>-mc<mc>-s<seed>-<hash>/`` holds ``config.yaml`` (resolved, with the
+base model's identity), ``metrics.jsonl`` (one JSON object per RL step / evaluation),
+``checkpoints/`` (``last.pt`` and the one before it, ``prev.pt``; git-ignored) and either
+``summary.json``, written atomically only when the run completes, or ``failed.json`` when it
+stopped on a non-finite value. No timestamps: the folder is the run.
+
+The run key (this module is the only place that builds it): the hash covers the resolved config
+minus ``NON_IDENTITY_KEYS`` PLUS the identity of the base model the run starts from
+(:func:`base_model_identity`: a sha256 over its weights and ``config.json``, or a hub name), so a
+rebuilt or retrained base model never resumes or skips the runs of another one.
+
+Nothing found on disk is trusted (issue 15): a run folder whose ``config.yaml`` differs from the
+run's config fails naming the keys; a ``summary.json`` counts as complete only with every field
+of ``COMPLETE_FIELDS``; a corrupt summary, metrics row or checkpoint is reported naming the file,
+set aside (``*.corrupt``) and the run resumed from the last good checkpoint or restarted; the
+summary is written only over a metrics file with a valid row for every step. Atomic writes are
+fsynced, file and folder.
 """
 
 from __future__ import annotations
@@ -11,6 +25,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -23,10 +38,44 @@ from typing import Any
 # keys that say WHERE or HOW a run executes, not WHAT it computes: excluded from the run key
 # (``parallel``: ddp is bit-exact to one process; fsdp changes only the order of float sums;
 # ``logger``: trackers observe a run, they do not change it)
-NON_IDENTITY_KEYS = ("results_dir", "run_dir", "device", "progress", "hydra", "parallel", "threads", "logger")
+NON_IDENTITY_KEYS = ("results_dir", "run_dir", "device", "progress", "hydra", "parallel", "threads",
+                     "logger", "validate_only", "retry_failed")
+# the part of ``base_model`` that identifies the weights (its ``path`` is where they were found)
+BASE_IDENTITY_FIELDS = ("sha256", "hub")
+# a summary.json counts as complete only with these fields, and a test result of the final policy
+# on at least one test set (``final``: {source: {"accuracy", ...}}): ONE place
+COMPLETE_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "run": str, "method": str, "task": str, "mc": int, "seed": int, "steps": int, "final": dict,
+    "commit": str, "resumed_at": list}
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+log = logging.getLogger("bgpo.results")
+
+
+class RunFailed(RuntimeError):
+    """The run stopped on a non-finite value (``failed.json``), now or in an earlier session."""
+
+
+class StoreError(RuntimeError):
+    """The run folder cannot be finalised as it is (e.g. metrics rows are missing)."""
+
+
+def warn(msg: str) -> None:
+    """A problem found in the store: a WARNING in the job log and on the console."""
+    log.warning(f"[bgpo] {msg}")
+
+
+# ---- atomic files ---------------------------------------------------------------------------
+def fsync_dir(path: str | Path) -> None:
+    """Make a rename inside ``path`` durable (a crash right after it keeps the new name)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
+    """Temp file in the same folder, fsync, rename, fsync the folder: the file is old or new."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -36,16 +85,37 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         os.fsync(f.fileno())
     os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; results are for everyone to read
     os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def config_hash(cfg: dict[str, Any]) -> str:
-    """A stable hash of a resolved config, minus paths and launcher settings."""
+def set_aside(path: Path, why: str) -> Path:
+    """Rename a corrupt file to ``<name>.corrupt`` (``.corrupt-2``...: never overwrite evidence)."""
+    aside, n = path.with_name(path.name + ".corrupt"), 1
+    while aside.exists():
+        n += 1
+        aside = path.with_name(f"{path.name}.corrupt-{n}")
+    os.replace(path, aside)
+    warn(f"{path}: {why}; kept as {aside.name}")
+    return aside
+
+
+# ---- run keys -------------------------------------------------------------------------------
+def identity(cfg: dict[str, Any]) -> dict[str, Any]:
+    """What a run computes: the config minus paths and launcher settings; of ``base_model`` only
+    the fields that identify the weights."""
     ident = {k: v for k, v in cfg.items() if k not in NON_IDENTITY_KEYS}
-    blob = json.dumps(ident, sort_keys=True, separators=(",", ":"), default=str)
+    if isinstance(ident.get("base_model"), dict):
+        ident["base_model"] = {k: v for k, v in ident["base_model"].items() if k in BASE_IDENTITY_FIELDS}
+    return ident
+
+
+def config_hash(cfg: dict[str, Any]) -> str:
+    """A stable hash of a resolved config's identity (with ``base_model`` when it has one)."""
+    blob = json.dumps(identity(cfg), sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
@@ -54,6 +124,86 @@ def run_name(cfg: dict[str, Any]) -> str:
     return f"{method}-{cfg['task']['name']}-mc{cfg['mc']}-s{cfg['seed']}-{config_hash(cfg)}"
 
 
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 23):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def folder_hash(folder: Path) -> str:
+    """sha256 over a model folder's weights (``*.safetensors``, ``*.bin``) and ``config.json``.
+    Each file's hash is cached in ``$BGPO_CACHE/hashes/`` keyed by the folder, and reused while
+    the file's size and mtime are unchanged (an 8B model is not re-read every run; model folders
+    may be read-only, so the cache is not written beside them)."""
+    from bgpo.model import cache_dir
+
+    folder = folder.expanduser().resolve()
+    files = sorted(p for p in folder.iterdir() if p.is_file() and (
+        p.name == "config.json" or p.name.endswith(WEIGHT_SUFFIXES)))
+    if not any(p.name.endswith(WEIGHT_SUFFIXES) for p in files):
+        from bgpo.config import ConfigError
+
+        raise ConfigError(f"model.path={folder}: no weights (*.safetensors, *.bin) in the folder")
+    cache_file = cache_dir() / "hashes" / f"{hashlib.sha256(str(folder).encode()).hexdigest()[:16]}.json"
+    try:
+        cached = json.loads(cache_file.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        cached = {}
+    entries, total = {}, hashlib.sha256()
+    for p in files:
+        st = p.stat()
+        hit = cached.get(p.name)
+        if isinstance(hit, dict) and hit.get("size") == st.st_size and hit.get("mtime_ns") == st.st_mtime_ns:
+            digest = hit["sha256"]
+        else:
+            digest = _file_sha256(p)
+        entries[p.name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+        total.update(f"{p.name}\0{digest}\n".encode())
+    if entries != cached:
+        with contextlib.suppress(OSError):  # a read-only cache only costs the re-hash
+            atomic_write_json(cache_file, {"folder": str(folder), "files": entries})
+    return total.hexdigest()
+
+
+class BaseModelMissing(FileNotFoundError):
+    """The tiny base model of the task is not built yet (its hash cannot be part of the key)."""
+
+
+def base_model_identity(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The start point of a run (issue 16.4): ``{"sha256", "path"}`` of a model folder on disk
+    (the task's cached tiny base model when ``model.path`` is unset), ``{"hub": name}`` for a hub
+    name that is not a folder here (no revision key exists: pin one by downloading the model and
+    passing the folder). Raises :class:`BaseModelMissing` when the tiny base is not built yet."""
+    m = cfg["model"]
+    if m["kind"] == "tiny" and not m.get("path"):
+        from bgpo.pretrain import default_path
+
+        folder = default_path(cfg["task"]["name"])
+        if not (folder / "pretrain.json").is_file():
+            raise BaseModelMissing(f"the base model {folder} is not built yet")
+    else:
+        folder = Path(str(m["path"])).expanduser()
+        if not folder.is_dir():
+            return {"hub": str(m["path"])}
+    return {"sha256": folder_hash(folder), "path": str(folder.resolve())}
+
+
+def with_base_model(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``cfg`` plus its ``base_model`` identity (computed once; kept when already there)."""
+    return cfg if "base_model" in cfg else {**cfg, "base_model": base_model_identity(cfg)}
+
+
+def run_dir_of(cfg: dict[str, Any]) -> Path:
+    """The run's folder: ``run_dir`` when given, else ``results_dir/<run_name>`` (the key includes
+    the base model's identity, computed here when ``cfg`` does not carry it yet)."""
+    if cfg.get("run_dir"):
+        return Path(cfg["run_dir"])
+    return Path(cfg["results_dir"]) / run_name(with_base_model(cfg))
+
+
+# ---- provenance -----------------------------------------------------------------------------
 def git_commit() -> str:
     root = Path(__file__).resolve().parents[1]
     try:
@@ -76,31 +226,199 @@ def provenance(device: str) -> dict[str, Any]:
             "device": device}
 
 
-def run_dir_of(cfg: dict[str, Any]) -> Path:
-    """The run's folder: ``run_dir`` when given, else ``results_dir/<run_name>``."""
-    return Path(cfg["run_dir"]) if cfg.get("run_dir") else Path(cfg["results_dir"]) / run_name(cfg)
+# ---- what a run folder holds ----------------------------------------------------------------
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
 
 
-def open_run(cfg: dict[str, Any], write: bool = True) -> tuple[Path, dict[str, Any] | None]:
-    """Create the run folder with its resolved config; return the summary if the run is complete."""
+def config_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``key: stored -> current`` for every identity key whose value differs (or is absent)."""
+    a, b = _flat(identity(stored)), _flat(identity(current))
+    return [f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}"
+            for k in sorted(a.keys() | b.keys()) if a.get(k, "(absent)") != b.get(k, "(absent)")]
+
+
+def check_stored_config(path: Path, cfg: dict[str, Any]) -> None:
+    """A run folder that already holds a ``config.yaml`` must hold THIS run (e.g. an explicit
+    ``run_dir`` reused with another method fails here, before anything is read or written)."""
     import yaml
 
-    path = run_dir_of(cfg)
-    summary = path / "summary.json"
-    if summary.exists():
-        return path, json.loads(summary.read_text())
+    from bgpo.config import ConfigError
+
+    file = path / "config.yaml"
+    if not file.exists():
+        return
+    try:
+        stored = yaml.safe_load(file.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{file} is unreadable ({type(e).__name__}): cannot check that the run folder "
+                          "holds this config; move it away or choose another run_dir") from None
+    if not isinstance(stored, dict):
+        raise ConfigError(f"{file} is not a config mapping: move it away or choose another run_dir")
+    diff = config_differences(stored, cfg)
+    if diff:
+        more = f" (and {len(diff) - 6} more)" if len(diff) > 6 else ""
+        raise ConfigError(f"run folder {path} holds a run of another config — {'; '.join(diff[:6])}{more}: "
+                          "choose another run_dir (or results_dir)")
+
+
+def summary_problem(s: Any, cfg: dict[str, Any] | None = None) -> str | None:
+    """Why ``s`` is not the summary of a complete run of ``cfg`` (None: it is). Its test results
+    (``final``: {test set: {"accuracy", ...}}) may be empty only when the config turned the test
+    sets off (``eval_test=false``)."""
+    if not isinstance(s, dict):
+        return "not a JSON object"
+    missing = [k for k in COMPLETE_FIELDS if k not in s]
+    if missing:
+        return f"fields missing: {', '.join(missing)}"
+    wrong = [k for k, t in COMPLETE_FIELDS.items() if not isinstance(s[k], t) or isinstance(s[k], bool)]
+    if wrong:
+        return f"fields of the wrong type: {', '.join(wrong)}"
+    cfg = cfg or {}
+    if "steps" in cfg and s["steps"] != cfg["steps"]:
+        return f"steps={s['steps']}, the config says {cfg['steps']}"
+    if not all(isinstance(r, dict) and "accuracy" in r for r in s["final"].values()):
+        return "a test result of the final policy ('final') has no accuracy"
+    if not s["final"] and cfg.get("eval_test", True) and cfg:
+        return "no test result of the final policy ('final')"
+    return None
+
+
+def read_summary(path: Path, cfg: dict[str, Any] | None = None, write: bool = True) -> dict[str, Any] | None:
+    """The run's summary if it is complete (for ``cfg`` when given); a corrupt or incomplete one is
+    reported naming the file and set aside (``write``), and the run is then NOT complete (it
+    resumes)."""
+    file = path / "summary.json"
+    if not file.exists():
+        return None
+    try:
+        s = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        problem: str | None = f"unreadable ({type(e).__name__}: {e})"
+    else:
+        problem = summary_problem(s, cfg)
+    if problem is None:
+        return s
     if write:
+        set_aside(file, f"not the summary of a complete run ({problem}); the run resumes")
+    return None
+
+
+def read_failure(path: Path) -> dict[str, Any] | None:
+    file = path / "failed.json"
+    if not file.exists():
+        return None
+    try:
+        info = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        return {"reason": f"{file} is unreadable ({type(e).__name__})"}
+    return info if isinstance(info, dict) else {"reason": f"{file} is not a JSON object"}
+
+
+def failure_message(path: Path, info: dict[str, Any]) -> str:
+    return (f"{path} failed at step {info.get('step', '?')}: {info.get('reason', '?')} (see failed.json); "
+            f"not retried: retry_failed=true resumes it from its last good checkpoint "
+            f"(step {info.get('checkpoint_step', '?')})")
+
+
+def record_failure(path: Path, info: dict[str, Any]) -> None:
+    """``failed.json`` (atomic): the run is not complete and is not retried unless asked."""
+    atomic_write_json(path / "failed.json", {"run": path.name, **info})
+
+
+def open_run(cfg: dict[str, Any], write: bool = True,
+             retry_failed: bool = False) -> tuple[Path, dict[str, Any] | None]:
+    """The run folder (created, with ``config.yaml``, when ``write``) and the summary if the run is
+    complete. Raises ConfigError when the folder holds another config, RunFailed when the run
+    failed before and ``retry_failed`` is false."""
+    import yaml
+
+    cfg = with_base_model(cfg)
+    path = run_dir_of(cfg)
+    check_stored_config(path, cfg)
+    summary = read_summary(path, cfg, write)
+    if summary is not None:
+        return path, summary
+    failure = read_failure(path)
+    if failure is not None and not retry_failed:
+        raise RunFailed(failure_message(path, failure))
+    if write and not (path / "config.yaml").exists():
         path.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path / "config.yaml", yaml.safe_dump(cfg, sort_keys=True))
     return path, None
 
 
+# ---- metrics.jsonl --------------------------------------------------------------------------
+def read_metrics(file: Path) -> tuple[dict[int, dict[str, Any]], list[str]]:
+    """Valid rows by step, and one problem per bad line (``file:line: why``): a corrupt row, a
+    duplicate step. Valid rows AFTER a bad one are kept. An unfinished last line (no newline: the
+    row a kill interrupted, of a step past the last checkpoint) is dropped without a problem."""
+    rows: dict[int, dict[str, Any]] = {}
+    problems: list[str] = []
+    if not file.exists():
+        return rows, problems
+    text = file.read_text(errors="replace")
+    lines = text.splitlines()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            if n < len(lines) or text.endswith("\n"):
+                problems.append(f"{file}:{n}: not a JSON row (corrupt)")
+            continue
+        step = row.get("step") if isinstance(row, dict) else None
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            problems.append(f"{file}:{n}: no valid 'step'")
+        elif step in rows:
+            problems.append(f"{file}:{n}: a second row for step {step} (the first is kept)")
+        else:
+            rows[step] = row
+    return rows, problems
+
+
+def missing_step(rows: dict[int, Any], upto: int) -> int | None:
+    """The first step in 0..upto without a valid row (None: all there)."""
+    return next((s for s in range(upto + 1) if s not in rows), None)
+
+
+def keep_metrics(file: Path, rows: dict[int, dict[str, Any]], upto: int, problems: list[str]) -> None:
+    """Rewrite ``metrics.jsonl`` with the valid rows of steps ≤ ``upto`` (the resume point: later
+    steps are recomputed exactly on resume); a file with bad lines is first kept as
+    ``metrics.jsonl.corrupt``. ``upto`` < 0: start without a file."""
+    if problems and file.exists():
+        kept = f"its valid rows up to step {upto} are kept" if upto >= 0 else "the run restarts"
+        set_aside(file, f"{len(problems)} bad line(s), first {problems[0]}; {kept}, later steps are "
+                        "recomputed")
+    keep = [rows[s] for s in sorted(rows) if s <= upto]
+    if keep:
+        atomic_write_text(file, "".join(json.dumps(r) + "\n" for r in keep))
+    else:
+        file.unlink(missing_ok=True)
+
+
 def finish_run(path: Path, cfg: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
-    """Write ``summary.json`` atomically: the run counts as complete only once it exists."""
-    rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+    """Write ``summary.json`` atomically: the run counts as complete only once it exists, and it is
+    written only over metrics with a valid row for every step 0..steps and a complete summary."""
+    file = path / "metrics.jsonl"
+    rows, problems = read_metrics(file)
+    gap = missing_step(rows, cfg["steps"])
+    if problems or gap is not None:
+        why = problems[0] if problems else f"no row for step {gap}"
+        raise StoreError(f"{file}: {why}; the run is not finalised (re-run it to resume)")
     summary = {"run": path.name, "method": cfg["method"]["_target_"].rsplit(".", 1)[-1].lower(),
                "task": cfg["task"]["name"], "mc": cfg["mc"], "seed": cfg["seed"],
-               "wall_s": round(sum(r["time/step_s"] for r in rows), 1), **result}
+               "base_model": cfg.get("base_model"),
+               "wall_s": round(sum(r.get("time/step_s", 0.0) for r in rows.values()), 1), **result}
+    problem = summary_problem(summary, cfg)
+    if problem:
+        raise StoreError(f"{path}: the summary would not be complete ({problem}); not written")
     atomic_write_json(path / "summary.json", summary)
     return summary
 

@@ -4,13 +4,16 @@
     python -m bgpo.sweep -m +sweeps=tiny_repro                # a preset from sweeps/
     python -m bgpo.sweep -m hydra/launcher=slurm ...          # Slurm through submitit
 
-Re-running a sweep skips runs whose summary exists and resumes runs that have a checkpoint.
+Re-running a sweep skips runs whose summary exists and resumes runs that have a checkpoint. A
+bad setting in any job stops the sweep before it launches anything (exit code 2, one sentence); a
+run that fails (non-finite values: ``failed.json``) does not stop the others, is listed at the end,
+makes the sweep exit with code 1 and is retried only with ``retry_failed=true``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +21,8 @@ import hydra
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from bgpo.config import register
+from bgpo.config import ConfigError, cli_errors, register
+from bgpo.results import RunFailed, read_failure, read_summary
 from bgpo.train import run, test_line
 
 log = logging.getLogger("bgpo.sweep")  # not __name__, which is "__main__" under python -m
@@ -55,21 +59,29 @@ class Validate(Callback):
         for overrides in sweep_jobs(config):
             try:
                 validate_train(compose(config_name="sweep", overrides=overrides))
-            except ValueError as e:  # SystemExit: Hydra turns a callback's exceptions into warnings
+            except ConfigError as e:  # SystemExit: Hydra turns a callback's exceptions into warnings
                 job = " ".join(overrides)
-                raise SystemExit(f"[bgpo.sweep] nothing launched; bad job {job}: {e}") from None
+                print(f"[bgpo.sweep] nothing launched; bad job {job}: {e}", file=sys.stderr)
+                raise SystemExit(2) from None
 
 
 class Report(Callback):
-    """After a multirun: where the results are, and which runs trained now vs were complete."""
+    """After a multirun: where the results are, which runs are complete and which failed (then the
+    sweep exits with code 1)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         root = Path(config.results_dir)
-        done = sorted(p.parent.name for p in root.glob("*/summary.json"))
+        runs = sorted(p for p in root.glob("*") if p.is_dir() and not p.name.startswith("."))
+        done = {p.name: s for p in runs if (s := read_summary(p, write=False)) is not None}
+        failed = {p.name: f for p in runs if p.name not in done and (f := read_failure(p)) is not None}
         log.info(f"[bgpo.sweep] results in {root.resolve()}: {len(done)} complete runs")
-        for name in done:
-            s = json.loads((root / name / "summary.json").read_text())
+        for name, s in done.items():
             log.info(f"  {name}: test accuracy {test_line(s)}")
+        if failed:
+            log.error(f"[bgpo.sweep] {len(failed)} failed runs (not retried without retry_failed=true):")
+            for name, f in failed.items():
+                log.error(f"  {name}: step {f.get('step')}: {f.get('reason')}")
+            raise SystemExit(1)
 
 
 register()
@@ -77,7 +89,12 @@ register()
 
 @hydra.main(config_path="conf", config_name="sweep", version_base="1.3")
 def main(cfg: DictConfig) -> dict:
-    return run(cfg)
+    with cli_errors("bgpo.sweep"):
+        try:
+            return run(cfg)
+        except RunFailed as e:  # the other jobs go on; Report lists it and the sweep exits 1
+            log.error(f"[bgpo.sweep] {e}")
+            return {"failed": str(e)}
 
 
 if __name__ == "__main__":

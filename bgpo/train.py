@@ -1,21 +1,37 @@
 """Entry point of one RL run (parse and wire only):
 
     python -m bgpo.train method=bgpo task=countdown mc=16 steps=200
+    python -m bgpo.train validate_only=true ...     # every check, "ok" and the run folder; no model
 
 The run lives in the results store (``results_dir/<method>-<task>-mc<mc>-s<seed>-<hash>``); a
-completed run is not repeated, an interrupted one resumes from its last checkpoint.
+completed run is not repeated, an interrupted one resumes from its last good checkpoint, a failed
+one (non-finite values: ``failed.json``) is reported and retried only with ``retry_failed=true``.
+A bad setting exits with code 2 and one sentence on stderr; a failed run exits with code 1.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
+from typing import Any
 
 import hydra
 from omegaconf import DictConfig
 
-from bgpo.config import register, to_container, validate_train
-from bgpo.results import finish_run, open_run, run_lock
+from bgpo.config import cli_errors, register, to_container, validate_train
+from bgpo.results import (
+    BaseModelMissing,
+    RunFailed,
+    finish_run,
+    git_commit,
+    open_run,
+    read_failure,
+    record_failure,
+    run_dir_of,
+    run_lock,
+    with_base_model,
+)
 
 log = logging.getLogger("bgpo.train")  # not __name__, which is "__main__" under python -m
 
@@ -23,29 +39,50 @@ log = logging.getLogger("bgpo.train")  # not __name__, which is "__main__" under
 def run(cfg: DictConfig) -> dict:
     """Validate, then train in the results store (skip when complete). Used by train and sweep."""
     validate_train(cfg)  # before any model is built
+    resolved = to_container(cfg)
+    if cfg.validate_only:
+        return validated(resolved)
     if cfg.threads:
         import torch
 
         torch.set_num_threads(cfg.threads)
     from bgpo.parallel import export_launcher_env
-    from bgpo.trainer import train
+    from bgpo.pretrain import ensure_base_model
+    from bgpo.trainer import NonFinite, train
 
     export_launcher_env()  # the tasks of one Slurm job form one process group
-
-    resolved = to_container(cfg)
+    if cfg.model.kind == "tiny" and not cfg.model.path:
+        ensure_base_model(cfg.task, cfg.model)  # built once (locked): its hash is part of the key
+    resolved = with_base_model(resolved)
     rank = int(os.environ.get("RANK", "0"))  # torchrun / accelerate: only rank 0 writes
-    path, done = open_run(resolved, write=rank == 0)
+    path, done = open_run(resolved, write=rank == 0, retry_failed=cfg.retry_failed)
     if done is not None:
         log.info(f"[bgpo] {path} is complete (summary.json exists): nothing to train")
         return done
     if rank != 0:
-        return train(cfg, path)
+        try:
+            return train(cfg, path)
+        except NonFinite as e:
+            raise RunFailed(f"{path} failed: {e}") from None
     with run_lock(path) as mine:
         if not mine:
             log.info(f"[bgpo] {path} is being trained by another process: skipped here")
             return {"run": path.name, "skipped": "locked"}
         log.info(f"[bgpo] training {path}")
-        summary = finish_run(path, resolved, train(cfg, path))
+        failure = read_failure(path)
+        if failure is not None:  # retry_failed=true (open_run raised otherwise)
+            os.replace(path / "failed.json", path / "failed.json.retried")
+            log.info(f"[bgpo] {path}: retrying after a failure at step {failure.get('step')} "
+                     f"({failure.get('reason')}) from its last good checkpoint")
+        try:
+            result = train(cfg, path)
+        except NonFinite as e:
+            record_failure(path, {"reason": str(e), "step": e.step, "quantity": e.quantity,
+                                  "value": str(e.value), "checkpoint_step": e.checkpoint_step,
+                                  "commit": git_commit()})
+            raise RunFailed(f"{path} failed: {e}; failed.json written, no summary; the last good checkpoint "
+                            f"is step {e.checkpoint_step} (retry_failed=true resumes from it)") from None
+        summary = finish_run(path, resolved, result)
     log.info(f"[bgpo] {path}: test accuracy {test_line(summary)}")
     return summary
 
@@ -61,12 +98,41 @@ def test_line(summary: dict) -> str:
     return line
 
 
+def validated(resolved: dict[str, Any]) -> dict[str, Any]:
+    """``validate_only=true``: print "ok", the run folder the run would use and its state; nothing
+    is built. When the tiny base model is not built yet the folder is provisional: its hash
+    completes the run key, and validation never pretrains."""
+    from bgpo.results import check_stored_config, read_summary, run_name
+
+    try:
+        resolved, note = with_base_model(resolved), ""
+    except BaseModelMissing as e:
+        note = f" (provisional: {e}; the first run pretrains it and its hash completes the run key)"
+        if not resolved.get("run_dir"):
+            name = run_name({**resolved, "base_model": {}}).rsplit("-", 1)[0] + "-<hash>"
+            log.info(f"ok: run folder {resolved['results_dir']}/{name} (new){note}")
+            return {"ok": True, "run_dir": None, "state": "new"}
+    path = run_dir_of(resolved)
+    if "base_model" in resolved:
+        check_stored_config(path, resolved)
+    state = ("complete" if read_summary(path, resolved, write=False) is not None
+             else "failed" if read_failure(path) is not None
+             else "resumes" if (path / "checkpoints").exists() else "new")
+    log.info(f"ok: run folder {path} ({state}){note}")
+    return {"ok": True, "run_dir": str(path), "state": state}
+
+
 register()
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    with cli_errors("bgpo.train"):
+        try:
+            run(cfg)
+        except RunFailed as e:
+            print(f"[bgpo.train] {e}", file=sys.stderr)
+            raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

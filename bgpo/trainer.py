@@ -8,6 +8,12 @@ processes (each taking shards round-robin) computes what one process computes, a
 repeats the steps it lost bit for bit. How gradients cross processes (``parallel=ddp``: one
 all-reduce per optimizer step, bit-exact; ``parallel=fsdp``: sharded parameters) is
 ``bgpo.parallel``'s business; this loop is the same for both.
+
+Nothing non-finite is stored (issue 15): the run stops at the first non-finite loss, gradient norm
+(before the optimizer step) or parameter (after it) with :class:`NonFinite` naming the step and
+the quantity; that step is neither logged nor checkpointed, so the last checkpoint is a good one.
+Resume trusts nothing: ``last.pt``, then ``prev.pt``, is used only if it loads, has the
+checkpoint's fields and every step up to it has a valid metrics row; otherwise the run restarts.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 import resource
 import signal
@@ -25,7 +32,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from bgpo.config import build_method, to_container
+from bgpo.config import build_method, task_args, to_container
 from bgpo.evaluation import SELECTION, best_row, better, evaluate_on, has_validation, test_sources
 from bgpo.loggers import Tracker, nested
 from bgpo.method import backward as method_backward
@@ -33,7 +40,16 @@ from bgpo.method import minibatch
 from bgpo.model import DLLM, apply_lora, apply_precision, enable_activation_checkpointing, load_dllm
 from bgpo.parallel import Dist
 from bgpo.pretrain import ensure_base_model, pick_device
-from bgpo.results import atomic_write_json, provenance
+from bgpo.results import (
+    atomic_write_json,
+    fsync_dir,
+    keep_metrics,
+    missing_step,
+    provenance,
+    read_metrics,
+    set_aside,
+    warn,
+)
 from bgpo.rollout import rollout
 from bgpo.tasks import get_task
 
@@ -68,6 +84,15 @@ class Preempted(Exception):
     """Raised after a checkpoint when SIGUSR2/SIGTERM asked the run to stop (Slurm preemption)."""
 
 
+class NonFinite(RuntimeError):
+    """A non-finite loss, gradient norm or parameter at ``step``: the run stops before the step is
+    logged or checkpointed (``checkpoint_step`` is the last good checkpoint, 0 = none)."""
+
+    def __init__(self, step: int, quantity: str, value: float | str, checkpoint_step: int) -> None:
+        super().__init__(f"non-finite {quantity} ({value}) at step {step}")
+        self.step, self.quantity, self.value, self.checkpoint_step = step, quantity, value, checkpoint_step
+
+
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Run (or resume) one RL run in ``run_dir``; return its summary (written by the caller)."""
     dist = Dist.from_env(pick_device(cfg.device), cfg.parallel)
@@ -77,7 +102,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         raise ValueError(f"prompts_per_step={cfg.prompts_per_step} must be a multiple of shards={shards}, "
                          f"itself a multiple of the {dist.world} processes")
     torch.manual_seed(cfg.seed)
-    task = get_task(cfg.task.name, test_file=cfg.task.test_file, n_test=cfg.task.n_test, **cfg.task.options)
+    task = get_task(cfg.task.name, **task_args(cfg.task))
     policy = load_policy(cfg, device)
     # model.precision: bf16-mixed computes in bfloat16 over float32 weights (autocast, or FSDP's policy)
     compute = torch.bfloat16 if cfg.model.precision == "bf16-mixed" else None
@@ -97,16 +122,22 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
 
     ckpt, metrics_path = run_dir / "checkpoints" / "last.pt", run_dir / "metrics.jsonl"
-    start, resumed_at = 0, []
-    if ckpt.exists():  # resume: model, optimizer, scheduler, RNG, step
-        state = torch.load(ckpt, map_location=device, weights_only=False, mmap=True)
+    start, resumed_at, commits = 0, [], []
+    commit = provenance(device)["commit"]
+    state = resume_state(run_dir, cfg.steps, device, dist)
+    if state is not None:  # resume: model, optimizer, scheduler, RNG, step
         dist.load_state_dicts(policy.net, opt, state["model"], state["opt"])
         sched.load_state_dict(state["sched"])
         torch.set_rng_state(state["rng"])
         start = state["step"]
         resumed_at = [*state.get("resumed_at", []), start]
-    if dist.rank == 0:
-        truncate_metrics(metrics_path, start)
+        commits = list(state.get("commits", []))
+        if commits and commits[-1] != commit and dist.rank == 0:
+            warn(f"{run_dir}: resuming at step {start} with commit {commit}; the run was trained so far "
+                 f"with commit {commits[-1]} (both are recorded in the summary's 'commits')")
+    if not commits or commits[-1] != commit:
+        commits.append(commit)
+    saved = start  # the step of the last good checkpoint
 
     # Preemption (Slurm sends USR2 through submitit): finish the step, checkpoint, then hand the
     # signal to the handler that was there before (submitit's: requeue) or stop with Preempted.
@@ -127,7 +158,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     tracker = Tracker.open(cfg.logger, run_dir, to_container(cfg), start, cfg.steps, log) if dist.rank == 0 \
         else Tracker()
     validate = has_validation(task)
-    best = best_row(read_metrics(metrics_path)) if dist.rank == 0 else None  # resumed: best so far
+    rows = read_metrics(metrics_path)[0] if dist.rank == 0 else {}  # as resume_state left them
+    best = best_row([rows[k] for k in sorted(rows)]) if dist.rank == 0 else None  # resumed: best so far
     if start == 0:  # the base model: validation (the step-0 row) and the test sets, once
         t0 = time.time()
         row0 = evaluation(policy, task, cfg, dist, "val", cfg.eval_n) if validate else {}
@@ -164,21 +196,31 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         norms = []
         for it in range(mu):
             grads = dist.grad_sum(params)  # zeroes p.grad
+            loss = 0.0
             for batch, adv, prep in work:
                 if cfg.minibatches > 1:  # mini-batch `it`: its prompt groups, each sample used once
                     batch, adv, prep = minibatch(batch, adv, prep, it, cfg.minibatches)
                 # the method returns each chunk's loss; backward per chunk (BGPO's memory floor)
                 for k, v in method_backward(method, policy, batch, adv, prep, it).items():
                     stats[k] = stats.get(k, 0.0) + v / (len(work) * mu)
+                    loss += v if k == "loss" else 0.0
                 grads.add_shard()
             grads.reduce(shards)  # mean over all shards of all processes, in p.grad
             norms.append(dist.grad_norm(params, cfg.grad_clip))
+            if not math.isfinite(norms[-1]):  # the same on every rank: all stop, none steps
+                bad = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", norms[-1])
+                raise _stop(previous, tracker, NonFinite(step + 1, *bad, saved))
             opt.step()
             sched.step()
         grad_norm = sum(norms) / len(norms)
         rewards, lengths = dist.gather(rewards), dist.gather(lengths)
-        per_rank = dist.gather([stats])  # every rank computes the same number of shards
-        stats = {k: sum(r[k] for r in per_rank) / len(per_rank) for k in stats}
+        # every rank computes the same number of shards; each checks its own parameters (shard)
+        per_rank = dist.gather([(stats, first_non_finite(policy.net))])
+        bad_param = next((name for _, name in per_rank if name), None)
+        stats = {k: sum(r[k] for r, _ in per_rank) / len(per_rank) for k in stats}
+        if bad_param or not math.isfinite(stats.get("loss", 0.0)):
+            bad = (f"parameter {bad_param}", "nan/inf") if bad_param else ("loss", stats["loss"])
+            raise _stop(previous, tracker, NonFinite(step + 1, *bad, saved))
         r = torch.tensor(rewards).view(-1, cfg.group_size)
         row = {"step": step + 1, "reward": r.mean().item(), "reward_std": r.std(-1).mean().item(),
                "frac_reward_zero_std": (r.std(-1) == 0).float().mean().item(),
@@ -197,7 +239,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         bar.set_postfix(reward=f"{row['reward']:.3f}")
         stopping = dist.any(bool(stop))  # every rank stops after the same step
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps or stopping:
-            save_checkpoint(ckpt, dist, policy, opt, sched, step + 1, resumed_at)
+            save_checkpoint(ckpt, dist, policy, opt, sched, step + 1, resumed_at, commits)
+            saved = step + 1
         if stopping and step + 1 < cfg.steps:
             for sig, h in previous.items():
                 signal.signal(sig, h)
@@ -213,13 +256,16 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     # the test sets, once each: the final policy, then the validation-selected checkpoint
     tests = {"final": test_sets(policy, task, cfg, dist)}
     best_step = dist.gather([best["step"] if best else None])[0]
-    if best_step is not None:
-        if best_step != cfg.steps:
-            state = torch.load(run_dir / "checkpoints" / "best.pt", map_location=device, weights_only=False)
+    if best_step is not None and best_step != cfg.steps:
+        state = load_weights(run_dir / "checkpoints" / "best.pt", best_step, device, dist)
+        if state is None:  # unreadable: reported; the selected checkpoint's test result is lost
+            best_step = None
+        else:
             dist.load_model_state_dict(policy.net, state["model"])
+    if best_step is not None:
         tests["best"] = tests["final"] if best_step == cfg.steps else test_sets(policy, task, cfg, dist)
     if dist.rank == 0:
-        stored = json.loads((run_dir / "eval_test.json").read_text())
+        stored = read_json(run_dir / "eval_test.json", "the base model's test results are missing from it")
         atomic_write_json(run_dir / "eval_test.json", {**stored, **tests, "best_step": best_step,
                                                        "selection": SELECTION})
         tracker.log({"step": cfg.steps, **nested("test", tests["final"]),
@@ -228,7 +274,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     summarise = lambda t: {src: {k: v for k, v in r.items() if k != "per_problem"} for src, r in t.items()}  # noqa: E731
     return {"final": summarise(tests["final"]), "selected": summarise(tests.get("best", {})),
             "best_step": best_step, "selection": SELECTION, "steps": cfg.steps,
-            "resumed_at": resumed_at, "param_fingerprints": dist.gather([fingerprint]),
+            "resumed_at": resumed_at, "commits": commits, "param_fingerprints": dist.gather([fingerprint]),
             "world_size": dist.world, "parallel": dist.strategy,
             "local_param_numel": dist.gather([sum(dist.local(p).numel() for p in policy.net.parameters())]),
             "wall_s_this_session": round(time.time() - t_run, 1),
@@ -237,10 +283,6 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
 def prefixed(out: dict[str, Any], prefix: str) -> dict[str, Any]:
     return {f"{prefix}{k}": v for k, v in out.items() if k != "per_problem"}
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def evaluation(policy: DLLM, task: Any, cfg: DictConfig, dist: Dist, source: str, n: int | None = None,
@@ -266,41 +308,131 @@ def save_weights(path: Path, dist: Dist, policy: DLLM, step: int) -> None:
     model = dist.model_state_dict(policy.net)
     if dist.rank != 0:
         return
+    atomic_torch_save({"step": step, "model": model}, path)
+
+
+def load_weights(path: Path, step: int, device: str, dist: Dist) -> dict[str, Any] | None:
+    """``best.pt`` of ``step``, or None (reported, set aside by rank 0) when it is unreadable."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=False)
+        if not isinstance(state, dict) or state.get("step") != step or "model" not in state:
+            raise ValueError(f"not the weights of step {step}")
+    except Exception as e:  # noqa: BLE001  (a torn or corrupt file: any loader error)
+        if dist.rank == 0 and path.exists():
+            set_aside(path, f"unreadable ({type(e).__name__}); the test result of the validation-selected "
+                            f"checkpoint (step {step}) is not reported")
+        return None
+    return state
+
+
+def read_json(path: Path, consequence: str) -> dict[str, Any]:
+    """A JSON object the run wrote earlier; a missing or corrupt one is reported (and set aside)."""
+    try:
+        obj = json.loads(path.read_text())
+        if isinstance(obj, dict):
+            return obj
+        raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        if path.exists():
+            set_aside(path, f"unreadable ({type(e).__name__}); {consequence}")
+        else:
+            warn(f"{path} is missing: {consequence}")
+        return {}
+
+
+def atomic_torch_save(obj: Any, path: Path, keep_previous: bool = False) -> None:
+    """``torch.save`` to a temp file, fsync, rename (the old file kept as ``prev.pt`` when
+    ``keep_previous``), fsync the folder: a crash leaves the old file or the new one, whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save({"step": step, "model": model}, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    if keep_previous and path.exists():
+        os.replace(path, path.with_name("prev.pt"))
     os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def _stop(previous: dict[int, Any], tracker: Tracker, err: Exception) -> Exception:
+    """Hand the signals back and close the trackers before the run stops with ``err``."""
+    for sig, h in previous.items():
+        signal.signal(sig, h)
+    tracker.close()
+    return err
+
+
+@torch.no_grad()
+def first_non_finite(net: torch.nn.Module) -> str | None:
+    """Name of the first trained parameter (this rank's shard) holding a NaN or inf; one sync."""
+    params = [(n, p.to_local() if hasattr(p, "to_local") else p) for n, p in net.named_parameters()
+              if p.requires_grad]
+    if not params or torch.stack([torch.isfinite(p).all() for _, p in params]).all():
+        return None
+    return next(n for n, p in params if not torch.isfinite(p).all())
 
 
 def save_checkpoint(path: Path, dist: Dist, policy: DLLM, opt: torch.optim.Optimizer, sched: Any,
-                    step: int, resumed_at: list[int]) -> None:
-    """Model + optimizer (full state, keyed by parameter name), scheduler, RNG; written atomically
-    by rank 0. Every rank calls it (under FSDP the state is gathered)."""
+                    step: int, resumed_at: list[int], commits: list[str]) -> None:
+    """Model + optimizer (full state, keyed by parameter name), scheduler, RNG, the commits the run
+    was trained with; written atomically (fsynced) by rank 0, the previous checkpoint kept as
+    ``prev.pt`` (a last good one if this one is found corrupt). Every rank calls it (under FSDP
+    the state is gathered)."""
     model, optim = dist.state_dicts(policy.net, opt)
     if dist.rank != 0:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"step": step, "model": model, "opt": optim, "sched": sched.state_dict(),
-                "rng": torch.get_rng_state(), "resumed_at": resumed_at}, tmp)
-    os.replace(tmp, path)
+    atomic_torch_save({"step": step, "model": model, "opt": optim, "sched": sched.state_dict(),
+                       "rng": torch.get_rng_state(), "resumed_at": resumed_at, "commits": commits}, path,
+                      keep_previous=True)
 
 
-def truncate_metrics(path: Path, start: int) -> None:
-    """Keep only complete rows of steps ≤ start (a killed run may have written past its checkpoint);
-    a run that starts from scratch starts a new file."""
-    if not path.exists() or start == 0:
-        path.unlink(missing_ok=True)
-        return
-    keep = []
-    for line in path.read_text().splitlines():
+CHECKPOINT_FIELDS = ("step", "model", "opt", "sched", "rng")
+
+
+def resume_state(run_dir: Path, steps: int, device: str, dist: Dist) -> dict[str, Any] | None:
+    """The checkpoint to resume from: ``last.pt``, else ``prev.pt``, the first that loads, has the
+    checkpoint's fields and a valid metrics row for every step up to it (rows before the resume
+    point are history that cannot be recomputed; rows after it are recomputed exactly). None:
+    start from step 0. Every rank decides from the same files; rank 0 then reports, sets corrupt
+    files aside (``*.corrupt``) and rewrites ``metrics.jsonl`` up to the resume point."""
+    metrics_path = run_dir / "metrics.jsonl"
+    rows, problems = read_metrics(metrics_path)
+    notes, corrupt, chosen = [], [], None
+    for name in ("last.pt", "prev.pt"):
+        path = run_dir / "checkpoints" / name
+        if not path.exists():
+            continue
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            break  # a line cut by the kill
-        if row["step"] <= start:
-            keep.append(line)
-    path.write_text("".join(k + "\n" for k in keep))
+            state = torch.load(path, map_location=device, weights_only=False, mmap=True)
+            if not isinstance(state, dict) or any(k not in state for k in CHECKPOINT_FIELDS):
+                raise ValueError(f"not a trainer checkpoint (fields {list(CHECKPOINT_FIELDS)})")
+            if not isinstance(state["step"], int) or not 1 <= state["step"] <= steps:
+                raise ValueError(f"step={state['step']!r} is not in 1..{steps}")
+        except Exception as e:  # noqa: BLE001  (a torn or corrupt file: any loader error)
+            why = " ".join(str(e).split())[:200]
+            corrupt.append((path, f"unreadable checkpoint ({type(e).__name__}: {why})"))
+            continue
+        gap = missing_step(rows, state["step"])
+        if gap is None:
+            chosen = state
+            break
+        notes.append(f"{path} (step {state['step']}) is not used: {metrics_path} has no valid row for "
+                     f"step {gap}")
+    start = chosen["step"] if chosen is not None else 0
+    if dist.gather([start]) != [start] * dist.world:
+        raise RuntimeError(f"{run_dir}: the processes disagree on the resume point")
+    if dist.rank == 0:
+        for p in problems:
+            warn(p)
+        for path, why in corrupt:
+            set_aside(path, why)
+        for n in notes:
+            warn(n)
+        if chosen is None and (corrupt or notes):
+            warn(f"{run_dir}: no usable checkpoint; the run restarts from step 0")
+        keep_metrics(metrics_path, rows, start if chosen is not None else -1, problems)
+    return chosen
 
 
 def peak_bytes(device: str) -> int:

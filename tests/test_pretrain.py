@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -36,5 +37,56 @@ def test_pretrain_cli_trains_saves_and_evaluates(task, tmp_path):
 def test_pretrain_rejects_bad_config(tmp_path):
     res = subprocess.run([sys.executable, "-m", "bgpo.pretrain", "task.gen_length=30",
                           f"out={tmp_path / 'x'}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert res.returncode != 0 and "task.gen_length" in res.stderr
+    assert res.returncode == 2 and "task.gen_length" in res.stderr and "Traceback" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1  # one sentence
     assert not (tmp_path / "x").exists()
+
+
+# each process: wait for the go file, then ask for the (missing) tiny Sudoku base model
+ENSURE = """
+import functools, hashlib, logging, sys, time
+from pathlib import Path
+import bgpo.pretrain
+logging.basicConfig(level=logging.INFO, stream=sys.stdout)
+from bgpo.config import ModelConfig, TaskConfig
+from bgpo.pretrain import ensure_base_model
+# small data and evaluation, as the CLI test above sets them (ensure_base_model takes the defaults)
+bgpo.pretrain.PretrainConfig = functools.partial(bgpo.pretrain.PretrainConfig, n_train=64, eval_n=4,
+                                                 batch_size=8)
+Path(sys.argv[1] + ".ready").touch()
+while not Path(sys.argv[2]).exists():
+    time.sleep(0.01)
+path = ensure_base_model(TaskConfig(name="sudoku", gen_length=24, block_length=8, diffusion_steps=24,
+                                    pretrain_steps=2),
+                         ModelConfig(hidden=32, layers=2, heads=2, intermediate=64))
+print("USING", path, hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest())
+"""
+
+
+def test_two_processes_build_the_base_model_once(tmp_path):
+    """Issue 16.6: on an empty cache two processes need the same base model at the same moment;
+    one pretrains it under the lock, the other waits and then uses that model."""
+    cache, go = tmp_path / "cache", tmp_path / "go"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "BGPO_CACHE": str(cache)}
+    procs = [subprocess.Popen([sys.executable, "-c", ENSURE, str(tmp_path / f"p{i}"), str(go)], cwd=ROOT,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    try:
+        deadline = time.monotonic() + 120
+        while not all((tmp_path / f"p{i}.ready").exists() for i in range(2)):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "a process died"
+            time.sleep(0.05)
+        go.touch()  # both ask at once
+        outs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert all(p.returncode == 0 for p in procs), outs
+    text = "".join(outs)
+    assert text.count("pretraining it now (once)") == 1, text[-3000:]  # built once...
+    assert text.count("was built by another process meanwhile: using it") == 1, text[-3000:]  # ...waited
+    using = {line for out in outs for line in out.splitlines() if line.startswith("USING")}
+    assert len(using) == 1 and str(cache / "tiny-sudoku") in using.pop()  # both use the same model
+    assert (cache / "tiny-sudoku" / "pretrain.json").exists()
+    assert not [p.name for p in cache.iterdir() if ".tmp-" in p.name]  # no temporary folder left

@@ -245,8 +245,9 @@ def test_killed_sweep_reruns_to_the_uninterrupted_results(reference, base_model,
         assert resumed_at == ([ckpt_step] if name == victim.name else [])
 
 
-# bad overrides on the command line: (override, what the message must contain). The model path does
-# not exist, so a run that got as far as building a model would fail differently (and later).
+# bad overrides on the command line: (override, what the message must contain). The model folder has
+# a config.json but no weights (it passes the start-up check of model.path), so a run that got as far
+# as building a model would fail differently (and later).
 BAD = [
     ("method=ppo", "method/ppo"),
     ("mc=0", "mc=0 must be >= 1"),
@@ -262,10 +263,12 @@ BAD = [
 @pytest.mark.parametrize("override,message", BAD, ids=[b[0] for b in BAD])
 def test_bad_override_is_rejected_before_a_model_is_built(override, message, tmp_path):
     results_dir = tmp_path / "results"
-    proc = run_sweep(tmp_path / "no-such-model", results_dir, "steps=2", override, timeout=120)
+    (tmp_path / "not-a-model").mkdir()
+    (tmp_path / "not-a-model" / "config.json").write_text("{}")
+    proc = run_sweep(tmp_path / "not-a-model", results_dir, "steps=2", override, timeout=120)
     out = output(proc)
     assert proc.returncode != 0, out[-3000:]
     assert message in out, out[-3000:]
-    assert "Loading weights" not in out and "no-such-model" not in out.replace(
-        f"model.path={tmp_path / 'no-such-model'}", "")
+    assert "Loading weights" not in out and "not-a-model" not in out.replace(
+        f"model.path={tmp_path / 'not-a-model'}", "")
     assert not results_dir.exists() or not run_dirs(results_dir)  # no run folder was opened

@@ -11,6 +11,7 @@ local-looking value that names no existing file is an error naming the key and t
 hub request: ``data/gsm8k_tset.jsonl`` fails, ``openai/gsm8k`` goes to the hub. ``*_file`` keys are
 local files only. ``check_task_data`` checks a task's data keys (and its option names) at
 start-up, before any data or model is loaded; it imports neither torch nor ``datasets``.
+``check_test_rows`` checks every row of ``task.test_file`` at start-up, naming the first bad one.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import gzip
 import json
 import os
 import random
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -155,3 +157,77 @@ def check_task_data(name: str, test_file: str | None = None,
     for k in getattr(cls, "DATA_SOURCES", ()):
         if values.get(k):
             check_source(f"task.options.{k}", values[k])
+def check_test_rows(task: str, test_file: str | None, n_test: int | None, options: dict[str, Any],
+                    fmt: str) -> None:
+    """Start-up check of ``task.test_file``'s ROWS (issue 15; after ``check_task_data``, which
+    checks the keys and that the files exist), before any model is built: the file loads THROUGH
+    THE TASK (its own parser and field checks) and every problem renders; a failure names the first
+    bad row as ``file:line`` (found by loading ever shorter prefixes of the file, so any task's
+    loader is covered)."""
+    from bgpo.tasks.base import get_task
+
+    if not test_file:
+        return
+    path = check_local_file("task.test_file", test_file)
+
+    def load(file: Path, n: int | None = None) -> int:
+        t = get_task(task, **{**options, "test_file": str(file), "n_test": n})
+        examples = t.test_examples()
+        for ex in examples:
+            t.render(ex, fmt)  # type: ignore[arg-type]
+        return len(examples)
+
+    try:
+        n_rows = load(path)
+    except Exception as e:  # noqa: BLE001  (any loader error is a bad row: locate it)
+        where = first_bad_row(path, load)
+        raise ValueError(f"task.test_file={test_file}: bad row at {where}: {type(e).__name__}: "
+                         f"{' '.join(str(e).split())}") from None
+    if n_rows == 0:
+        raise ValueError(f"task.test_file={test_file}: the file has no rows")
+    if n_test is not None:
+        try:
+            load(path, n_test)
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"task.n_test={n_test} does not fit task.test_file={test_file} "
+                             f"({n_rows} rows): {e}") from None
+
+
+def first_bad_row(path: Path, load: Callable[[Path], object]) -> str:
+    """``file:line`` of the first row of a JSONL / CSV file (``.gz`` too) at which ``load`` of the
+    file's prefix fails (bisection over prefixes: log₂(rows) loads); ``file`` alone when the
+    format has no lines or no prefix fails."""
+    raw = path.read_bytes()
+    gz = path.name.endswith(".gz")
+    if gz:
+        raw = gzip.decompress(raw)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        return f"{path}:{line} (not UTF-8)"
+    name = path.name.removesuffix(".gz")
+    if not name.endswith((".jsonl", ".csv")):
+        return str(path)
+    lines = text.splitlines(keepends=True)
+    header = lines[:1] if name.endswith(".csv") else []
+    rows = [(i + 1, line) for i, line in enumerate(lines) if line.strip() and i >= len(header)]
+
+    def fails(k: int) -> bool:
+        with tempfile.TemporaryDirectory() as tmp:
+            part = Path(tmp) / path.name
+            body = "".join(header + [line if line.endswith("\n") else line + "\n" for _, line in rows[:k]])
+            part.write_bytes(gzip.compress(body.encode()) if gz else body.encode())
+            try:
+                load(part)
+            except Exception:  # noqa: BLE001
+                return True
+            return False
+
+    if not rows or not fails(len(rows)):
+        return str(path)
+    lo, hi = 1, len(rows)  # the answer is in [lo, hi]: the shortest failing prefix
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fails(mid) else (mid + 1, hi)
+    return f"{path}:{rows[lo - 1][0]}"

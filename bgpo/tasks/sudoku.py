@@ -127,10 +127,18 @@ def make_puzzle(grid: str, rng: random.Random, n_empty: int = 8, tries: int = 50
 
 
 def read_d1_csv(path: str) -> list[tuple[str, str]]:
-    """(puzzle, solution) rows of a d1 CSV with header ``Puzzle,Solution``."""
+    """(puzzle, solution) rows of a d1 CSV with header ``Puzzle,Solution``; a row whose puzzle is
+    not 16 digits 0-4 or whose solution is not a valid grid keeping the puzzle's givens is an error
+    (the start-up check names its line: ``bgpo.tasks.data.check_test_rows``)."""
     check_local_file("test_file", path)
     with open(path, newline="", encoding="utf-8") as f:
-        return [(row["Puzzle"].strip(), row["Solution"].strip()) for row in csv.DictReader(f)]
+        rows = [(row["Puzzle"].strip(), row["Solution"].strip()) for row in csv.DictReader(f)]
+    for puzzle, solution in rows:
+        if len(puzzle) != 16 or not set(puzzle) <= set("01234"):
+            raise ValueError(f"puzzle {puzzle!r} is not 16 digits 0-4")
+        if not is_valid_grid(solution) or any(puzzle[i] not in ("0", solution[i]) for i in range(16)):
+            raise ValueError(f"solution {solution!r} is not a valid grid keeping the givens of {puzzle!r}")
+    return rows
 
 
 @register_task("sudoku")

@@ -1,0 +1,266 @@
+"""The results store checks before it trusts (issue 15) and keys runs by their start point (16.4).
+
+Fault injection on a complete run of the micro model (toy task): a run folder reused with another
+config, a cut or corrupt metrics row, a corrupt or incomplete summary, a corrupt checkpoint, and
+non-finite values in training. Each case must lose no valid data (the re-run ends with exactly the
+metrics of an uninterrupted run) and never finalise a run wrongly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import bgpo.results
+import bgpo.train
+import bgpo.trainer as trainer
+from bgpo.config import ConfigError, to_container
+from bgpo.results import (
+    COMPLETE_FIELDS,
+    BaseModelMissing,
+    RunFailed,
+    base_model_identity,
+    folder_hash,
+    run_dir_of,
+)
+from bgpo.train import run
+from tests.helpers import micro_model
+from tests.test_trainer import cfg_of, metrics
+
+STEPS = 4  # checkpoints at steps 2 and 4: last.pt = 4, prev.pt = 2
+ARGS = ("method=bgpo", f"steps={STEPS}", "ckpt_every=2", "eval_every=2", "temperature=1.0")
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("base") / "micro"
+    micro_model(dtype=torch.float32).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(base_model, tmp_path_factory) -> Path:
+    """An uninterrupted run: its folder."""
+    root = tmp_path_factory.mktemp("reference")
+    summary = run(cfg_of(base_model, root, *ARGS))
+    return root / summary["run"]
+
+
+def copy_of(reference: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of the reference run in a fresh results_dir: (results_dir, run folder)."""
+    shutil.copytree(reference, tmp_path / reference.name)
+    return tmp_path, tmp_path / reference.name
+
+
+def final(run_dir: Path) -> dict:
+    """The summary's test results (final and validation-selected policy) and the selected step."""
+    s = json.loads((run_dir / "summary.json").read_text())
+    return {"final": s["final"], "selected": s["selected"], "best_step": s["best_step"]}
+
+
+def rewrite_line(file: Path, step: int, text: str) -> None:
+    lines = file.read_text().splitlines(keepends=True)
+    i = next(i for i, line in enumerate(lines) if json.loads(line)["step"] == step)
+    lines[i] = text
+    file.write_text("".join(lines))
+
+
+# ---- a run folder of another config ---------------------------------------------------------
+def test_run_dir_reused_with_another_config_fails_naming_the_keys(reference, base_model, tmp_path):
+    root, d = copy_of(reference, tmp_path)
+    before = {p.name: p.read_bytes() for p in d.rglob("*") if p.is_file()}
+    with pytest.raises(ConfigError, match=r"another config .*method\._target_: 'bgpo\.objective\.BGPO' -> "
+                                          r"'baselines\.vrpo\.VRPO'"):
+        run(cfg_of(base_model, root, *ARGS, "method=vrpo", f"run_dir={d}"))
+    (d / "summary.json").unlink()  # incomplete: it must not resume another method's checkpoint either
+    del before["summary.json"]
+    with pytest.raises(ConfigError, match="mc: 2 -> 3"):
+        run(cfg_of(base_model, root, *ARGS, "mc=3", f"run_dir={d}"))
+    assert {p.name: p.read_bytes() for p in d.rglob("*") if p.is_file()} == before
+    # the same config in that folder resumes it (and completes it: the checkpoint is at the end)
+    assert run(cfg_of(base_model, root, *ARGS, f"run_dir={d}"))["run"] == d.name
+
+
+# ---- metrics.jsonl --------------------------------------------------------------------------
+@pytest.mark.parametrize("step,resume", [(4, [2]), (3, [2]), (1, [])],
+                         ids=["last row cut by a kill", "middle row corrupt", "early row corrupt: restart"])
+def test_bad_metrics_row_resumes_from_a_checkpoint_it_covers(step, resume, reference, base_model,
+                                                             tmp_path, caplog):
+    root, d = copy_of(reference, tmp_path)
+    (d / "summary.json").unlink()  # e.g. killed between the last checkpoint and the summary
+    line = next(x for x in (d / "metrics.jsonl").read_text().splitlines() if json.loads(x)["step"] == step)
+    torn = step == STEPS  # the last line, unfinished: what a kill leaves (no newline)
+    rewrite_line(d / "metrics.jsonl", step, line[: len(line) // 2] + ("" if torn else "\n"))
+    summary = run(cfg_of(base_model, root, *ARGS))
+    err = caplog.text
+    assert f"{d / 'checkpoints' / 'last.pt'} (step {STEPS}) is not used" in err  # it needs that row
+    if not torn:  # a corrupt row is named (file:line) and the file kept as evidence
+        assert f"{d / 'metrics.jsonl'}:{step + 1}: not a JSON row" in err
+        assert (d / "metrics.jsonl.corrupt").exists()
+    assert (d / "metrics.jsonl.corrupt").exists() != torn
+    assert metrics(d) == metrics(reference)  # every valid row there, the rest recomputed exactly
+    assert summary["resumed_at"] == resume and final(d) == final(reference)
+
+
+# ---- summary.json ---------------------------------------------------------------------------
+@pytest.mark.parametrize("content", ["{\"run\": \"x\", \"fin", "{}", "[]", "no-final"])
+def test_incomplete_or_corrupt_summary_is_not_complete(content, reference, base_model, tmp_path, caplog):
+    root, d = copy_of(reference, tmp_path)
+    if content == "no-final":  # every field but an empty final evaluation
+        s = json.loads((d / "summary.json").read_text())
+        content = json.dumps({**s, "final": {}})
+    (d / "summary.json").write_text(content)
+    summary = run(cfg_of(base_model, root, *ARGS))
+    assert f"{d / 'summary.json'}: not the summary of a complete run" in caplog.text
+    assert (d / "summary.json.corrupt").read_text() == content
+    assert summary["resumed_at"] == [STEPS] and final(d) == final(reference)  # re-finalised, nothing trained
+    assert metrics(d) == metrics(reference)
+    assert all(k in json.loads((d / "summary.json").read_text()) for k in COMPLETE_FIELDS)
+
+
+# ---- checkpoints ----------------------------------------------------------------------------
+@pytest.mark.parametrize("which", ["last", "both"])
+def test_corrupt_checkpoint_falls_back_to_the_previous_or_restarts(which, reference, base_model, tmp_path,
+                                                                   caplog):
+    root, d = copy_of(reference, tmp_path)
+    (d / "summary.json").unlink()
+    last = d / "checkpoints" / "last.pt"
+    last.write_bytes(last.read_bytes()[:1000])  # torn
+    if which == "both":
+        (d / "checkpoints" / "prev.pt").write_bytes(b"not a checkpoint")
+    summary = run(cfg_of(base_model, root, *ARGS))
+    err = caplog.text
+    assert f"{last}: unreadable checkpoint" in err and (d / "checkpoints" / "last.pt.corrupt").exists()
+    assert summary["resumed_at"] == ([2] if which == "last" else [])
+    assert metrics(d) == metrics(reference) and final(d) == final(reference)
+    assert torch.load(last, weights_only=False)["step"] == STEPS
+
+
+# ---- non-finite values ----------------------------------------------------------------------
+def poison_at(monkeypatch, step: int, what: str) -> None:
+    """At RL step ``step``: a NaN loss (and gradients), or a NaN parameter after the update."""
+    calls = {"backward": 0, "opt": 0}
+    real_backward, real_step = trainer.method_backward, torch.optim.AdamW.step
+
+    def backward(method, policy, *args):
+        stats = real_backward(method, policy, *args)
+        calls["backward"] += 1
+        if what == "loss" and calls["backward"] == step:
+            for p in policy.net.parameters():
+                if p.grad is not None:
+                    p.grad.fill_(math.nan)
+            stats["loss"] = math.nan
+        return stats
+
+    def opt_step(self, *args, **kwargs):
+        out = real_step(self, *args, **kwargs)
+        calls["opt"] += 1
+        if what == "parameter" and calls["opt"] == step:
+            with torch.no_grad():
+                self.param_groups[0]["params"][-1].fill_(math.inf)
+        return out
+
+    monkeypatch.setattr(trainer, "method_backward", backward)
+    monkeypatch.setattr(torch.optim.AdamW, "step", opt_step)
+
+
+@pytest.mark.parametrize("what", ["loss", "parameter"])
+def test_non_finite_value_fails_the_run_and_only_an_explicit_retry_resumes(what, reference, base_model,
+                                                                           tmp_path, monkeypatch, caplog):
+    for mod in (bgpo.results, bgpo.train):
+        monkeypatch.setattr(mod, "git_commit", lambda: "commit-A")
+    poison_at(monkeypatch, 3, what)
+    cfg = cfg_of(base_model, tmp_path, *ARGS)
+    with pytest.raises(RunFailed, match=f"non-finite {what}.* at step 3"):
+        run(cfg)
+    d = tmp_path / reference.name
+    failed = json.loads((d / "failed.json").read_text())
+    assert failed["step"] == 3 and failed["quantity"].startswith(what) and failed["checkpoint_step"] == 2
+    assert failed["commit"] == "commit-A" and not (d / "summary.json").exists()
+    assert [r["step"] for r in metrics(d)] == [0, 1, 2]  # the bad step is neither logged...
+    assert torch.load(d / "checkpoints" / "last.pt", weights_only=False)["step"] == 2  # ...nor saved
+    monkeypatch.undo()
+    for mod in (bgpo.results, bgpo.train):
+        monkeypatch.setattr(mod, "git_commit", lambda: "commit-B")
+    before = (d / "metrics.jsonl").read_bytes()
+    with pytest.raises(RunFailed, match="not retried: retry_failed=true"):  # reported, not skipped silently
+        run(cfg)
+    assert (d / "metrics.jsonl").read_bytes() == before
+    summary = run(cfg_of(base_model, tmp_path, *ARGS, "retry_failed=true"))
+    assert "commit commit-B; the run was trained so far with commit commit-A" in caplog.text
+    assert summary["resumed_at"] == [2] and summary["commits"] == ["commit-A", "commit-B"]
+    assert metrics(d) == metrics(reference) and final(d) == final(reference)
+    assert not (d / "failed.json").exists() and (d / "failed.json.retried").exists()
+
+
+# ---- the run key identifies the start point (issue 16.4) -------------------------------------
+def test_run_key_includes_a_content_hash_of_the_base_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("BGPO_CACHE", str(tmp_path / "cache"))
+    base = tmp_path / "base"
+    micro_model(seed=0, dtype=torch.float32).save(base)
+    cfg = to_container(cfg_of(base, tmp_path / "r", *ARGS))
+    first, ident = run_dir_of(cfg), base_model_identity(cfg)
+    assert ident["sha256"] == folder_hash(base) and ident["path"] == str(base.resolve())
+
+    def no_rehash(path):
+        raise AssertionError(f"{path} re-hashed although its size and mtime did not change")
+
+    real = bgpo.results._file_sha256
+    monkeypatch.setattr(bgpo.results, "_file_sha256", no_rehash)
+    assert run_dir_of(cfg) == first  # the cached per-file hashes ($BGPO_CACHE/hashes)
+    monkeypatch.setattr(bgpo.results, "_file_sha256", real)
+    micro_model(seed=1, dtype=torch.float32).save(base)  # other weights, same path
+    assert run_dir_of(cfg) != first and run_dir_of(cfg).name.rsplit("-", 1)[0] == first.name.rsplit("-", 1)[0]
+    hub = to_container(cfg_of("org/some-model", tmp_path / "r", *ARGS, "model.kind=llada"))
+    assert base_model_identity(hub) == {"hub": "org/some-model"}
+
+
+def test_config_and_summary_record_the_base_model(reference, base_model):
+    import yaml
+
+    ident = {"sha256": folder_hash(base_model), "path": str(base_model.resolve())}
+    assert yaml.safe_load((reference / "config.yaml").read_text())["base_model"] == ident
+    assert json.loads((reference / "summary.json").read_text())["base_model"] == ident
+
+
+def test_validate_only_never_pretrains_and_says_the_key_is_provisional(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("BGPO_CACHE", str(tmp_path / "empty-cache"))
+    caplog.set_level(logging.INFO, logger="bgpo.train")
+
+    def pretrains(*args, **kwargs):
+        raise AssertionError("validate_only pretrained a base model")
+
+    import bgpo.pretrain
+
+    monkeypatch.setattr(bgpo.pretrain, "_build", pretrains)
+    cfg = to_container(cfg_of(tmp_path, tmp_path / "r", *ARGS))
+    cfg["model"]["path"], cfg["task"]["name"] = None, "countdown"
+    with pytest.raises(BaseModelMissing):
+        run_dir_of(cfg)
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module("bgpo.conf", version_base="1.3"):
+        out = run(compose("train", overrides=[f"results_dir={tmp_path / 'r'}", "validate_only=true"]))
+    assert out == {"ok": True, "run_dir": None, "state": "new"}
+    line = caplog.records[-1].getMessage().replace(str(tmp_path), "TMP")
+    assert line.startswith("ok: run folder TMP/r/bgpo-countdown-mc16-s0-<hash> (new) (provisional:")
+    assert not (tmp_path / "empty-cache" / "tiny-countdown").exists()
+
+
+def test_a_run_without_test_sets_is_complete(base_model, tmp_path):
+    """eval_test=false: 'final' is empty by design; such a summary still counts as complete (the
+    re-run skips it), while the same empty 'final' of an eval_test=true run does not."""
+    cfg = cfg_of(base_model, tmp_path, *ARGS, "eval_test=false")
+    summary = run(cfg)
+    assert summary["final"] == {}
+    assert bgpo.results.summary_problem(summary, to_container(cfg)) is None
+    assert bgpo.results.summary_problem(summary, {**to_container(cfg), "eval_test": True})
+    d = tmp_path / summary["run"]
+    before = (d / "summary.json").read_bytes()
+    assert run(cfg) == json.loads(before) and (d / "summary.json").read_bytes() == before

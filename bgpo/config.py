@@ -82,6 +82,8 @@ class ModelConfig:
     remote_code: bool = False
     """llada/dream: load with the checkpoint's published modeling code (trust_remote_code, written
     for transformers 4.46; no KV cache) instead of the suite's native classes (bgpo.models)"""
+    revision: str | None = None
+    """hub branch, tag or commit of model.path (a hub name); part of the run key"""
     lora: LoraConf = field(default_factory=LoraConf)
     hidden: int = 192
     """tiny architecture: hidden size, layers, heads, MLP size"""

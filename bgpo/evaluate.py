@@ -112,7 +112,8 @@ def load_model(cfg: DictConfig, device: str) -> tuple[Any, Path]:
     base = cfg.base or m.path or (default_path(cfg.task.name) if m.kind == "tiny" else None)
     if not base or not Path(base).exists() and m.kind == "tiny":
         raise FileNotFoundError(f"base model of {path} not found ({base}): pass base=<model folder>")
-    model = load_dllm(m.kind, base, m.dtype, device, m.mask_token_id, m.use_chat_template, m.remote_code)
+    model = load_dllm(m.kind, base, m.dtype, device, m.mask_token_id, m.use_chat_template, m.remote_code,
+                      revision=m.get("revision"))
     if m.lora.enabled:
         apply_lora(model, m.lora.r, m.lora.alpha, m.lora.dropout)
     model.net.load_state_dict(torch.load(path, map_location=device, weights_only=False)["model"])
@@ -145,7 +146,8 @@ def load_adapter(folder: Path, m: DictConfig, device: str) -> Any:
     from bgpo.model import apply_precision, load_dllm
 
     base = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
-    model = load_dllm(m.kind, base, m.dtype, device, m.mask_token_id, m.use_chat_template, m.remote_code)
+    model = load_dllm(m.kind, base, m.dtype, device, m.mask_token_id, m.use_chat_template, m.remote_code,
+                      revision=m.get("revision"))
     model.net = PeftModel.from_pretrained(model.net, folder).to(device)
     return apply_precision(model, m.precision)
 

@@ -96,7 +96,8 @@ def load_run_policy(run_dir: str | Path, which: str = "final", base: str | None 
     if path is None or (m.kind == "tiny" and not Path(path).is_dir()):
         raise FileNotFoundError(f"the base model of {run_dir} was not found ({path}): "
                                 "pass base=<model folder>")
-    policy = load_dllm(m.kind, path, m.dtype, device, m.mask_token_id, m.use_chat_template, m.remote_code)
+    policy = load_dllm(m.kind, path, m.dtype, device, m.mask_token_id, m.use_chat_template, m.remote_code,
+                       revision=m.get("revision"))
     if m.lora.enabled:
         apply_lora(policy, m.lora.r, m.lora.alpha, m.lora.dropout)
     state = torch.load(ckpt, map_location=device, weights_only=False)

@@ -174,8 +174,8 @@ class BaseModelMissing(FileNotFoundError):
 def base_model_identity(cfg: dict[str, Any]) -> dict[str, Any]:
     """The start point of a run (issue 16.4): ``{"sha256", "path"}`` of a model folder on disk
     (the task's cached tiny base model when ``model.path`` is unset), ``{"hub": name}`` for a hub
-    name that is not a folder here (no revision key exists: pin one by downloading the model and
-    passing the folder). Raises :class:`BaseModelMissing` when the tiny base is not built yet."""
+    name that is not a folder here (with ``model.revision`` when set: pin a revision to make the key
+    identify the weights). Raises :class:`BaseModelMissing` when the tiny base is not built yet."""
     m = cfg["model"]
     if m["kind"] == "tiny" and not m.get("path"):
         from bgpo.pretrain import default_path
@@ -186,7 +186,7 @@ def base_model_identity(cfg: dict[str, Any]) -> dict[str, Any]:
     else:
         folder = Path(str(m["path"])).expanduser()
         if not folder.is_dir():
-            return {"hub": str(m["path"])}
+            return {"hub": str(m["path"]), **({"revision": m["revision"]} if m.get("revision") else {})}
     return {"sha256": folder_hash(folder), "path": str(folder.resolve())}
 
 

@@ -72,7 +72,8 @@ def shard_generator(seed: int, step: int, shard: int, device: str) -> torch.Gene
 def load_policy(cfg: DictConfig, device: str) -> DLLM:
     m = cfg.model
     path = ensure_base_model(cfg.task, m) if m.kind == "tiny" else m.path
-    policy = load_dllm(m.kind, path, m.dtype, device, m.mask_token_id, m.use_chat_template, m.remote_code)
+    policy = load_dllm(m.kind, path, m.dtype, device, m.mask_token_id, m.use_chat_template, m.remote_code,
+                       revision=m.get("revision"))
     if m.activation_checkpointing:  # before LoRA wraps the network
         enable_activation_checkpointing(policy.net)
     if m.lora.enabled:

@@ -106,3 +106,26 @@ def best_row(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
         if r.get("step", 0) > 0 and "val/accuracy" in r and better(r, best):
             best = r
     return best
+
+
+def describe(tests: dict[str, Any]) -> list[str]:
+    """One line per test set of a run's ``eval_test.json``: the base model, the validation-selected
+    and the final policy, each with its 95% Wilson interval (one greedy evaluation), and their
+    gains over the base with a paired bootstrap interval over the problems (``bgpo.stats``)."""
+    import numpy as np
+
+    from bgpo.stats import bootstrap, wilson
+
+    lines = []
+    for src in tests.get("base") or {}:
+        arms = {k: np.asarray(tests[k][src]["per_problem"]["accuracy"]) for k in ("base", "best", "final")
+                if (tests.get(k) or {}).get(src)}
+        n = len(arms["base"])
+        diffs = bootstrap(arms, [(k, "base") for k in arms if k != "base"])
+        parts = [f"base {wilson(arms['base'].sum(), n).pct()}"]
+        for k, label in (("best", f"selected (step {tests.get('best_step')})"), ("final", "final")):
+            if k in arms:
+                gain = diffs[f"{k}-base"].signed_pct()
+                parts.append(f"{label} {wilson(arms[k].sum(), n).pct()} (Δ {gain})")
+        lines.append(f"test set {src} ({n} problems), accuracy %: " + " · ".join(parts))
+    return lines

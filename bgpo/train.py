@@ -84,6 +84,13 @@ def run(cfg: DictConfig) -> dict:
                             f"is step {e.checkpoint_step} (retry_failed=true resumes from it)") from None
         summary = finish_run(path, resolved, result)
     log.info(f"[bgpo] {path}: test accuracy {test_line(summary)}")
+    if (path / "eval_test.json").is_file():
+        import json
+
+        from bgpo.evaluation import describe
+
+        for line in describe(json.loads((path / "eval_test.json").read_text())):
+            log.info(f"[bgpo] {line}")
     return summary
 
 

@@ -53,3 +53,16 @@ def test_bootstrap_covers_the_truth_about_95_percent():
 def test_arms_must_share_problems():
     with pytest.raises(ValueError, match="same problems"):
         bootstrap({"a": np.ones(5), "b": np.ones(6)})
+
+
+def test_a_run_describes_its_gain_with_intervals():
+    from bgpo.evaluation import describe
+
+    n = 100
+    res = lambda k: {"own": {"per_problem": {"accuracy": [1.0] * k + [0.0] * (n - k)}}}  # noqa: E731
+    lines = describe({"base": res(10), "best": res(25), "final": res(20), "best_step": 40})
+    assert len(lines) == 1
+    line = lines[0]
+    assert line.startswith("test set own (100 problems)")
+    assert "base 10.0 [5.5, 17.4]" in line and "selected (step 40) 25.0 [" in line
+    assert "(Δ +15.0 [" in line and "(Δ +10.0 [" in line  # paired: the same 10 problems right

@@ -201,7 +201,7 @@ class TrainConfig:
     checkpoint only when this is true; otherwise it is reported and skipped"""
 
 
-# SPEC §4: n_t per method (and the task exceptions) in BGPO's comparison; the methods after BGPO
+# docs/methods.md §5: n_t per method (and the task exceptions) in BGPO's comparison; the methods after BGPO
 # take their own papers' values: SPG m = 2 MC samples (App. G.2), ESPO 2 (code: num_mc), coupled-GRPO
 # λ = 1 pair (§5); TraceRL n_t = steps / s with the code's shrinkage s = 8; JustGRPO every position
 # (n_t = gen_length: the exact AR log-likelihood)
@@ -211,7 +211,7 @@ PAPER_MC_EXCEPTIONS = {("bgpo", "sudoku"): 32,
 TRACERL_SHRINK = 8
 
 
-# SPEC §4: training length / diffusion steps (block 32) and RL steps per task at full scale
+# docs/methods.md §5: training length / diffusion steps (block 32) and RL steps per task at full scale
 # (math = MATH + GSM8K train, code = the DeepCoder subset; the single-test-set tasks keep them too)
 _MATH = {"gen_length": 512, "diffusion_steps": 256, "steps": 700}
 _CODE = {"gen_length": 512, "diffusion_steps": 512, "steps": 560}

@@ -1,4 +1,4 @@
-"""THE Monte Carlo ELBO sampler shared by every method (SPEC §2). The only code that makes masks.
+"""THE Monte Carlo ELBO sampler shared by every method (docs/methods.md §2). The only code that makes masks.
 
 One MC sample j of a response y (length L) given prompt x:
 - a mask level: ``t_j ~ U(t_min,1]`` masking each token with probability t_j (weight 1/t_j), or
@@ -11,7 +11,7 @@ The one-step estimator of diffu-GRPO / wd1 is ``mode="one_step"``: completion fu
 prompt tokens masked with probability ``p_prompt``, weight 1 (mean field); its n_t draws are the
 μ inner iterations, each with a fresh prompt mask.
 
-Beyond SPEC §2, the draws of the methods that came after BGPO (each a ``mode``; every one fills
+Beyond docs/methods.md §2, the draws of the methods that came after BGPO (each a ``mode``; every one fills
 ``Draws.target``, the completion positions that enter ℓ(j), when it differs from masked ∧ scored):
 - ``complementary`` (DiffuCoder §5 / eq. 13, ESPO): n_t PAIRS (m, ¬m) over the scored window, so
   every scored token is masked exactly once per pair; time levels (t, 1 − t) with weights 1/t and
@@ -58,7 +58,7 @@ MODES = ("elbo", "one_step", "complementary", "block", "ar", "trajectory")
 @dataclass(frozen=True)
 class ELBOConfig:
     mode: Mode = "elbo"
-    """elbo: n_t masked samples (SPEC §2); one_step: d1's estimator (completion fully masked);
+    """elbo: n_t masked samples (docs/methods.md §2); one_step: d1's estimator (completion fully masked);
     complementary / block / ar / trajectory: see the module doc"""
     level: Level = "time"
     """time: t ~ U(t_min,1], weight 1/t (BGPO paper: t_min = 0); count: l ~ U{1..L}, weight L/l (LLaDA 1.5)"""
@@ -141,7 +141,7 @@ class Batch:
 
 @dataclass
 class Draws:
-    """A replayable set of n_t MC draws for a batch (SPEC §2)."""
+    """A replayable set of n_t MC draws for a batch (docs/methods.md §2)."""
 
     masked: Tensor  # [n_t, B, P+L] bool: positions replaced by the mask token in sample j
     weight: Tensor  # [n_t, B] float64: w_j (1/t_j, L/l_j, or 1), length normalisation folded in

@@ -1,4 +1,4 @@
-"""The dLLM adapter: one small interface over the tiny model, LLaDA and Dream (SPEC §1).
+"""The dLLM adapter: one small interface over the tiny model, LLaDA and Dream (docs/methods.md §1).
 
 Everything else in the suite sees a ``DLLM``: ``logits(input_ids, attention_mask) -> [B, T, V]``
 aligned so that position i predicts token i, the ids of mask / EOS / pad, and the tokenizer with
@@ -98,7 +98,7 @@ def build_tiny(seed: int = 0, dtype: torch.dtype = torch.float32, **arch: int) -
 
 @dataclass
 class DLLM:
-    """A masked diffusion LM behind one interface (SPEC §1)."""
+    """A masked diffusion LM behind one interface (docs/methods.md §1)."""
 
     net: nn.Module
     tokenizer: PreTrainedTokenizerBase

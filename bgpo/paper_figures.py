@@ -11,7 +11,7 @@ Benchmark rows read here (``results/bench/*.jsonl``, one JSON object per line):
 * ``variance-*.jsonl``, told apart by ``kind``:
 
   - ``{"kind": "grad", "method", "mc", "grad_std", "bias_rel", "device", "model",
-    "commit"}`` — SPEC §4 Fig. 3: the gradient of one batch computed repeatedly with fresh MC
+    "commit"}`` — docs/methods.md §5 Fig. 3: the gradient of one batch computed repeatedly with fresh MC
     draws; ``grad_std`` = the per-parameter std over repeats, averaged over parameters;
     ``bias_rel`` = ‖mean gradient − gold‖ / ‖gold‖ with the n_t = 256 gradient as gold
     (``null`` for the gold point itself).
@@ -238,7 +238,7 @@ def make_figures(runs: list[Any], memory: list[dict[str, Any]], variance: list[d
                          "results/tiny_equal_memory/*/eval_test.json", both,
                          lambda: interval_points(eq_points, "method (n_t)", "equal memory budget", eq_base)),
         "gradient_std_bias": (any(r.get("kind") in ("grad", "elbo_diff") for r in variance),
-                              "gradient std and bias against n_t per method (SPEC §4, Fig. 3) and the "
+                              "gradient std and bias against n_t per method (BGPO Fig. 3) and the "
                               "variance of the ELBO-difference estimate", "results/bench/variance-*.jsonl",
                               png, lambda: gradient_std_bias(variance)),
     }

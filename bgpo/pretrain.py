@@ -1,4 +1,4 @@
-"""Pretraining the embedded tiny dLLM: masked-diffusion SFT (LLaDA's SFT loss; SPEC §1–§2).
+"""Pretraining the embedded tiny dLLM: masked-diffusion SFT (LLaDA's SFT loss; docs/methods.md §1–§2).
 
     python -m bgpo.pretrain task=countdown        # then task=sudoku
 

@@ -1,4 +1,4 @@
-"""Prompts → completions → rewards: the rollout sampler wired to a task (SPEC §1, §5).
+"""Prompts → completions → rewards: the rollout sampler wired to a task (docs/methods.md §1, §6).
 
 Used by the RL trainer (sampled rollouts), by pretraining and by periodic evaluation (greedy).
 Rewards go through the task's batch API (``bgpo.tasks.task_scores``): the code tasks run their
@@ -33,7 +33,7 @@ ORDERS = ("blocks", "left_to_right")
 def sampler_config(task_cfg: TaskConfig, temperature: float, eval_mode: bool = False,
                    fast: SamplerConf | None = None, order: str = "blocks") -> SamplerConfig:
     """Rollouts use task.diffusion_steps (and the ``sampler.*`` mode); evaluation uses the
-    reference sampler with one token per step (SPEC §4). ``order="left_to_right"`` (a method's
+    reference sampler with one token per step (docs/methods.md §5). ``order="left_to_right"`` (a method's
     ``ROLLOUT_ORDER``, JustGRPO) decodes rollouts one token per step in blocks of one: exact
     autoregressive sampling with the future masked."""
     if order not in ORDERS:

@@ -1,4 +1,4 @@
-"""Rollout generation: LLaDA's block-wise low-confidence remasking sampler (SPEC §1).
+"""Rollout generation: LLaDA's block-wise low-confidence remasking sampler (docs/methods.md §1).
 
 The completion of length ``gen_length`` starts all-masked and is decoded block by block, left to
 right; each block gets ``steps / num_blocks`` denoising steps. At every step all masked positions

@@ -1,4 +1,4 @@
-"""The RL trainer, written once for every method (SPEC §3–§4).
+"""The RL trainer, written once for every method (docs/methods.md §3–§5).
 
     rollout → reward → advantages → method.prepare → (method.loss → backward) per chunk → all-reduce → step
 
@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 
 
 def advantages(rewards: torch.Tensor, G: int, std_norm: bool) -> torch.Tensor:
-    """Group advantages (SPEC §3): ``r − mean_G r``, divided by ``std_G r`` when ``std_norm``."""
+    """Group advantages (docs/methods.md §3): ``r − mean_G r``, divided by ``std_G r`` when ``std_norm``."""
     r = rewards.view(-1, G)  # [n_prompts, G]
     a = r - r.mean(-1, keepdim=True)
     if std_norm:

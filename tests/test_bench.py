@@ -69,7 +69,7 @@ def test_variance_bench_coupling_lowers_variance(micro_path, tmp_path):
     for r in grads.values():
         assert r["grad_std"] > 0 and r["bias_rel"] >= 0 and r["commit"] and r["cmd"]
     check = next(r for r in rows if r["kind"] == "onpolicy_check")
-    assert check["rel_diff"] < 1e-5  # SPEC §3: on-policy, BGPO's gradient is VRPO-OL's
+    assert check["rel_diff"] < 1e-5  # docs/methods.md §3: on-policy, BGPO's gradient is VRPO-OL's
     diffs = [r for r in rows if r["kind"] == "elbo_diff"]
     assert len(diffs) == len(variance.ESTIMATORS) * 2 * 2  # estimator × n × coupled
     for level, strat, t_min in variance.ESTIMATORS:

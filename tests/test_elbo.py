@@ -1,4 +1,4 @@
-"""The shared ELBO sampler (SPEC §2): draws, exact-ELBO convergence, coupling, memory."""
+"""The shared ELBO sampler (docs/methods.md §2): draws, exact-ELBO convergence, coupling, memory."""
 
 from __future__ import annotations
 
@@ -132,7 +132,7 @@ def test_mc_mean_converges_to_exact_elbo(cfg):
 
 
 def test_coupled_draws_lower_variance_of_the_difference():
-    """Var(B̂_θ − B̂_ref) is far smaller when θ and ref see the same masks (SPEC §2, VRPO)."""
+    """Var(B̂_θ − B̂_ref) is far smaller when θ and ref see the same masks (docs/methods.md §2, VRPO)."""
     ref = micro_model()
     batch = random_batch(ref, n_prompts=1, G=1, L=6)
     theta = copy.deepcopy(ref)

@@ -65,7 +65,7 @@ def test_bad_schedule_is_rejected(bad):
 
 
 def reference_generate(model, prompt, cfg, noise):
-    """One sequence, no padding, written straight from SPEC §1 (loops, no batching tricks)."""
+    """One sequence, no padding, written straight from docs/methods.md §1 (loops, no batching tricks)."""
     L, bl = cfg.gen_length, cfg.block_length
     x = prompt.tolist() + [model.mask_token_id] * L
     P, steps_per_block = len(prompt), cfg.steps // (L // bl)

@@ -95,7 +95,7 @@ def test_auto_classes_pick_the_native_model(kind):
 
 
 def test_default_configs_build_the_published_8b_and_7b_shapes():
-    """SPEC §1: LLaDA-8B has 291 tensors (untied, no biases); Dream-7B is Qwen2-7B (GQA 28/4)."""
+    """docs/methods.md §1: LLaDA-8B has 291 tensors (untied, no biases); Dream-7B is Qwen2-7B (GQA 28/4)."""
     from bgpo.models import DreamModel, LLaDAModelLM
 
     shapes = {LLaDAModelLM: (291, 8.0156e9, "model.transformer.blocks.31.k_proj.weight", (4096, 4096)),

@@ -1,4 +1,4 @@
-"""Tasks (SPEC §5): rewards on good, bad and hostile completions, splits, determinism, parsers."""
+"""Tasks (docs/methods.md §6): rewards on good, bad and hostile completions, splits, determinism, parsers."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """``python -m bgpo.bench memory``: peak memory and step time of one RL update against n_t (issue 5;
-BGPO's Fig. 1 and its step-time comparison, SPEC §4).
+BGPO's Fig. 1 and its step-time comparison, docs/methods.md §5).
 
 For every method (bgpo, vrpo, diffu_grpo, wd1 and the methods after BGPO: spg, espo, coupled_grpo,
 tracerl, just_grpo; ``--methods``) and n_t, real training steps run on one fixed

@@ -13,7 +13,7 @@ Table 2). Plotting-ready rows in ``<out>/variance-<model>.jsonl``, one per figur
   of n_t = 32 (VRPO-OL at 256 would hold 256 graphs);
 - ``kind = "gold"``: each method's gold gradient norm and its cosine with BGPO's (diffu-GRPO's
   one-step estimator targets a different quantity; BGPO and VRPO-OL share their expectation);
-- ``kind = "onpolicy_check"``: BGPO's and VRPO-OL's gradients on the SAME draws (SPEC §3: equal);
+- ``kind = "onpolicy_check"``: BGPO's and VRPO-OL's gradients on the SAME draws (docs/methods.md §3: equal);
 - ``kind = "elbo_diff"`` (LLaDA 1.5, Table 2): the variance of ``B̂_θ − B̂_old`` over
   ``--diff-replicates`` replicates at a perturbed θ (every weight + ``--perturb`` × its tensor's RMS
   × N(0,1)), for n MC samples ∈ ``--diff-ns``: ``coupled`` (θ and θ_old on the same masks) or
@@ -237,7 +237,7 @@ def grad_rows(args: argparse.Namespace, policy: DLLM, batch: Batch, rewards: Ten
         if "bgpo" in golds:
             row["cos_vs_bgpo_gold"] = _cos(gold, golds["bgpo"])
         rows.append(row)
-    if {"bgpo", "vrpo"} <= set(args.methods):  # SPEC §3: on-policy, equal gradients on equal draws
+    if {"bgpo", "vrpo"} <= set(args.methods):  # docs/methods.md §3: on-policy, equal gradients on equal draws
         n = 4
         a = gradient(policy, *build("bgpo", n), batch=batch, seed=7)
         b = gradient(policy, *build("vrpo", n), batch=batch, seed=7)

@@ -14,8 +14,8 @@ Two local metric scripts, loadable offline by path, for pipelines that score wit
     # {'cell_accuracy': ..., 'solved_accuracy': ...}
 
 Both call the suite's own task code (``bgpo.tasks``: ``task_scores``), so their numbers are the
-suite's rewards, never a second implementation: Countdown (SPEC §5) reward (1 / 0.1 / 0) and
-accuracy (reward 1); Sudoku (SPEC §5) cell accuracy (the share of empty cells filled right, the
+suite's rewards, never a second implementation: Countdown (docs/methods.md §6) reward (1 / 0.1 / 0) and
+accuracy (reward 1); Sudoku (docs/methods.md §6) cell accuracy (the share of empty cells filled right, the
 suite's reward) and solved accuracy (every empty cell right). ``format="d1"`` reads the answer
 from the last ``<answer>`` tag (LLaDA-class completions); ``compact`` (default) reads the
 completion itself (the tiny models). They need ``bgpo`` importable, nothing else; no hub access.

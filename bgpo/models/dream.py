@@ -58,7 +58,7 @@ SUPPORTED: dict[str, tuple[Any, ...]] = {
 
 
 class DreamConfig(PretrainedConfig):
-    """Dream's hub ``config.json``; defaults are Dream-v0-Instruct-7B's (SPEC §1). Keys not named
+    """Dream's hub ``config.json``; defaults are Dream-v0-Instruct-7B's (docs/methods.md §1). Keys not named
     here (``max_window_layers``, ``sliding_window``, ``auto_map``...) are kept and saved back."""
 
     model_type = "Dream"

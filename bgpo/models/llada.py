@@ -63,7 +63,7 @@ SUPPORTED: dict[str, tuple[Any, ...]] = {
 
 
 class LLaDAConfig(PretrainedConfig):
-    """LLaDA's hub ``config.json``; defaults are LLaDA-8B-Instruct's (SPEC §1). Keys not named
+    """LLaDA's hub ``config.json``; defaults are LLaDA-8B-Instruct's (docs/methods.md §1). Keys not named
     here (``init_fn``, ``precision``, ``auto_map``...) are kept as they are and saved back."""
 
     model_type = "llada"

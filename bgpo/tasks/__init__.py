@@ -1,4 +1,4 @@
-"""Tasks of the suite (SPEC §5). Importing this package registers every task by name."""
+"""Tasks of the suite (docs/methods.md §6). Importing this package registers every task by name."""
 
 from bgpo.tasks import (  # noqa: F401  (registration)
     countdown,

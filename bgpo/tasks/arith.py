@@ -1,4 +1,4 @@
-"""Safe exact arithmetic for Countdown answers (SPEC §5: "never `eval` arbitrary text").
+"""Safe exact arithmetic for Countdown answers (docs/methods.md §6: "never `eval` arbitrary text").
 
 A tokenizer and a recursive-descent parser over integer literals, ``+ - * /``, parentheses and
 unary minus; nothing else is accepted (no ``**``, no decimals, no names). Values are exact

@@ -1,4 +1,4 @@
-"""A task = data source + prompt renderers + reward (SPEC §5). Tasks know nothing of models.
+"""A task = data source + prompt renderers + reward (docs/methods.md §6). Tasks know nothing of models.
 
 Every task registers itself by name with ``@register_task("name")`` and implements ``Task``.
 Two renderers share the same data: ``compact`` (the embedded tiny dLLM, character tokens) and
@@ -51,7 +51,7 @@ class Task(Protocol):
         ...
 
     def reward(self, ex: Example, completion: str, fmt: Format) -> float:
-        """SPEC §5 reward of a decoded completion (text after the prompt, EOS stripped)."""
+        """docs/methods.md §6 reward of a decoded completion (text after the prompt, EOS stripped)."""
         ...
 
     def correct(self, ex: Example, completion: str, fmt: Format) -> bool:
@@ -114,7 +114,7 @@ def get_task(name: str, **kwargs: Any) -> Task:
     return _REGISTRY[name](**kwargs)
 
 
-# ---- d1 format helpers shared by the tasks (SPEC §5) ----
+# ---- d1 format helpers shared by the tasks (docs/methods.md §6) ----
 
 D1_INSTRUCTIONS = (
     "Work through the problem step by step inside <reasoning> </reasoning> tags, then give only the "

@@ -1,4 +1,5 @@
-"""Countdown with 3 numbers (SPEC §5): reach ``target`` with + - * / and parentheses, each number once.
+"""Countdown with 3 numbers (docs/methods.md §6): reach ``target`` with + - * / and parentheses, each
+number once.
 
 Data. Problems are generated, seeded: three numbers drawn uniformly from 1..100 (with
 replacement), then a target drawn uniformly from the integers in 1..100 that some expression over
@@ -15,7 +16,7 @@ never draws from either. The suite's own test set (``n_test`` problems, default 
 JSONL, ``{"input": "30,100,93", "output": "23"}``) is given, it is the test set (its first
 ``n_test`` rows when ``n_test`` is set) and its problems are excluded from training and validation.
 
-Reward (SPEC §5). 1.0 if the multiset of literals equals the given numbers and the value is within
+Reward (docs/methods.md §6). 1.0 if the multiset of literals equals the given numbers and the value is within
 1e-5 of the target; 0.1 if the answer is an equation that parses (``arith.evaluate``) but is
 wrong; 0 otherwise. The answer is the whole completion (``compact``) or the content of the last
 ``<answer>...</answer>`` (``d1``; none -> 0). Only ``[0-9+-*/() ]`` is parsed: any other
@@ -136,7 +137,7 @@ def _example(numbers: Sequence[int], target: int, solution: str | None, **meta: 
 
 @register_task("countdown")
 class CountdownTask:
-    """SPEC §5 Countdown (3 numbers). ``test_file``: d1-style JSONL used as the test set;
+    """docs/methods.md §6 Countdown (3 numbers). ``test_file``: d1-style JSONL used as the test set;
     ``n_test``: size of the own test set (default 256) or the first ``n_test`` rows of the file."""
 
     DATA_FILES = ("test_file",)
@@ -230,7 +231,7 @@ class CountdownTask:
             return expr
         return d1_completion(f"{expr} = {ex.fields['target']}", expr)
 
-    # ---- reward (SPEC §5) ----
+    # ---- reward (docs/methods.md §6) ----
     def reward(self, ex: Example, completion: str, fmt: Format) -> float:
         check_format(fmt)
         answer = completion if fmt == "compact" else last_answer(completion)

@@ -1,4 +1,4 @@
-"""Where task data comes from (SPEC §5): the d1 test files, local files, or the Hugging Face hub.
+"""Where task data comes from (docs/methods.md §6): the d1 test files, local files, or the Hugging Face hub.
 
 ``d1_data_dir`` finds the folder holding d1's Countdown and Sudoku test files. ``load_records``
 reads a local JSON/JSONL/CSV/parquet file, or a hub data set through ``datasets.load_dataset``;

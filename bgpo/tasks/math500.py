@@ -1,4 +1,4 @@
-"""MATH500 (SPEC §5): competition maths, scored on the final answer.
+"""MATH500 (docs/methods.md §6): competition maths, scored on the final answer.
 
 Data. Test: ``HuggingFaceH4/MATH-500`` (``test`` split; rows ``problem``, ``solution``,
 ``answer``), or a local JSON/JSONL/CSV/parquet file with the same columns (``test_source``, or ``test_file``).
@@ -131,7 +131,7 @@ def _to_example(row: dict[str, Any], index: int, source: str) -> Example:
 
 @register_task("math500")
 class Math500Task:
-    """SPEC §5 MATH500; see the module docstring for the sources and the answer check."""
+    """docs/methods.md §6 MATH500; see the module docstring for the sources and the answer check."""
 
     DATA_FILES = ("test_file",)
     DATA_SOURCES = ("train_source", "test_source")

@@ -1,4 +1,4 @@
-"""MBPP (SPEC §5): basic Python problems, pass@1 by running the tests in a sandbox.
+"""MBPP (docs/methods.md §6): basic Python problems, pass@1 by running the tests in a sandbox.
 
 Data. ``google-research-datasets/mbpp`` (config ``full``: ``train`` 374, ``test`` 500; rows
 ``task_id``, ``text``, ``code``, ``test_list``, ``test_setup_code``; the ``sanitized`` config's
@@ -44,7 +44,7 @@ def _to_example(row: dict[str, Any], source: str) -> Example:
 
 @register_task("mbpp")
 class MBPPTask:
-    """SPEC §5 MBPP; see the module docstring for the sources and the sandbox."""
+    """docs/methods.md §6 MBPP; see the module docstring for the sources and the sandbox."""
 
     DATA_FILES = ("train_file", "test_file")
     DATA_SOURCES = ("hub_name",)

@@ -1,4 +1,4 @@
-"""Run model-written Python against trusted tests (SPEC §5: "a sandboxed subprocess with a time
+"""Run model-written Python against trusted tests (docs/methods.md §6: "a sandboxed subprocess with a time
 limit"). ``sandbox_harness.py`` is the trusted half that runs inside.
 
 Design. The verdict is a per-run secret, never the exit status. The parent writes 32 random hex

@@ -1,4 +1,4 @@
-"""4×4 Sudoku (SPEC §5): 16-character strings read row by row, ``0`` = empty cell.
+"""4×4 Sudoku (docs/methods.md §6): 16-character strings read row by row, ``0`` = empty cell.
 
 Grids. There are exactly 288 valid 4×4 grids (``all_grids``, by backtracking). The split is BY
 GRID, so a test score never measures memorised grids:
@@ -18,7 +18,7 @@ Puzzles. ``n_empty`` cells (default 8: every puzzle in d1's test file has exactl
 are blanked at random, re-drawing up to 50 times until the puzzle has a unique solution (a bitmask
 count over the 288 grids; d1's own file is only 75% unique: 376 of 500).
 
-Reward (SPEC §5). The fraction of originally-empty cells filled correctly: the answer (whole
+Reward (docs/methods.md §6). The fraction of originally-empty cells filled correctly: the answer (whole
 completion for ``compact``; the last ``<answer>...</answer>`` for ``d1``, none -> 0) is reduced
 to its ASCII digits, the first 16 are read as the grid, and each empty cell of the puzzle counts
 if that digit equals the reference solution's; missing digits count as wrong. ``correct`` is
@@ -143,7 +143,7 @@ def read_d1_csv(path: str) -> list[tuple[str, str]]:
 
 @register_task("sudoku")
 class SudokuTask:
-    """SPEC §5 Sudoku 4×4 with a by-grid train/test split (see the module docstring)."""
+    """docs/methods.md §6 Sudoku 4×4 with a by-grid train/test split (see the module docstring)."""
 
     DATA_FILES = ("test_file",)
     name = "sudoku"
@@ -247,7 +247,7 @@ class SudokuTask:
             f"Filling each empty cell with the one digit its row, column and box lack: {rows}", ex.solution
         )
 
-    # ---- reward (SPEC §5) ----
+    # ---- reward (docs/methods.md §6) ----
     def reward(self, ex: Example, completion: str, fmt: Format) -> float:
         check_format(fmt)
         answer = completion if fmt == "compact" else last_answer(completion)

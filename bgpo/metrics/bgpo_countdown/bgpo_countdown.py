@@ -1,4 +1,4 @@
-"""Countdown reward and accuracy of bgpo-suite (SPEC §5) as an ``evaluate`` metric.
+"""Countdown reward and accuracy of bgpo-suite (docs/methods.md §6) as an ``evaluate`` metric.
 
 Loaded by path (``evaluate.load(bgpo.metrics.metric_path("countdown"))``); see ``bgpo.metrics``.
 The numbers are the suite's own: ``bgpo.tasks.task_scores`` on the ``countdown`` task.
@@ -24,7 +24,7 @@ Returns:
     reward: mean reward; accuracy: share of completions with reward 1.
 """
 
-_CITATION = "bgpo-suite, SPEC §5 (Countdown task of d1: Zhao et al. 2025, arXiv 2504.12216)."
+_CITATION = "bgpo-suite, docs/methods.md §6 (Countdown task of d1: Zhao et al. 2025, arXiv 2504.12216)."
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS)

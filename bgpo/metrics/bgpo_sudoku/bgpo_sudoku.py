@@ -1,4 +1,4 @@
-"""Sudoku 4x4 cell and solved accuracy of bgpo-suite (SPEC §5) as an ``evaluate`` metric.
+"""Sudoku 4x4 cell and solved accuracy of bgpo-suite (docs/methods.md §6) as an ``evaluate`` metric.
 
 Loaded by path (``evaluate.load(bgpo.metrics.metric_path("sudoku"))``); see ``bgpo.metrics``.
 The numbers are the suite's own: ``bgpo.tasks.task_scores`` on the ``sudoku`` task.
@@ -24,7 +24,7 @@ Returns:
     cell_accuracy: mean share of empty cells right; solved_accuracy: share of puzzles solved.
 """
 
-_CITATION = "bgpo-suite, SPEC §5 (Sudoku task of d1: Zhao et al. 2025, arXiv 2504.12216)."
+_CITATION = "bgpo-suite, docs/methods.md §6 (Sudoku task of d1: Zhao et al. 2025, arXiv 2504.12216)."
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS)

@@ -52,7 +52,8 @@ SOURCES = {"own": "suite test set", "d1": "d1 test file"}
 # per task: (metric in per_problem, its name in the tables)
 METRICS = {"sudoku": [("accuracy", "solved"), ("reward", "cells")]}
 DEFAULT_METRICS = [("accuracy", "accuracy")]
-SWEEP_TABLES = {"mc_ablation": ("tiny_mc", "mc_ablation"), "bounds": ("tiny_bounds", "bounds"),
+SWEEP_TABLES = {"mc_ablation": ("tiny_mc", "mc_ablation", "paper_mc_ablation"),
+                "bounds": ("tiny_bounds", "bounds", "paper_bounds"),
                 "equal_memory": ("tiny_equal_memory",)}
 FOOTNOTES = {
     "a": "no complete run with test evaluations in this results folder",

@@ -18,9 +18,10 @@ def test_every_job_of_every_full_scale_preset_composes_in_miniature(tmp_path, mo
     monkeypatch.setenv("BGPO_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("BGPO_DATA", str(dryrun.data_folder(tmp_path)))
     presets = dryrun.full_scale_presets()
-    assert presets == ["paper_main", "paper_mc_ablation"]  # the tiny presets are not full-scale
+    # the tiny presets are not full-scale
+    assert presets == ["paper_bounds", "paper_main", "paper_mc_ablation", "paper_offpolicy"]
     jobs = dryrun.plan(presets, [], [], steps=2, nproc=2, out=tmp_path)
-    assert len(jobs) == 16 + 5
+    assert len(jobs) == 3 + 16 + 5 + 4
     for job in jobs:
         mini = dict(o.split("=", 1) for o in job.mini)
         assert mini["model.path"].startswith(str(tmp_path / "cache" / "miniature-llada"))

@@ -42,13 +42,19 @@ def reproduce_tables(session: nox.Session) -> None:
     session.run(sys.executable, "-m", "bgpo.paper", *session.posargs)
 
 
+TINY_PRESETS = ("tiny_quick", "tiny_repro", "tiny_offpolicy", "tiny_mc", "tiny_bounds", "tiny_equal_memory",
+                "beyond_tiny")
+
+
 @nox.session(python=False)
 def sweep_tiny(session: nox.Session) -> None:
-    """The CPU reproduction sweep (sweeps/tiny_repro.yaml) into results/tiny_repro.
-
+    """The CPU reproduction (sweeps/tiny_*.yaml, beyond_tiny) into results/, two one-thread runs at a
+    time; resumable (complete runs are skipped). `nox -s sweep_tiny -- tiny_quick` runs one preset.
     The trainer pretrains the two tiny base models first if they are missing. Then run
     `nox -s reproduce_tables`."""
-    session.run(sys.executable, "-m", "bgpo.sweep", "-m", "+sweeps=tiny_repro", *session.posargs)
+    for preset in session.posargs or TINY_PRESETS:
+        session.run(sys.executable, "-m", "bgpo.sweep", "-m", f"+sweeps={preset}",
+                    "hydra/launcher=local_parallel", "threads=1", env={"OMP_NUM_THREADS": "1"})
 
 
 @nox.session(python=False)

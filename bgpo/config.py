@@ -208,6 +208,12 @@ class TrainConfig:
 PAPER_MC = {"bgpo": 16, "vrpo": 4, "diffugrpo": 1, "wd1": 1, "spg": 2, "espo": 2, "coupledgrpo": 1}
 PAPER_MC_EXCEPTIONS = {("bgpo", "sudoku"): 32,
                        **{("vrpo", code): 2 for code in ("deepcoder", "humaneval", "mbpp")}}
+# The equal-memory comparison (issue 14, BGPO Fig. 1's situation): every method gets the same
+# peak-memory budget of the RL update — VRPO-OL's peak at n_t = 2 on the tiny runs' batch, measured
+# by `python -m bgpo.bench memory` (results/bench/memory-cpu-tiny.jsonl) — and the largest n_t whose
+# measured peak fits it; BGPO's peak does not grow with n_t, so it keeps the n_t it likes (16).
+# tests/test_bench.py checks these against the committed benchmark rows.
+EQUAL_MEMORY_MC = {"bgpo": 16, "vrpo": 2, "diffugrpo": 2, "wd1": 2}
 TRACERL_SHRINK = 8
 
 
@@ -231,6 +237,14 @@ def paper_mc(target: str, task: str, gen_length: int | None = None, steps: int |
     if method == "justgrpo":
         return gen_length or paper_task(task, "gen_length")
     return PAPER_MC_EXCEPTIONS.get((method, task), PAPER_MC[method])
+
+
+def equal_memory_mc(target: str) -> int:
+    """``${equal_memory_mc:${method._target_}}``: a method's n_t within the equal-memory budget."""
+    method = target.rsplit(".", 1)[-1].lower()
+    if method not in EQUAL_MEMORY_MC:
+        raise ValueError(f"method {method!r} has no equal-memory n_t; allowed: {sorted(EQUAL_MEMORY_MC)}")
+    return EQUAL_MEMORY_MC[method]
 
 
 def paper_task(task: str, key: str) -> int:
@@ -264,7 +278,8 @@ def data_file(name: str, default: str | None = None) -> str | None:
 
 
 def register() -> None:
-    for name, fn in (("paper_mc", paper_mc), ("paper_task", paper_task), ("bgpo_data", data_file)):
+    for name, fn in (("paper_mc", paper_mc), ("paper_task", paper_task), ("equal_memory_mc", equal_memory_mc),
+                     ("bgpo_data", data_file)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
     cs = ConfigStore.instance()

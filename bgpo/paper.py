@@ -476,17 +476,58 @@ def to_latex(t: Table) -> str:
     return "\n".join(lines + [r"\end{table}"]) + "\n"
 
 
+def except_keys(cfg: dict[str, Any], keys: tuple[str, ...]) -> str:
+    """A config's hash without the seed, the results folder and ``keys`` (dotted paths)."""
+    import copy
+
+    c = copy.deepcopy({k: v for k, v in cfg.items() if k not in ("seed", "results_dir")})
+    for key in keys:
+        *parents, leaf = key.split(".")
+        node = c
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return config_hash(c)
+
+
+# what each ablation varies: its table takes the runs of its own sweep folder, plus the runs of any
+# other sweep (e.g. tiny_repro) that differ from one of them ONLY in those keys — the shared row
+# (BGPO at n_t = 16, both bounds, BGPO in the equal-memory set) is trained once
+VARIED = {"mc_ablation": ("mc", "method.cfg.n_t"), "bounds": ("method.cfg.bound",),
+          "equal_memory": ("mc", "method")}
+
+
+def borrowed(runs: list[Run], sweep: str, varied: tuple[str, ...], allow: Any = None) -> list[Run]:
+    own = [r for r in runs if r.sweep == sweep]
+    keys = {except_keys(r.config, varied) for r in own}
+    extra = [r for r in runs if r.sweep != sweep and except_keys(r.config, varied) in keys
+             and (allow is None or allow(r))]
+    return own + extra
+
+
 def tables_of(runs: list[Run], memory: list[dict[str, Any]], reported: dict[str, Any]) -> list[Table]:
     sweeps = sorted({r.sweep for r in runs})
     special = {s: name for name, names in SWEEP_TABLES.items() for s in names}
     out = [sweep_table(s, [r for r in runs if r.sweep == s], reported) for s in sweeps if s not in special]
     for s in sweeps:
-        sel = [r for r in runs if r.sweep == s]
-        if special.get(s) == "mc_ablation":
+        kind = special.get(s)
+        if kind == "mc_ablation":
+            sel = borrowed(runs, s, VARIED[kind], lambda r: r.method == "bgpo")
+        elif kind == "bounds":
+            sel = borrowed(runs, s, VARIED[kind], lambda r: r.method in ("bgpo_offpolicy", "bgpo_tangent",
+                                                                         "bgpo_jensen"))
+        elif kind == "equal_memory":
+            from bgpo.config import EQUAL_MEMORY_MC
+
+            sel = borrowed(runs, s, VARIED[kind], lambda r: EQUAL_MEMORY_MC.get(r.method) == r.mc)
+        else:
+            continue
+        if kind == "mc_ablation":
             out.append(mc_table(sel, reported, s))
-        elif special.get(s) == "bounds":
+        elif kind == "bounds":
             out.append(bounds_table(sel, reported, s))
-        elif special.get(s) == "equal_memory":
+        else:
             out.append(equal_memory_table(sel, s))
     return [*out, memory_table(memory), reported_table(reported)]
 

@@ -97,3 +97,16 @@ def test_bad_overrides_fail_naming_the_key(overrides, key):
     with pytest.raises((ValueError, ConfigCompositionException, ValidationError)) as err:
         validate_train(cfg_of(*overrides))
     assert key in str(err.value) + str(err.value.__cause__)
+
+
+def test_tiny_presets_share_their_rl_settings():
+    """Every tiny_* preset (and beyond_tiny) trains with the same settings, so that runs borrowed
+    across them (bgpo/paper.py VARIED: the n_t = 16 row of Table 2, the "both" row of Table 3) are
+    the same experiment, and every row of the tiny tables is comparable."""
+    keys = ("steps", "prompts_per_step", "group_size", "temperature", "lr", "eval_every", "eval_n")
+    names = [p for p in PRESETS if p.startswith("tiny_") or p == "beyond_tiny"]
+    assert {"tiny_quick", "tiny_repro", "tiny_offpolicy", "tiny_mc", "tiny_bounds",
+            "tiny_equal_memory"} <= set(names)
+    with initialize_config_module("bgpo.conf", version_base="1.3"):
+        settings = {p: tuple(compose("sweep", overrides=[f"+sweeps={p}"])[k] for k in keys) for p in names}
+    assert len(set(settings.values())) == 1, settings

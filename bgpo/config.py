@@ -45,6 +45,9 @@ class TaskConfig:
     """denoising steps per completion; a multiple of gen_length / block_length"""
     options: dict[str, Any] = field(default_factory=dict)
     """extra constructor arguments of the task (dataset paths...)"""
+    shots: int = 0
+    """the protocol's worked examples before each prompt (training problems; 0 = zero-shot, as BGPO
+    and d1 evaluate): rollouts and every evaluation use the same prompt"""
     eval_tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
     """other registered tasks whose test sets the run reports instead of its own, each with its
     constructor options (``test_file``...), evaluated at the end with this task's format and lengths
@@ -406,6 +409,7 @@ def validate_task(task: TaskConfig | DictConfig) -> None:
             raise ValueError(f"task.eval_tasks.{name} is not a registered task; allowed: {task_names()}")
     check_int("task.n_test", task.n_test, 1, optional=True)
     check_int("task.pretrain_steps", task.pretrain_steps, 1)
+    check_int("task.shots", task.shots, 0)
     try:  # option names, and the data files exist (never a hub request)
         check_task_data(task.name, task.test_file, task.options)
     except FileNotFoundError as e:

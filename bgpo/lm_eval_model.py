@@ -433,7 +433,8 @@ def suite_task_metadata(task_cfg: Any, n: int | None = None) -> dict[str, Any]:
 
         options = OmegaConf.to_container(options, resolve=True)
     return {"bgpo_format": _get(task_cfg, "format", "compact"), "bgpo_test_file": _get(task_cfg, "test_file"),
-            "bgpo_n_test": _get(task_cfg, "n_test"), "bgpo_n": n, "bgpo_options": json.dumps(options)}
+            "bgpo_n_test": _get(task_cfg, "n_test"), "bgpo_n": n, "bgpo_options": json.dumps(options),
+            "bgpo_shots": _get(task_cfg, "shots", 0) or 0}
 
 
 def evaluate_suite_task(model: DLLM | LM, task_name: str, task_cfg: Any = None, n: int | None = None,

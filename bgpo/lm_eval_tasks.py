@@ -15,7 +15,8 @@ also holds the ``--model_args``). The metadata keys read here:
   current directory and made absolute here);
 - ``bgpo_n_test``: the task's ``n_test`` (size of the suite's own set, or rows drawn from a file);
 - ``bgpo_n``: keep only the first n problems (what the trainer's ``eval_n`` does);
-- ``bgpo_options``: extra task constructor arguments (a dict, or its JSON).
+- ``bgpo_options``: extra task constructor arguments (a dict, or its JSON);
+- ``bgpo_shots``: worked examples before each prompt (``task.shots``; ``bgpo.tasks.prompt_text``).
 
 ``bgpo_source`` is ``own`` (the suite's seeded test set, what a fresh clone has), ``d1`` (d1's
 test file for the task in ``bgpo.tasks.d1_data_dir()``: ``$BGPO_D1_DATA`` or ``../shared/data``)
@@ -45,7 +46,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bgpo.tasks import Example, Task, d1_data_dir, get_task, task_scores
+from bgpo.tasks import Example, Task, d1_data_dir, get_task, prompt_text, task_scores
 from bgpo.tasks.data import COUNTDOWN_D1_FILE, SUDOKU_D1_FILE
 
 TASKS_DIR = Path(__file__).resolve().parent / "lm_tasks"
@@ -103,13 +104,13 @@ def _options(value: Any) -> dict[str, Any]:
 
 @functools.lru_cache(maxsize=32)
 def _rows(task: str, fmt: str, test_file: str | None, n_test: int | None, options: str,
-          split: str = "test") -> tuple[dict, ...]:
+          split: str = "test", shots: int = 0) -> tuple[dict, ...]:
     """Documents of a test (or validation) set (cached: the trainer evaluates the same set many times)."""
     t = get_task(task, test_file=test_file, n_test=n_test, **json.loads(options))
     rows = []
     for i, ex in enumerate(t.val_examples() if split == "val" else t.test_examples()):
         rows.append({
-            "doc_index": i, "task": task, "format": fmt, "prompt": t.render(ex, fmt),  # type: ignore[arg-type]
+            "doc_index": i, "task": task, "format": fmt, "prompt": prompt_text(t, ex, fmt, shots),  # type: ignore[arg-type]
             "fields": json.dumps(ex.fields, sort_keys=True), "solution": ex.solution or "",
             "has_solution": ex.solution is not None, "meta": json.dumps(ex.meta, sort_keys=True, default=str),
         })
@@ -118,13 +119,13 @@ def _rows(task: str, fmt: str, test_file: str | None, n_test: int | None, option
 
 def suite_rows(task: str, source: str = "own", fmt: str = "compact", test_file: str | None = None,
                n_test: int | None = None, n: int | None = None,
-               options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+               options: dict[str, Any] | None = None, shots: int = 0) -> list[dict[str, Any]]:
     """The lm-eval documents of a suite task's test set (first ``n`` when given)."""
     if fmt not in ("compact", "d1"):
         raise ValueError(f"bgpo_format={fmt!r} is not one of ['compact', 'd1']")
     path = resolve_test_file(task, source, test_file)
     rows = _rows(task, fmt, path, None if n_test is None else int(n_test),
-                 json.dumps(options or {}, sort_keys=True), "val" if source == "val" else "test")
+                 json.dumps(options or {}, sort_keys=True), "val" if source == "val" else "test", int(shots))
     return [dict(r) for r in (rows if n is None else rows[: int(n)])]
 
 
@@ -140,6 +141,7 @@ def suite_dataset(bgpo_task: str, bgpo_source: str = "own", **metadata: Any) -> 
         bgpo_task, bgpo_source, fmt=str(metadata.get("bgpo_format") or "compact"),
         test_file=metadata.get("bgpo_test_file") or None, n_test=_int_or_none(metadata.get("bgpo_n_test")),
         n=_int_or_none(metadata.get("bgpo_n")), options=_options(metadata.get("bgpo_options")),
+        shots=_int_or_none(metadata.get("bgpo_shots")) or 0,
     )
     if not rows:
         raise ValueError(f"bgpo_{bgpo_task}: the test set is empty (bgpo_n / bgpo_n_test = 0?)")

@@ -288,12 +288,26 @@ def sweep_table(sweep: str, runs: list[Run], reported: dict[str, Any]) -> Table:
     if not body:
         body = [[NONE] + [("–", "")] * (len(header) - 1)]
     mcs = sorted({(r.method, r.mc) for r in runs})
-    notes = [STAT_NOTE, f"Runs: results/{sweep}/ (sweeps/{sweep}.yaml where it exists); n_t per method: "
+    notes = [STAT_NOTE, *protocol_notes(runs),
+             f"Runs: results/{sweep}/ (sweeps/{sweep}.yaml where it exists); n_t per method: "
              + ", ".join(f"{METHODS.get(m, m)} {mc}" for m, mc in mcs) + ".",
              "paper: BGPO Table 1 (LLaDA-8B-Instruct, best checkpoint chosen on the TEST set, d1's "
              "protocol); the suite's tiny models are not LLaDA: compare directions, not levels.",
              *commits_note(runs)]
     return Table(sweep, f"Test accuracy (%) by method: results/{sweep}", header, body, notes)
+
+
+def protocol_notes(runs: list[Run]) -> list[str]:
+    """Under which protocol each task's cells were measured (the runs' task configs): prompt format,
+    shots, generation length and block, greedy with one token per step."""
+    out = []
+    for task in sorted({r.task for r in runs}):
+        protos = {(t.get("format"), t.get("shots", 0), t.get("gen_length"), t.get("block_length"))
+                  for t in ((r.config.get("task") or {}) for r in runs if r.task == task)}
+        for fmt_, shots, length, block in sorted(protos, key=str):
+            out.append(f"Protocol, {TASKS.get(task, task)}: {fmt_} prompts, {shots}-shot, generation length "
+                       f"{length}, block {block}, greedy, one token per step.")
+    return out
 
 
 def paper_cell(rep: dict[str, Any], wd1: dict[int, Any], method: str, task: str) -> Cell:

@@ -16,7 +16,7 @@ from bgpo.config import SamplerConf, TaskConfig
 from bgpo.elbo import Batch
 from bgpo.model import DLLM
 from bgpo.sampler import SamplerConfig, generate
-from bgpo.tasks import Example, Task, task_rewards, task_scores
+from bgpo.tasks import Example, Task, prompt_text, task_rewards, task_scores
 
 
 @dataclass
@@ -53,7 +53,8 @@ def rollout(model: DLLM, task: Task, examples: list[Example], task_cfg: TaskConf
             eval_mode: bool = False, fast: SamplerConf | None = None, order: str = "blocks") -> Rollouts:
     """G completions for each example (grouped, prompt-major), their rewards and the sampler's
     trace (``Batch.trace``: the step that committed each position)."""
-    texts = [task.render(ex, task_cfg.format) for ex in examples for _ in range(G)]
+    shots = getattr(task_cfg, "shots", 0) or 0
+    texts = [prompt_text(task, ex, task_cfg.format, shots) for ex in examples for _ in range(G)]
     prompt_ids, prompt_mask = model.encode_prompts(texts)
     comp, trace = generate(model, prompt_ids, prompt_mask,
                            sampler_config(task_cfg, temperature, eval_mode, fast, order), generator,

@@ -505,3 +505,20 @@ def test_evaluation_checks_each_completion_once() -> None:
     spy.calls.clear()
     ro = rollout(model, spy, exs[:2], cfg, G=3, temperature=1.0, generator=torch.Generator().manual_seed(0))
     assert ro.rewards.tolist() == [0.25] * 6 and ro.correct is None and spy.calls == {"rewards": 6}
+
+
+def test_few_shot_prompts_show_training_problems_only() -> None:
+    """task.shots: k worked examples from the TRAINING problems (never a test or validation one),
+    the same for every problem, then the problem's own zero-shot prompt."""
+    from bgpo.tasks import prompt_text
+
+    task = CountdownTask()
+    ex = task.test_examples()[0]
+    assert prompt_text(task, ex, "compact", 0) == task.render(ex, "compact")
+    text = prompt_text(task, ex, "compact", 2)
+    demos = task.train_examples(2, 1234)
+    assert text == "\n\n".join([task.render(d, "compact") + task.target(d, "compact") for d in demos]
+                               + [task.render(ex, "compact")])
+    held_out = {problem_key(e.fields["numbers"], e.fields["target"])
+                for e in task.test_examples() + task.val_examples()}
+    assert not {problem_key(d.fields["numbers"], d.fields["target"]) for d in demos} & held_out

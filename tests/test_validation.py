@@ -174,7 +174,7 @@ BAD: list[tuple[list[str], str]] = [
     (["method.cfg.clip_eps=nan"], "method.cfg.clip_eps=nan"),
     (["method.cfg.beta=inf"], "method.cfg.beta=inf"),
     (["method.cfg.dual_clip=0.5"], "method.cfg.dual_clip=0.5"),
-    (["+method.cfg.bound=upper"], "method.cfg.bound='upper'"),
+    (["method.cfg.bound=upper"], "method.cfg.bound='upper'"),
     (["method.cfg.elbo.level=banana"], "elbo.level='banana'"),
     (["method.cfg.elbo.p_prompt=1.0"], "elbo.p_prompt=1.0"),
     (["method=wd1", "method.cfg.psi=0"], "method.cfg.psi=0"),

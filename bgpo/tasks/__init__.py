@@ -17,6 +17,7 @@ from bgpo.tasks.base import (
     Score,
     Task,
     get_task,
+    prompt_text,
     register_task,
     task_names,
     task_rewards,
@@ -25,7 +26,7 @@ from bgpo.tasks.base import (
 from bgpo.tasks.data import check_task_data, d1_data_dir
 
 __all__ = ["FORMATS", "Example", "Format", "Score", "Task", "check_task_data", "d1_data_dir", "get_task",
-           "register_task", "task_names", "task_rewards", "task_scores"]
+           "prompt_text", "register_task", "task_names", "task_rewards", "task_scores"]
 
 
 def _import_user_tasks() -> None:

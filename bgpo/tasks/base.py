@@ -90,6 +90,20 @@ def task_scores(task: Task, examples: Sequence[Example], completions: Sequence[s
             for ex, y in zip(examples, completions, strict=True)]
 
 
+SHOT_SEED = 1234  # the training problems a few-shot prompt shows (the same for every problem)
+
+
+def prompt_text(task: Task, ex: Example, fmt: Format, shots: int = 0) -> str:
+    """The prompt of ``ex``, after ``shots`` worked examples (prompt + reference completion, from
+    the task's TRAINING problems, seed ``SHOT_SEED``, blank-line separated): the few-shot protocol
+    some papers evaluate under (``task.shots``; 0 = the zero-shot prompt ``task.render`` gives)."""
+    if shots <= 0:
+        return task.render(ex, fmt)
+    demos = task.train_examples(shots, SHOT_SEED)
+    parts = [task.render(d, fmt) + task.target(d, fmt) for d in demos]
+    return "\n\n".join([*parts, task.render(ex, fmt)])
+
+
 _REGISTRY: dict[str, Callable[..., Task]] = {}
 
 

@@ -307,6 +307,10 @@ def protocol_notes(runs: list[Run]) -> list[str]:
         for fmt_, shots, length, block in sorted(protos, key=str):
             out.append(f"Protocol, {TASKS.get(task, task)}: {fmt_} prompts, {shots}-shot, generation length "
                        f"{length}, block {block}, greedy, one token per step.")
+    if any(r.scores("final", "d1", "accuracy") is not None for r in runs):
+        out.append("d1's test files overlap the suite's training data (paper/NOTES.md): 37 of d1's 256 "
+                   "Countdown problems are in the tiny base model's SFT data, 276 of d1's 500 Sudoku puzzles "
+                   "come from the suite's training grids; the suite's own test sets never overlap training.")
     return out
 
 

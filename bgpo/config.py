@@ -54,6 +54,9 @@ class TaskConfig:
     (BGPO §4: ONE math model, trained on MATH + GSM8K, tested on GSM8K and MATH500)"""
     pretrain_steps: int = 700
     """SFT steps of the tiny base model: stopped short of mastery so that RL has headroom"""
+    rl_lr: float = 1e-4
+    """RL learning rate of the main job and the tiny presets on this task (``lr: ${task.rl_lr}``),
+    chosen on validation runs; every method shares it"""
 
 
 @dataclass
@@ -410,6 +413,7 @@ def validate_task(task: TaskConfig | DictConfig) -> None:
     check_int("task.n_test", task.n_test, 1, optional=True)
     check_int("task.pretrain_steps", task.pretrain_steps, 1)
     check_int("task.shots", task.shots, 0)
+    check_number("task.rl_lr", task.rl_lr, gt=0)
     try:  # option names, and the data files exist (never a hub request)
         check_task_data(task.name, task.test_file, task.options)
     except FileNotFoundError as e:

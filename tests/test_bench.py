@@ -147,3 +147,25 @@ def test_llada8b_preset_is_the_native_class_with_the_published_shape():
         model = native_model(parse_arch("llada8b"), torch.bfloat16, "meta")
     assert type(model.net) is LLaDAModelLM and model.net.config.d_model == LLaDAConfig().d_model == 4096
     assert sum(p.numel() for p in model.net.parameters()) > 8.0e9 and model.mask_token_id == 126336
+
+
+def test_equal_memory_mc_fits_the_committed_memory_rows():
+    """bgpo/config.py EQUAL_MEMORY_MC is read off results/bench/memory-cpu-tiny.jsonl: the budget is
+    VRPO-OL's peak at n_t = 2; each baseline gets the largest measured n_t whose peak fits it, and BGPO's
+    n_t = 16 fits it too. Re-running the benchmark with other rows makes this fail until the table is
+    updated."""
+    import json
+    from pathlib import Path
+
+    from bgpo.config import EQUAL_MEMORY_MC
+
+    path = Path(__file__).resolve().parents[1] / "results" / "bench" / "memory-cpu-tiny.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    peak = {(r["method"].replace("_", ""), r["mc"]): r["peak_bytes"] for r in rows if not r["overrides"]}
+    budget = peak[("vrpo", 2)]
+    for method, mc in EQUAL_MEMORY_MC.items():
+        fitting = [m for (name, m), p in peak.items() if name == method and p <= budget * 1.001]
+        assert fitting, method
+        expected = 16 if method == "bgpo" else max(fitting)
+        assert mc == expected, (method, mc, sorted(fitting))
+        assert peak[(method, mc)] <= budget * 1.001

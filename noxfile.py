@@ -68,7 +68,7 @@ def bench(session: nox.Session) -> None:
 def mutation(session: nox.Session) -> None:
     """Mutation testing of bgpo/objective.py, bgpo/method.py, bgpo/elbo.py and baselines/ (mutmut,
     configured in pyproject.toml; hours on 2 cores, resumable). Then `mutmut results` lists the
-    survivors; paper/MUTATION.md says why each surviving mutant is equivalent or harmless."""
+    survivors (README, "Mutation testing", says what has been measured)."""
     session.run(sys.executable, "-m", "mutmut", "run", *session.posargs, env={"OMP_NUM_THREADS": "1"})
     session.run(sys.executable, "-m", "mutmut", "results")
 

@@ -577,10 +577,11 @@ def validate_updates(cfg: DictConfig, method: Any) -> None:
         raise ValueError(f"{other}={getattr(cfg, other)} does not apply to method {name}, whose μ > 1 means "
                          f"{kind} (bgpo.method: minibatches for bgpo/vrpo, inner_updates for d1-style "
                          "methods); use that key")
-    shard_prompts = cfg.prompts_per_step // (cfg.shards or 1)
+    shards = cfg.shards or int(os.environ.get("WORLD_SIZE", "1"))  # the trainer's default: one per process
+    shard_prompts = cfg.prompts_per_step // shards
     if cfg.minibatches > 1 and shard_prompts % cfg.minibatches:
         raise ValueError(f"minibatches={cfg.minibatches} must divide the prompts of each rollout shard "
-                         f"(prompts_per_step={cfg.prompts_per_step} / shards={cfg.shards or 1})")
+                         f"(prompts_per_step={cfg.prompts_per_step} / shards={shards})")
 
 
 def to_container(cfg: DictConfig) -> dict[str, Any]:

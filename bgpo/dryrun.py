@@ -96,7 +96,8 @@ def mini_overrides(cfg: Any, steps: int, nproc: int, results_dir: Path) -> list[
     length = 2 * cfg.task.block_length
     per_token = cfg.task.diffusion_steps / cfg.task.gen_length  # the job's denoising steps per token
     diffusion = max(2, round(per_token * length / 2) * 2)  # a multiple of the 2 blocks
-    out = [f"model.path={build_miniature(kind)}", f"steps={steps}", f"prompts_per_step={nproc}",
+    out = [f"model.path={build_miniature(kind)}", f"steps={steps}",
+           f"prompts_per_step={nproc * max(1, cfg.minibatches)}",  # whole groups for each mini-batch
            "group_size=2", "eval_every=1", "eval_n=1", "ckpt_every=1", "task.n_test=2",
            f"task.gen_length={length}", f"task.diffusion_steps={diffusion}", f"results_dir={results_dir}",
            "device=cpu", "progress=false"]

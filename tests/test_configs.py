@@ -110,3 +110,13 @@ def test_tiny_presets_share_their_rl_settings():
     with initialize_config_module("bgpo.conf", version_base="1.3"):
         settings = {p: tuple(compose("sweep", overrides=[f"+sweeps={p}"])[k] for k in keys) for p in names}
     assert len(set(settings.values())) == 1, settings
+
+
+def test_minibatches_are_checked_against_the_processes_torchrun_starts(monkeypatch):
+    """Under torchrun (WORLD_SIZE=2, shards unset) each process rolls out prompts_per_step / 2 prompts;
+    off-policy mini-batches must divide THAT, at start-up (the dry run found this at 2 processes)."""
+    cfg = cfg_of("method=bgpo", "prompts_per_step=2", "minibatches=2")
+    validate_train(cfg)  # one process: 2 prompt groups, 2 mini-batches
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="minibatches=2 must divide"):
+        validate_train(cfg)

@@ -26,7 +26,9 @@ def test_every_job_of_every_full_scale_preset_composes_in_miniature(tmp_path, mo
         mini = dict(o.split("=", 1) for o in job.mini)
         assert mini["model.path"].startswith(str(tmp_path / "cache" / "miniature-llada"))
         assert mini["model.mask_token_id"] == str(mini_id("llada", 126336))
-        assert int(mini["task.gen_length"]) == 64 and mini["prompts_per_step"] == "2"
+        # 2 processes x whole prompt groups for each off-policy mini-batch (paper_offpolicy, paper_bounds: 2)
+        off_policy = job.preset in ("paper_offpolicy", "paper_bounds")
+        assert int(mini["task.gen_length"]) == 64 and mini["prompts_per_step"] == ("4" if off_policy else "2")
     (job,) = dryrun.plan(["paper_main"], [{"method": "bgpo", "task": "countdown"}], ["model=dream_7b"], 1, 2,
                          tmp_path)
     assert "miniature-dream" in dict(o.split("=", 1) for o in job.mini)["model.path"]

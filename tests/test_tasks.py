@@ -142,11 +142,11 @@ def test_countdown_generation(countdown: CountdownTask) -> None:
 
 def test_countdown_split_disjoint(countdown: CountdownTask, tmp_path: Path) -> None:
     test = countdown.test_examples()
-    assert len(test) == 256 and test == CountdownTask().test_examples()
+    assert len(test) == 1024 and test == CountdownTask().test_examples()  # one run's interval ~±3 points
     test_keys = {problem_key(e.fields["numbers"], e.fields["target"]) for e in test}
-    assert len(test_keys) == 256
+    assert len(test_keys) == 1024
     assert all(in_test_bucket(e.fields["numbers"], e.fields["target"]) for e in test)
-    train = countdown.train_examples(2000, seed=3)
+    train = countdown.train_examples(20000, seed=3)
     train_keys = {problem_key(e.fields["numbers"], e.fields["target"]) for e in train}
     assert not train_keys & test_keys
     assert not any(in_test_bucket(e.fields["numbers"], e.fields["target"]) for e in train)
@@ -209,8 +209,9 @@ def test_sudoku_own_split_holds_out_grids() -> None:
     val = task.val_examples()
     assert len({e.fields["puzzle"] for e in val}) == 256 and {e.solution for e in val} <= set(val_grids)
     test = task.test_examples()
-    assert len(test) == 256 and test == SudokuTask().test_examples()
-    assert {e.solution for e in test} <= set(test_grids)
+    assert len(test) == 1024 and test == SudokuTask().test_examples()  # one run's interval ~±3 points
+    assert len({e.fields["puzzle"] for e in test}) == 1024 and {e.solution for e in test} <= set(test_grids)
+    assert not {e.fields["puzzle"] for e in test} & {e.fields["puzzle"] for e in val}
     train = task.train_examples(500, seed=0)
     assert train == task.train_examples(500, seed=0) and train != task.train_examples(500, seed=1)
     assert {e.solution for e in train} <= set(train_grids)
@@ -522,3 +523,21 @@ def test_few_shot_prompts_show_training_problems_only() -> None:
     held_out = {problem_key(e.fields["numbers"], e.fields["target"])
                 for e in task.test_examples() + task.val_examples()}
     assert not {problem_key(d.fields["numbers"], d.fields["target"]) for d in demos} & held_out
+
+
+# ---- near misses: the blurred base models' second mode (task.sft_near_miss) ----
+def test_near_misses_keep_the_form_and_miss_the_answer() -> None:
+    cd = CountdownTask()
+    exs = cd.train_examples(500, seed=5)
+    for ex in exs:
+        right, slip = cd.target(ex, "compact"), cd.near_miss(ex, "compact")
+        assert len(slip) == len(right) and sum(a != b for a, b in zip(right, slip, strict=True)) == 1
+        assert cd.reward(ex, slip, "compact") in (0.1, 1.0)  # the right numbers; the value (almost) never
+    assert sum(cd.correct(ex, cd.near_miss(ex, "compact"), "compact") for ex in exs) <= 10
+    slip = cd.near_miss(exs[0], "compact")
+    assert cd.reward(exs[0], cd.near_miss(exs[0], "d1"), "d1") == cd.reward(exs[0], slip, "compact")
+    sd = SudokuTask()
+    for ex in sd.train_examples(200, seed=5):
+        slip = sd.near_miss(ex, "compact")
+        assert sd.reward(ex, slip, "compact") == 7 / 8 and not sd.correct(ex, slip, "compact")
+        assert sd.reward(ex, sd.near_miss(ex, "d1"), "d1") == 7 / 8

@@ -10,7 +10,7 @@ median 42). The ``solution`` is canonical: fewest parentheses, then numbers in p
 
 Split. A problem is (sorted numbers, target). A stable hash (sha256) of it puts 1 in ``TEST_MOD``
 of all problems in the test bucket and another 1 in ``TEST_MOD`` in the validation bucket; training
-never draws from either. The suite's own test set (``n_test`` problems, default 256, seed
+never draws from either. The suite's own test set (``n_test`` problems, default 1024, seed
 ``TEST_SEED``) is drawn only from the test bucket, the validation set (``n_val``, default 256, seed
 ``VAL_SEED``; checkpoint selection) only from the validation bucket. When ``test_file`` (a d1-style
 JSONL, ``{"input": "30,100,93", "output": "23"}``) is given, it is the test set (its first
@@ -49,9 +49,11 @@ NUM_LO, NUM_HI = 1, 100  # range of the given numbers (d1 file: 1..100)
 TARGET_LO, TARGET_HI = 1, 100  # range of the integer targets (d1 file: 1..100)
 TEST_MOD = 10  # 1 in TEST_MOD problems (by hash) is reserved for testing
 TEST_SEED = 20240501  # seed of the suite's own test set
+N_TEST = 1024  # size of the suite's own test set: one run's 95% interval is about ±3 points
 VAL_SEED = 20240511  # seed of the suite's validation set
 TOLERANCE = Fraction(1, 10**5)
 _PREC = {"+": 1, "-": 1, "*": 2, "/": 2}
+_SLIP = {"+": "-", "-": "+", "*": "/", "/": "*"}  # near_miss: an operator and its inverse
 
 
 def problem_key(numbers: Sequence[int], target: int) -> str:
@@ -138,7 +140,7 @@ def _example(numbers: Sequence[int], target: int, solution: str | None, **meta: 
 @register_task("countdown")
 class CountdownTask:
     """docs/methods.md §6 Countdown (3 numbers). ``test_file``: d1-style JSONL used as the test set;
-    ``n_test``: size of the own test set (default 256) or the first ``n_test`` rows of the file."""
+    ``n_test``: size of the own test set (default 1024) or the first ``n_test`` rows of the file."""
 
     DATA_FILES = ("test_file",)
     name = "countdown"
@@ -167,7 +169,8 @@ class CountdownTask:
         return exs[: self.n_test] if self.n_test is not None else exs
 
     def _own_test(self) -> list[Example]:
-        return self._from_bucket(0, 256 if self.n_test is None else self.n_test, TEST_SEED, "generated-test")
+        n = N_TEST if self.n_test is None else self.n_test
+        return self._from_bucket(0, n, TEST_SEED, "generated-test")
 
     def val_examples(self) -> list[Example]:
         """The validation set (checkpoint selection): ``n_val`` problems of the validation bucket."""
@@ -230,6 +233,17 @@ class CountdownTask:
         if fmt == "compact":
             return expr
         return d1_completion(f"{expr} = {ex.fields['target']}", expr)
+
+    def near_miss(self, ex: Example, fmt: Format) -> str:
+        """The target with one systematic slip: its first operator swapped for its inverse (+ <-> -,
+        * <-> /), so the numbers and the shape are right and the value (almost always) wrong. Mixed
+        into the tiny base model's SFT targets (``task.sft_near_miss``)."""
+        expr = self.target(ex, "compact")
+        i = next(k for k, ch in enumerate(expr) if ch in _SLIP)
+        slipped = expr[:i] + _SLIP[expr[i]] + expr[i + 1:]
+        if fmt == "compact":
+            return slipped
+        return d1_completion(f"{slipped} = {ex.fields['target']}", slipped)
 
     # ---- reward (docs/methods.md §6) ----
     def reward(self, ex: Example, completion: str, fmt: Format) -> float:

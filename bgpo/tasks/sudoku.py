@@ -5,7 +5,7 @@ GRID, so a test score never measures memorised grids:
 
 - default: the sorted grids shuffled with ``split_seed`` -> 160 training grids, 40 validation grids
   and 88 test grids (the SPG paper's 200 / 88 re-split, its 200 cut into training and validation);
-  the suite's own test set is ``n_test`` (default 256) distinct puzzles made from test grids only,
+  the suite's own test set is ``n_test`` (default 1024) distinct puzzles made from test grids only,
   seed ``TEST_SEED``; the validation set (checkpoint selection) ``n_val`` (default 256) puzzles of
   the validation grids, seed ``VAL_SEED``;
 - ``test_file`` (d1's CSV ``Puzzle,Solution``): the test set is the file, and training uses only
@@ -45,6 +45,7 @@ from bgpo.tasks.data import check_local_file
 N_TRAIN_GRIDS = 200  # SPG's re-split: 200 training grids, 88 test grids
 N_VAL_GRIDS = 40  # of those 200, held out for validation
 TEST_SEED = 20240502  # seed of the suite's own test puzzles
+N_TEST = 1024  # size of the suite's own test set: one run's 95% interval is about ±3 points
 VAL_SEED = 20240512  # seed of the suite's validation puzzles
 D1_SAMPLE_SEED = 42  # d1 evaluates n rows drawn with numpy seed 42
 _DIGITS = frozenset("0123456789")
@@ -179,7 +180,7 @@ class SudokuTask:
         ]
 
     def _own_test(self) -> list[Example]:
-        n = 256 if self.n_test is None else self.n_test
+        n = N_TEST if self.n_test is None else self.n_test
         return self._puzzles(grid_split(self.split_seed)[2], n, TEST_SEED, "generated-test")
 
     def val_examples(self) -> list[Example]:
@@ -246,6 +247,17 @@ class SudokuTask:
         return d1_completion(
             f"Filling each empty cell with the one digit its row, column and box lack: {rows}", ex.solution
         )
+
+    def near_miss(self, ex: Example, fmt: Format) -> str:
+        """The target with one systematic slip: the first empty cell holds the next digit (d % 4 + 1)
+        instead of d, so 7 of 8 cells are right. Mixed into the tiny base model's SFT targets
+        (``task.sft_near_miss``)."""
+        if ex.solution is None:
+            raise ValueError("this Sudoku example has no solution")
+        i = ex.fields["puzzle"].index("0")
+        sol = ex.solution
+        slipped = sol[:i] + str(int(sol[i]) % 4 + 1) + sol[i + 1:]
+        return self.target(Example(ex.fields, slipped, ex.meta), fmt)
 
     # ---- reward (docs/methods.md §6) ----
     def reward(self, ex: Example, completion: str, fmt: Format) -> float:

@@ -78,6 +78,11 @@ class ELBOConfig:
     """block mode: the block size of the semi-AR decoder (SPG: the sampler's block_length)"""
     full_mask: bool = False
     """complementary mode: append one fully-masked draw, weight 1 (DiffuCoder's L_T, eq. 13)"""
+    group_shared: bool = False
+    """elbo mode: the G completions of a prompt share their n_t mask draws (levels and positions:
+    common random numbers). Each completion's ELBO estimate is unchanged in distribution (unbiased
+    as before); across the group, the gradient terms of tokens the completions share, in nearly
+    the same context, now cancel under advantages that sum to zero instead of adding noise"""
 
     def patterns(self, n_t: int) -> int:
         """Mask patterns ``draw`` returns for n_t samples (ar mode: at most this many)."""
@@ -202,19 +207,22 @@ def draw(batch: Batch, cfg: ELBOConfig, n_t: int, eos_id: int,
         comp_masked = torch.ones(n_t, B, L, dtype=torch.bool, device=dev)  # [n_t, B, L]
         weight = torch.ones(n_t, B, dtype=torch.float64, device=dev)  # [n_t, B]
     else:
-        u = rand(n_t, B)  # [n_t, B]
+        # group_shared: one draw per prompt, repeated for its G completions (common random numbers)
+        G = batch.group_size if cfg.group_shared else 1
+        shared = lambda x: x.repeat_interleave(G, dim=1) if G > 1 else x  # noqa: E731  [n_t, B/G, ...] -> [n_t, B, ...]
+        u = shared(rand(n_t, B // G))  # [n_t, B]
         if cfg.stratified:  # one uniform per sequence, spread over n_t strata
             offsets = torch.arange(n_t, device=dev, dtype=torch.float64)[:, None] / n_t
             u = torch.remainder(u[:1] + offsets, 1.0)  # [n_t, B]
         if cfg.level == "time":
             t = cfg.t_min + (1.0 - cfg.t_min) * (1.0 - u)  # [n_t, B] in (t_min, 1]
-            comp_masked = (rand(n_t, B, L) < t[..., None]) & scored  # [n_t, B, L]
+            comp_masked = (shared(rand(n_t, B // G, L)) < t[..., None]) & scored  # [n_t, B, L]
             weight = 1.0 / t
         else:
             Lf = L_i.double()  # [B]
             l = torch.floor(u * Lf).clamp(max=Lf - 1) + 1  # [n_t, B] in {1..L_i}
             # exactly l_j of the scored positions, uniformly without replacement
-            keys = rand(n_t, B, L).masked_fill(~scored, 2.0)  # [n_t, B, L]
+            keys = shared(rand(n_t, B // G, L)).masked_fill(~scored, 2.0)  # [n_t, B, L]
             rank = keys.argsort(-1).argsort(-1)  # [n_t, B, L]
             comp_masked = rank < l[..., None]
             weight = Lf / l

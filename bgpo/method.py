@@ -67,16 +67,32 @@ class Method(Protocol):
 
 
 def backward(method: Method, policy: DLLM, batch: Batch, adv: Tensor, prep: Prepared,
-             it: int) -> dict[str, float]:
+             it: int, scale: float = 1.0) -> dict[str, float]:
     """Update ``it``'s backward passes, one per chunk: each chunk's graph is freed before the next
-    is built (BGPO's constant memory in n_t). Returns the statistics summed over chunks."""
+    is built (BGPO's constant memory in n_t). Returns the statistics summed over chunks. ``scale``
+    multiplies the loss (and its statistic): the share of the batch's rows these are (see
+    :func:`informative`)."""
     stats: dict[str, float] = {}
     for js in method.chunks(prep, it):
         loss, st = method.loss(policy, batch, adv, prep, js)
-        loss.backward()
+        (loss if scale == 1.0 else loss * scale).backward()
         for k, v in st.items():
-            stats[k] = stats.get(k, 0.0) + float(v)
+            stats[k] = stats.get(k, 0.0) + float(v) * (scale if k == "loss" else 1.0)
     return stats
+
+
+def informative(batch: Batch, adv: Tensor, prep: Prepared) -> tuple[Batch, Tensor, Prepared, float]:
+    """The prompt groups whose advantages are not all zero, and the share of the rows they are.
+    For a method whose loss is zero where A = 0 (``flat_groups_free``), the loss of these rows
+    times that share has exactly the gradient of the whole batch's, for a fraction of the passes
+    (a group of equal rewards is most of a Countdown batch)."""
+    G = batch.group_size
+    keep = (adv.view(-1, G) != 0).any(-1).repeat_interleave(G)  # [B]
+    rows = keep.nonzero().flatten()
+    share = rows.numel() / adv.numel()
+    if share == 1.0:
+        return batch, adv, prep, share
+    return batch.select(rows), adv[rows], prep.select(rows), share
 
 
 def minibatch(batch: Batch, adv: Tensor, prep: Prepared, m: int, n: int) -> tuple[Batch, Tensor, Prepared]:

@@ -87,16 +87,22 @@ def expected_weight_by_count(level: str, L: int, l: int, t_min: float) -> float:
 
 
 @pytest.mark.parametrize("cfg", [ELBOConfig(level="time"), ELBOConfig(level="time", t_min=0.05),
-                                 ELBOConfig(level="count"), ELBOConfig(level="count", stratified=True)],
-                         ids=["time", "time-floor", "count", "count-stratified"])
+                                 ELBOConfig(level="count"), ELBOConfig(level="count", stratified=True),
+                                 ELBOConfig(level="time", t_min=0.05, group_shared=True),
+                                 ELBOConfig(level="count", stratified=True, group_shared=True)],
+                         ids=["time", "time-floor", "count", "count-stratified", "time-floor-shared",
+                              "count-stratified-shared"])
 def test_draws_have_the_exact_elbo_weights(cfg):
-    """2·10^6 draws (no model): for every l, mean(w · 1{l masked}) matches the specification within
-    0.6% (a weight off by 1% fails: ≥ 3 standard errors here), and given l every position is masked
-    with probability l/L. Where the variance is infinite (time level, t_min = 0, l = 1) only 5%."""
-    L, n_t, B = 4, 2000, 1000
+    """2·10^6 independent draws (no model): for every l, mean(w · 1{l masked}) matches the
+    specification within 0.6% (a weight off by 1% fails: ≥ 3 standard errors here), and given l
+    every position is masked with probability l/L. Where the variance is infinite (time level,
+    t_min = 0, l = 1) only 5%. Group-shared draws (groups of 4 share one draw) keep every row's
+    marginal: the same check over 4× as many rows."""
+    G = 4 if cfg.group_shared else 1
+    L, n_t, B = 4, 2000, 1000 * G
     model = micro_model()
     y = torch.randint(4, 50, (B, L), generator=torch.Generator().manual_seed(0))
-    batch = elbo.Batch(torch.cat([torch.full((B, 1), 7), y], 1), torch.ones(B, 1 + L, dtype=torch.long), 1, 1)
+    batch = elbo.Batch(torch.cat([torch.full((B, 1), 7), y], 1), torch.ones(B, 1 + L, dtype=torch.long), 1, G)
     d = elbo.draw(batch, cfg, n_t, model.eos_token_id, torch.Generator().manual_seed(1))
     m = d.masked[..., 1:]  # [n_t, B, L]
     count = m.sum(-1)  # [n_t, B]
@@ -129,6 +135,25 @@ def test_mc_mean_converges_to_exact_elbo(cfg):
         se = ells.view(-1, 4).mean(1).std().item() / math.sqrt(len(ells) / 4)
     assert abs(ells.mean().item() - exact) < 4 * se, (ells.mean().item(), exact, se)
     assert se < 0.02 * abs(exact)  # the check has teeth
+
+
+def test_group_shared_draws_cancel_the_tokens_a_group_shares():
+    """elbo.group_shared: the G completions of a prompt share levels and masks (different prompts do
+    not), so for G identical completions and advantages summing to 0, Σ_i A_i ℓ_i is exactly 0 in
+    every draw — with independent draws it is noise."""
+    model = micro_model()
+    one = random_batch(model, n_prompts=2, G=1, L=6)
+    batch = elbo.Batch(one.input_ids.repeat_interleave(4, 0), one.attention_mask.repeat_interleave(4, 0),
+                       one.prompt_len, 4)  # 2 prompts x 4 identical completions each
+    adv = torch.tensor([1.5, -0.5, -0.5, -0.5] * 2, dtype=torch.float64)
+    sums = {}
+    for shared in (True, False):
+        cfg = ELBOConfig(level="count", stratified=True, group_shared=shared)
+        d = elbo.draw(batch, cfg, 8, model.eos_token_id, torch.Generator().manual_seed(3))
+        m = d.masked.view(8, 2, 4, -1)
+        assert (m == m[:, :, :1]).all() == shared and (m[:, 0] != m[:, 1]).any()
+        sums[shared] = (elbo.ell_all(model, batch, d, 8) * adv).view(8, 2, 4).sum(-1)  # [n_t, prompts]
+    assert sums[True].abs().max() < 1e-9 and sums[False].abs().max() > 0.1
 
 
 def test_coupled_draws_lower_variance_of_the_difference():

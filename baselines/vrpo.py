@@ -12,8 +12,9 @@ Departures and switches (defaults = the paper; see docs/methods.md):
 - ``clip_eps`` / ``dual_clip``: PPO clip on the sequence ratio; off by default (not described);
 - ``beta``: k3 KL to the reference per MC sample; off by default;
 - ``mc_chunk`` only batches forward passes; all graphs are kept either way;
-- the estimator: count levels, stratified, by default, as BGPO's (``elbo.level=time
-  elbo.stratified=false`` is the paper's; paper/NOTES.md).
+- the estimator: count levels, stratified, shared by the G completions of a prompt, by default,
+  as BGPO's (``elbo.level=time elbo.stratified=false elbo.group_shared=false`` is the paper's;
+  paper/NOTES.md).
 """
 
 from __future__ import annotations
@@ -43,9 +44,11 @@ class VRPOConfig:
     """k3 KL coefficient to the reference; 0 = off"""
     std_adv: bool = True
     """A = (r − mean_G r)/std_G r (BGPO §3)"""
-    elbo: ELBOConfig = field(default_factory=lambda: ELBOConfig(level="count", stratified=True))
+    elbo: ELBOConfig = field(default_factory=lambda: ELBOConfig(level="count", stratified=True,
+                                                              group_shared=True))
     """the estimator (docs/methods.md §2): count levels, stratified — finite variance (the paper's
-    t ~ U(0,1] with weight 1/t is elbo.level=time; paper/NOTES.md gives the measurement)"""
+    t ~ U(0,1] with weight 1/t is elbo.level=time; paper/NOTES.md gives the measurement) — and
+    shared across each prompt's group (elbo.group_shared)"""
 
     def __post_init__(self) -> None:
         check_common(self, "vrpo")
@@ -70,6 +73,11 @@ class VRPO:
 
     def chunks(self, prep: Prepared, it: int) -> list[slice]:
         return [slice(0, prep.draws.n_t)]  # VRPO-OL: one backward over all samples
+
+    def flat_groups_free(self) -> bool:
+        """A prompt group of equal rewards (A = 0) adds nothing to this loss (g_j ∝ A, no KL term):
+        the trainer may skip its ELBO passes (``skip_flat_groups``); the gradient is the same."""
+        return self.cfg.beta == 0
 
     def loss(self, policy: DLLM, batch: Batch, adv: Tensor, prep: Prepared,
              js: slice) -> tuple[Tensor, dict[str, Tensor]]:

@@ -19,7 +19,10 @@ Departures and switches (defaults = the paper; see docs/methods.md):
 - the estimator: count levels l ~ U{1..L} (weight L/l), stratified over the n_t samples, by
   default — finite variance where the paper's t ~ U(0,1] with weight 1/t has none
   (``elbo.level=time elbo.stratified=false`` restores it; paper/NOTES.md has the measurement);
-  the other ELBO choices (window, length_norm, t_min) live in ``elbo`` too.
+  the other ELBO choices (window, length_norm, t_min) live in ``elbo`` too;
+- the G completions of a prompt share their mask draws (``elbo.group_shared``, common random
+  numbers; each ELBO estimate unbiased as before): on the laptop testbed BGPO reached 24% Countdown
+  validation accuracy at step 40 with it, 14% without (paper/NOTES.md); ``=false`` is the paper's.
 """
 
 from __future__ import annotations
@@ -53,9 +56,11 @@ class BGPOConfig:
     """k3 KL coefficient to the reference; 0 = off (paper)"""
     std_adv: bool = True
     """A = (r − mean_G r)/std_G r (BGPO §3)"""
-    elbo: ELBOConfig = field(default_factory=lambda: ELBOConfig(level="count", stratified=True))
+    elbo: ELBOConfig = field(default_factory=lambda: ELBOConfig(level="count", stratified=True,
+                                                              group_shared=True))
     """the estimator (docs/methods.md §2): count levels, stratified — finite variance (the paper's
-    t ~ U(0,1] with weight 1/t is elbo.level=time; paper/NOTES.md gives the measurement)"""
+    t ~ U(0,1] with weight 1/t is elbo.level=time; paper/NOTES.md gives the measurement) — and
+    shared across each prompt's group (elbo.group_shared)"""
 
     def __post_init__(self) -> None:
         check_common(self, "bgpo")
@@ -82,6 +87,11 @@ class BGPO:
 
     def chunks(self, prep: Prepared, it: int) -> list[slice]:
         return list(prep.draws.chunks(self.cfg.mc_chunk))  # BGPO: one backward per chunk
+
+    def flat_groups_free(self) -> bool:
+        """A prompt group of equal rewards (A = 0) adds nothing to this loss (g_j ∝ A, no KL term):
+        the trainer may skip its ELBO passes (``skip_flat_groups``); the gradient is the same."""
+        return self.cfg.beta == 0
 
     def loss(self, policy: DLLM, batch: Batch, adv: Tensor, prep: Prepared,
              js: slice) -> tuple[Tensor, dict[str, Tensor]]:

@@ -36,7 +36,7 @@ from bgpo.config import build_method, task_args, to_container
 from bgpo.evaluation import SELECTION, best_row, better, evaluate_on, has_validation, test_sources
 from bgpo.loggers import Tracker, nested
 from bgpo.method import backward as method_backward
-from bgpo.method import minibatch
+from bgpo.method import informative, minibatch
 from bgpo.model import DLLM, apply_lora, apply_precision, enable_activation_checkpointing, load_dllm
 from bgpo.parallel import Dist
 from bgpo.pretrain import ensure_base_model, pick_device
@@ -116,6 +116,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     ref_model = DLLM(**{**policy.__dict__, "net": dist.shard(ref, compute)}) if ref is not None else None
     method = make_method(ref=ref_model)
     std_adv = make_method.keywords["cfg"].std_adv
+    # exact compute saving (not under FSDP, where every rank must run the same backward passes)
+    free = getattr(method, "flat_groups_free", lambda: False)()
+    skip_flat = cfg.skip_flat_groups and free and not dist.fsdp
     mu = cfg.minibatches * cfg.inner_updates  # optimizer steps per rollout batch
     dist.shard(policy.net, compute)  # parallel=fsdp: sharded before the optimizer sees the parameters
     params = [p for p in policy.net.parameters() if p.requires_grad]
@@ -201,10 +204,14 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             for batch, adv, prep in work:
                 if cfg.minibatches > 1:  # mini-batch `it`: its prompt groups, each sample used once
                     batch, adv, prep = minibatch(batch, adv, prep, it, cfg.minibatches)
+                share = 1.0
+                if skip_flat:  # groups of equal rewards add nothing to this loss: skip their passes
+                    batch, adv, prep, share = informative(batch, adv, prep)
                 # the method returns each chunk's loss; backward per chunk (BGPO's memory floor)
-                for k, v in method_backward(method, policy, batch, adv, prep, it).items():
-                    stats[k] = stats.get(k, 0.0) + v / (len(work) * mu)
-                    loss += v if k == "loss" else 0.0
+                if share > 0:
+                    for k, v in method_backward(method, policy, batch, adv, prep, it, share).items():
+                        stats[k] = stats.get(k, 0.0) + v / (len(work) * mu)
+                        loss += v if k == "loss" else 0.0
                 grads.add_shard()
             grads.reduce(shards)  # mean over all shards of all processes, in p.grad
             norms.append(dist.grad_norm(params, cfg.grad_clip))
@@ -301,7 +308,8 @@ def test_sets(policy: DLLM, task: Any, cfg: DictConfig, dist: Dist) -> dict[str,
     ``eval_test=false`` (a search over settings on validation, which must not see the test sets)."""
     if not cfg.eval_test:
         return {}
-    return {src: evaluation(policy, task, cfg, dist, src, per_problem=True) for src in test_sources(cfg.task)}
+    return {src: evaluation(policy, task, cfg, dist, src, cfg.get("test_n"), per_problem=True)
+            for src in test_sources(cfg.task)}
 
 
 def save_weights(path: Path, dist: Dist, policy: DLLM, step: int) -> None:

@@ -141,9 +141,9 @@ def test_off_policy_minibatches_take_one_step_per_minibatch(base_model, tmp_path
         full.append(ro.batch.input_ids.clone())
         return ro
 
-    def spy_backward(method, policy, batch, adv, prep, it):
+    def spy_backward(method, policy, batch, adv, prep, it, *rest):
         seen.append((n_steps["n"], batch.input_ids.clone(), prep.old is not None))
-        return real_backward(method, policy, batch, adv, prep, it)
+        return real_backward(method, policy, batch, adv, prep, it, *rest)
 
     def spy_step(self, *a, **k):
         n_steps["n"] += 1
@@ -153,7 +153,7 @@ def test_off_policy_minibatches_take_one_step_per_minibatch(base_model, tmp_path
     monkeypatch.setattr(torch.optim.AdamW, "step", spy_step)
     monkeypatch.setattr(trainer, "rollout", spy_rollout)
     run(cfg_of(base_model, tmp_path, "method=bgpo", "minibatches=2", "prompts_per_step=4", "steps=2",
-               "temperature=1.0"))
+               "temperature=1.0", "skip_flat_groups=false"))  # whole mini-batches reach the method
     assert n_steps["n"] == 4  # 2 RL steps × 2 mini-batches
     by_step = [[ids for s, ids, _ in seen if s == k] for k in range(4)]
     assert all(len(parts) == 1 and parts[0].shape[0] == 6 for parts in by_step)
@@ -183,3 +183,52 @@ def test_a_search_on_validation_never_evaluates_a_test_set(base_model, tmp_path,
         p, t, c, src, *a, **k))
     summary = run(cfg_of(base_model, tmp_path, "method=wd1", "eval_test=false"))
     assert set(sources) == {"val"} and summary["final"] == {}
+
+
+@pytest.mark.parametrize("method,extra", [("bgpo", "mc=2"), ("vrpo", "minibatches=2")])
+def test_skipping_flat_groups_leaves_the_gradient_unchanged(method, extra):
+    """skip_flat_groups: the ELBO passes of prompt groups with equal rewards are skipped and the
+    rest scaled by their share: the gradient of BGPO / VRPO-OL (β = 0) is the whole batch's, in
+    float64, on- and off-policy (first mini-batch)."""
+    from bgpo.elbo import Batch
+    from bgpo.method import backward, informative, minibatch
+    from tests.helpers import random_batch
+
+    with initialize_config_module("bgpo.conf", version_base="1.3"):
+        cfg = compose("train", overrides=[f"method={method}", extra])
+    from bgpo.config import build_method
+
+    model = micro_model()
+    m = build_method(cfg)(ref=None)
+    assert m.flat_groups_free()
+    batch: Batch = random_batch(model, n_prompts=4, G=3, L=6)
+    rewards = torch.tensor([1.0, 0, 0, 1, 1, 1, 0, 1, 0, 0, 0, 0], dtype=torch.float64)  # groups 1, 3 flat
+    adv = trainer.advantages(rewards, 3, True)
+    mu = cfg.minibatches
+    prep = m.prepare(model, batch, mu, torch.Generator().manual_seed(0))
+    if mu > 1:
+        batch, adv, prep = minibatch(batch, adv, prep, 0, mu)  # groups 0, 1: one flat
+
+    def grad(*args):
+        model.net.zero_grad(set_to_none=True)
+        backward(m, model, *args)
+        return torch.cat([p.grad.flatten() for p in model.net.parameters() if p.grad is not None])
+
+    whole = grad(batch, adv, prep, 0)
+    b, a, p, share = informative(batch, adv, prep)
+    assert share == 0.5 and b.input_ids.shape[0] == batch.input_ids.shape[0] // 2
+    assert torch.allclose(grad(b, a, p, 0, share), whole, rtol=1e-10, atol=1e-13) and whole.abs().max() > 0
+
+
+def test_skipping_flat_groups_trains_the_same_run(base_model, tmp_path):
+    """End to end: the same rewards and (to float rounding) the same parameters with and without."""
+    runs = {}
+    for skip in (True, False):
+        summary = run(cfg_of(base_model, tmp_path / str(skip), "method=bgpo", "temperature=1.0",
+                             f"skip_flat_groups={str(skip).lower()}", "group_size=2", "prompts_per_step=4"))
+        rows = metrics(tmp_path / str(skip) / summary["run"])
+        runs[skip] = (summary, [r.get("reward") for r in rows])
+        assert any(r.get("frac_reward_zero_std", 0) > 0 for r in rows)  # there were groups to skip
+    assert runs[True][1] == runs[False][1]
+    fp = [s["param_fingerprints"][0] for s, _ in runs.values()]
+    assert fp[0] == pytest.approx(fp[1], rel=1e-6)

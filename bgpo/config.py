@@ -54,6 +54,10 @@ class TaskConfig:
     (BGPO §4: ONE math model, trained on MATH + GSM8K, tested on GSM8K and MATH500)"""
     pretrain_steps: int = 700
     """SFT steps of the tiny base model: stopped short of mastery so that RL has headroom"""
+    sft_near_miss: float = 0.0
+    """share of the tiny base model's SFT targets replaced by the task's near miss (``near_miss``:
+    the solution with one systematic slip), so the base knows the answer but prefers the slip:
+    a knowledgeable but blurred policy whose pass@G is far above its pass@1"""
     rl_lr: float = 1e-4
     """RL learning rate of the main job and the tiny presets on this task (``lr: ${task.rl_lr}``),
     chosen on validation runs; every method shares it"""
@@ -72,7 +76,11 @@ class ModelConfig:
     kind: str = "tiny"
     """tiny (embedded, CPU), llada, dream"""
     path: str | None = None
-    """local folder or hub name; tiny: None = the cached base model of the task (built if missing)"""
+    """local folder or hub name; tiny: None = the task's base model named by ``base``"""
+    base: str = "shipped"
+    """tiny, with ``path`` unset: ``shipped`` (the repository's base model of the task, every file
+    checked against its sha256 in bgpo/base_models/manifest.json; tasks without one use the cache)
+    or ``cache`` ($BGPO_CACHE/tiny-<task>, pretrained there by bgpo.pretrain if missing)"""
     dtype: str = "float32"
     """storage dtype of the loaded weights (and so of gradients and AdamW state): float32,
     bfloat16, float64 (tests); it must suit ``precision``"""
@@ -132,6 +140,9 @@ class PretrainConfig:
     eval_n: int = 256
     out: str | None = None
     """output folder (default: $BGPO_CACHE/tiny-<task>)"""
+    ship: bool = False
+    """write the repository's shipped base model (bgpo/base_models/tiny-<task>) and its entry in
+    bgpo/base_models/manifest.json (file hashes, command, measured time) instead of ``out``"""
     device: str = "auto"
     logger: LoggerConf = field(default_factory=LoggerConf)
     """trackers (logs in the output folder: tb/, wandb/)"""
@@ -185,6 +196,12 @@ class TrainConfig:
     eval_test: bool = True
     """evaluate the test sets at the end (false: a search over settings on validation, which must
     never look at a test set; the run's tables then have no test cells)"""
+    skip_flat_groups: bool = True
+    """skip the ELBO passes of prompt groups whose rewards are all equal (A = 0) when the method's
+    loss is zero there (BGPO, VRPO-OL without KL): the same gradient for less compute; metrics
+    such as elbo/ell are then means over the groups that were scored. Never under parallel=fsdp"""
+    test_n: int | None = None
+    """evaluate only the first test_n problems of each test set (the smoke setting); None: all"""
     ckpt_every: int = 10
     shards: int | None = None
     """units of rollout randomness per step (default: the number of processes)"""
@@ -414,6 +431,7 @@ def validate_task(task: TaskConfig | DictConfig) -> None:
     check_int("task.pretrain_steps", task.pretrain_steps, 1)
     check_int("task.shots", task.shots, 0)
     check_number("task.rl_lr", task.rl_lr, gt=0)
+    check_number("task.sft_near_miss", task.sft_near_miss, ge=0, le=1)
     try:  # option names, and the data files exist (never a hub request)
         check_task_data(task.name, task.test_file, task.options)
     except FileNotFoundError as e:
@@ -450,6 +468,10 @@ def validate_model(model: ModelConfig | DictConfig) -> None:
     check_precision(getattr(model, "precision", "fp32"), model.dtype)
     if model.kind != "tiny" and not model.path:
         raise ValueError(f"model.path must name a checkpoint for model.kind={model.kind!r}")
+    from bgpo.pretrain import BASES
+
+    if getattr(model, "base", "shipped") not in BASES:
+        raise ValueError(f"model.base={model.base!r} is not one of {list(BASES)}")
     check_int("model.mask_token_id", model.mask_token_id, 0, optional=True)
     for key in ("hidden", "layers", "heads", "intermediate"):
         check_int(f"model.{key}", getattr(model, key), 1)
@@ -505,6 +527,7 @@ def _validate_train(cfg: DictConfig) -> None:
                     ("warmup_steps", 0), ("seed", 0), ("threads", 0)):
         check_int(key, getattr(cfg, key), lo)
     check_int("shards", cfg.shards, 1, optional=True)
+    check_int("test_n", cfg.test_n, 1, optional=True)
     if cfg.shards and cfg.prompts_per_step % cfg.shards:
         raise ValueError(f"shards={cfg.shards} must divide prompts_per_step={cfg.prompts_per_step}")
     check_number("lr", cfg.lr, gt=0)
@@ -543,6 +566,19 @@ def _validate_train(cfg: DictConfig) -> None:
                       "advantages, no learning signal (evaluation is greedy anyway)", ConfigWarning,
                       stacklevel=3)
     check_model_path(cfg.model)
+    check_base_model(cfg.task.name, cfg.model)
+
+
+def check_base_model(task_name: str, model: ModelConfig | DictConfig) -> None:
+    """The tiny base model a run starts from is the task's: a shipped one passes its sha256 check,
+    a folder made by bgpo.pretrain was made for this task (before any model is built)."""
+    if model.kind != "tiny":
+        return
+    from bgpo.pretrain import base_model_path, check_base_task
+
+    folder = base_model_path(task_name, model)  # the shipped model's files are checked here
+    if folder is not None and folder.is_dir():
+        check_base_task(folder, task_name)
 
 
 def validate_pretrain(cfg: PretrainConfig | DictConfig) -> None:

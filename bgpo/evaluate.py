@@ -103,13 +103,16 @@ def load_model(cfg: DictConfig, device: str) -> tuple[Any, Path]:
                                 ".pt file")
     import torch
 
-    from bgpo.pretrain import default_path
+    from bgpo.pretrain import base_model_path
 
     run_dir = path.parent.parent
     run_cfg = run_dir / "config.yaml"
+    run_model: dict = {}  # what the run's config.yaml says (runs older than model.base: the cache)
     if run_cfg.is_file():  # the model the run trained (kind, base path, LoRA)
-        m = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(run_cfg).get("model", {}))
-    base = cfg.base or m.path or (default_path(cfg.task.name) if m.kind == "tiny" else None)
+        run_model = dict(OmegaConf.to_container(OmegaConf.load(run_cfg).get("model", {})) or {})
+        m = OmegaConf.merge(OmegaConf.structured(ModelConfig), run_model)
+    base = cfg.base or m.path or (base_model_path(cfg.task.name, run_model if run_cfg.is_file() else m)
+                                  if m.kind == "tiny" else None)
     if not base or not Path(base).exists() and m.kind == "tiny":
         raise FileNotFoundError(f"base model of {path} not found ({base}): pass base=<model folder>")
     model = load_dllm(m.kind, base, m.dtype, device, m.mask_token_id, m.use_chat_template, m.remote_code,

@@ -87,12 +87,14 @@ def load_run_policy(run_dir: str | Path, which: str = "final", base: str | None 
                     device: str = "cpu") -> tuple[DLLM, dict[str, Any], dict[str, Any]]:
     """The policy of a run's checkpoint (as the trainer built it: LoRA-wrapped when the run used
     LoRA), the run's config and the checkpoint's ``step``."""
-    from bgpo.pretrain import default_path
+    from bgpo.pretrain import base_model_path
 
     run_dir = Path(run_dir).expanduser()
     cfg, ckpt = _run_files(run_dir, which)
     m = OmegaConf.merge(OmegaConf.structured(ModelConfig), cfg.get("model", {}))
-    path = base or m.path or (str(default_path(cfg["task"]["name"])) if m.kind == "tiny" else None)
+    run_model = cfg.get("model", {})
+    path = base or m.path or (str(base_model_path(cfg["task"]["name"], dict(run_model))) if m.kind == "tiny"
+                              else None)
     if path is None or (m.kind == "tiny" and not Path(path).is_dir()):
         raise FileNotFoundError(f"the base model of {run_dir} was not found ({path}): "
                                 "pass base=<model folder>")

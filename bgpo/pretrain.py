@@ -21,12 +21,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import hashlib
+import json
 import logging
+import random
 import shutil
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import hydra
 import torch
@@ -34,7 +38,15 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from bgpo import elbo
-from bgpo.config import ModelConfig, PretrainConfig, TaskConfig, cli_errors, register, validate_pretrain
+from bgpo.config import (
+    ConfigError,
+    ModelConfig,
+    PretrainConfig,
+    TaskConfig,
+    cli_errors,
+    register,
+    validate_pretrain,
+)
 from bgpo.elbo import Batch, ELBOConfig
 from bgpo.loggers import Tracker
 from bgpo.model import build_tiny, cache_dir
@@ -45,8 +57,83 @@ from bgpo.tasks import get_task
 log = logging.getLogger("bgpo.pretrain")  # not __name__, which is "__main__" under python -m
 
 
+SHIPPED_DIR = Path(__file__).resolve().parent / "base_models"
+"""The tiny base models shipped in the repository (``tiny-<task>/``) and their ``manifest.json``:
+per task the sha256 of every file, the command that rebuilt them and its measured time."""
+BASES = ("shipped", "cache")
+"""``model.base`` (tiny, ``model.path`` unset): the shipped base model of the task, hash-checked,
+or ``$BGPO_CACHE/tiny-<task>``, pretrained there if missing"""
+
+
 def default_path(task_name: str) -> Path:
+    """The task's base model in the cache (``model.base=cache``; ``bgpo.pretrain``'s default out)."""
     return cache_dir() / f"tiny-{task_name}"
+
+
+def shipped_manifest() -> dict:
+    try:
+        return json.loads((SHIPPED_DIR / "manifest.json").read_text())
+    except FileNotFoundError:
+        return {}
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def check_base_task(folder: Path, task_name: str) -> None:
+    """A tiny base model folder made by ``bgpo.pretrain`` (it has ``pretrain.json``) must be the
+    given task's: a Countdown model never trains on Sudoku."""
+    meta = folder / "pretrain.json"
+    if not meta.is_file():
+        return
+    try:
+        made_for = json.loads(meta.read_text())["task"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ValueError(f"{meta} is unreadable: it does not say which task the base model is for") from None
+    if made_for != task_name:
+        raise ValueError(f"{meta}: this base model was pretrained for task {made_for!r}, not task.name="
+                         f"{task_name!r} (pick its own base model, or model.base=shipped)")
+
+
+def shipped_path(task_name: str) -> Path:
+    """The shipped base model of ``task_name``, every file checked against its sha256 in the
+    manifest (a ValueError names the missing or changed file and how to restore it)."""
+    entry = shipped_manifest().get(task_name)
+    if entry is None:
+        raise ValueError(f"model.base=shipped: no base model is shipped for task {task_name!r} (shipped: "
+                         f"{sorted(shipped_manifest())}); model.base=cache pretrains one, or set model.path")
+    folder = SHIPPED_DIR / entry["folder"]
+    fix = (f"restore it (git checkout -- {folder}) or rebuild the shipped model with `python -m "
+           f"bgpo.pretrain task={task_name} ship=true`")
+    for name, digest in sorted(entry["files"].items()):
+        f = folder / name
+        if not f.is_file():
+            raise ValueError(f"{f} is missing from the shipped base model of {task_name}: {fix}")
+        if (got := _sha256(f)) != digest:
+            raise ValueError(f"{f} fails its sha256 check (expected {digest[:12]}…, found {got[:12]}…): "
+                             f"{fix}")
+    check_base_task(folder, task_name)
+    return folder
+
+
+def tiny_base(task_name: str) -> Path:
+    """The task's shipped base model when one is shipped (checked), else its cached one."""
+    return shipped_path(task_name) if task_name in shipped_manifest() else default_path(task_name)
+
+
+def base_model_path(task_name: str, model: Any) -> Path | None:
+    """The folder a tiny run starts from: ``model.path``, else the shipped base model of the task
+    (``model.base=shipped``, checked; a task without one: the cache) or the cached one
+    (``model.base=cache``; may not exist yet).
+    ``model`` is a ModelConfig, DictConfig or plain dict (a run's config.yaml; runs made before
+    ``model.base`` existed started from the cache)."""
+    get = model.get if isinstance(model, dict) else lambda k, d=None: getattr(model, k, d)
+    if get("path"):
+        return Path(str(get("path"))).expanduser()
+    if get("kind", "tiny") != "tiny":
+        return None
+    return tiny_base(task_name) if get("base", "cache") == "shipped" else default_path(task_name)
 
 
 def pick_device(name: str) -> str:
@@ -71,9 +158,36 @@ def build_lock(out: Path) -> Iterator[None]:
 def pretrain(cfg: PretrainConfig | DictConfig) -> dict:
     """Train, save (model + tokenizer + pretrain.json) and return the evaluation."""
     validate_pretrain(cfg)
-    out = Path(cfg.out) if cfg.out else default_path(cfg.task.name)
+    if getattr(cfg, "ship", False):
+        if cfg.out:
+            raise ConfigError("ship=true writes bgpo/base_models/tiny-<task>: drop out=")
+        out = SHIPPED_DIR / f"tiny-{cfg.task.name}"
+    else:
+        out = Path(cfg.out) if cfg.out else default_path(cfg.task.name)
     with build_lock(out):
-        return _build(cfg, out)
+        summary = _build(cfg, out)
+        if getattr(cfg, "ship", False):
+            write_manifest_entry(cfg.task.name, out, summary)
+        return summary
+
+
+def write_manifest_entry(task_name: str, folder: Path, summary: dict, built_as: str | None = None) -> None:
+    """Record a shipped base model: every file's sha256 (checked at every load), the run-key hash
+    (weights + config.json), the command that rebuilds it and its measured time and accuracy
+    (``built_as``: the command line that actually built it, when not the ship command itself)."""
+    from bgpo.results import folder_hash
+
+    manifest = shipped_manifest()
+    files = {p.name: _sha256(p) for p in sorted(folder.iterdir()) if p.is_file()}
+    manifest[task_name] = {
+        "folder": folder.name, "files": files, "sha256": folder_hash(folder),
+        "command": f"python -m bgpo.pretrain task={task_name} ship=true",
+        "train_seconds": summary["train_seconds"], "total_seconds": summary["total_seconds"],
+        "validation": summary["eval"], "torch": summary.get("torch"), "platform": summary.get("platform"),
+        "threads": summary.get("threads", torch.get_num_threads()),
+        **({"built_as": built_as} if built_as else {}),
+    }
+    atomic_write_json(SHIPPED_DIR / "manifest.json", manifest)
 
 
 def _build(cfg: PretrainConfig | DictConfig, out: Path) -> dict:
@@ -99,12 +213,15 @@ def _build(cfg: PretrainConfig | DictConfig, out: Path) -> dict:
     opt = torch.optim.AdamW(model.net.parameters(), lr=cfg.lr, weight_decay=0.01)
     g = torch.Generator(device=device).manual_seed(cfg.seed)
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    slip = random.Random(f"near-miss-{cfg.seed}")
     losses: list[float] = []
     for step in (bar := tqdm(range(steps), desc=f"pretrain {cfg.task.name}")):
         lo = (step * cfg.batch_size) % len(data)
         exs = [data[order[(lo + i) % len(data)]] for i in range(cfg.batch_size)]
         prompt_ids, prompt_mask = model.encode_prompts([task.render(e, fmt) for e in exs])
-        comp = model.encode_completions([task.target(e, fmt) for e in exs], cfg.task.gen_length)
+        targets = [task.near_miss(e, fmt) if slip.random() < cfg.task.sft_near_miss else task.target(e, fmt)
+                   for e in exs]  # a share of near misses blurs the base (task.sft_near_miss)
+        comp = model.encode_completions(targets, cfg.task.gen_length)
         batch = Batch.build(prompt_ids, prompt_mask, comp, 1)
         draws = elbo.draw(batch, sft_elbo, 1, model.eos_token_id, g)
         loss = -elbo.ell(model, batch, draws, slice(0, 1)).mean() / cfg.task.gen_length
@@ -139,11 +256,14 @@ def _build(cfg: PretrainConfig | DictConfig, out: Path) -> dict:
 
 
 def ensure_base_model(task: TaskConfig | DictConfig, model: ModelConfig | DictConfig) -> Path:
-    """The tiny base model of ``task``: the configured path, or the cached one, built if missing
+    """The tiny base model of ``task``: the configured path, the shipped one (``model.base=shipped``,
+    hash-checked), or the cached one (``model.base=cache``), built if missing
     (with the configured tiny architecture) by exactly one process: the others wait on the lock
     and then use it."""
     if model.path:
         return Path(model.path)
+    if getattr(model, "base", "cache") == "shipped" and task.name in shipped_manifest():
+        return shipped_path(task.name)
     path = default_path(task.name)
     if (path / "pretrain.json").exists():
         return path

@@ -173,14 +173,15 @@ class BaseModelMissing(FileNotFoundError):
 
 def base_model_identity(cfg: dict[str, Any]) -> dict[str, Any]:
     """The start point of a run (issue 16.4): ``{"sha256", "path"}`` of a model folder on disk
-    (the task's cached tiny base model when ``model.path`` is unset), ``{"hub": name}`` for a hub
-    name that is not a folder here (with ``model.revision`` when set: pin a revision to make the key
-    identify the weights). Raises :class:`BaseModelMissing` when the tiny base is not built yet."""
+    (the task's shipped or cached tiny base model when ``model.path`` is unset: ``model.base``),
+    ``{"hub": name}`` for a hub name that is not a folder here (with ``model.revision`` when set:
+    pin a revision to make the key identify the weights). Raises :class:`BaseModelMissing` when
+    the tiny base is not built yet."""
     m = cfg["model"]
     if m["kind"] == "tiny" and not m.get("path"):
-        from bgpo.pretrain import default_path
+        from bgpo.pretrain import base_model_path
 
-        folder = default_path(cfg["task"]["name"])
+        folder = base_model_path(cfg["task"]["name"], m)  # a shipped model is hash-checked here
         if not (folder / "pretrain.json").is_file():
             raise BaseModelMissing(f"the base model {folder} is not built yet")
     else:

@@ -169,3 +169,23 @@ def test_equal_memory_mc_fits_the_committed_memory_rows():
         expected = 16 if method == "bgpo" else max(fitting)
         assert mc == expected, (method, mc, sorted(fitting))
         assert peak[(method, mc)] <= budget * 1.001
+
+
+def test_headroom_bench_measures_the_shipped_base_on_validation(tmp_path):
+    """greedy, pass@1 and pass@G of the shipped Sudoku base on the first validation problems; a
+    re-run replaces its row; pass@1 <= pass@G by definition, and the row names its command."""
+    import json
+
+    from bgpo.bench import headroom
+    from bgpo.pretrain import shipped_manifest
+
+    argv = ["--task", "sudoku", "--n", "4", "--G", "3", "--prompts-per-batch", "2", "--out", str(tmp_path)]
+    assert headroom.main(argv) == 0
+    assert headroom.main(argv) == 0
+    rows = [json.loads(x) for x in (tmp_path / "headroom-sudoku.jsonl").read_text().splitlines()]
+    assert len(rows) == 1
+    r = rows[0]
+    assert r["model"] == "tiny-sudoku" and r["base_sha256"] == shipped_manifest()["sudoku"]["sha256"]
+    assert r["n"] == 4 and r["G"] == 3 and r["split"] == "val" and r["gen_length"] == 17
+    assert 0 <= r["pass@1"] <= r["pass@G"] <= 1 and 0 <= r["greedy"] <= 1
+    assert r["cmd"].startswith("python -m bgpo.bench headroom --task sudoku")

@@ -55,7 +55,7 @@ def test_every_sweep_preset_job_composes_and_validates(preset):
         jobs = sweep_jobs(compose("sweep", overrides=[f"+sweeps={preset}"], return_hydra_config=True))
         for job in jobs:
             validate_train(compose("sweep", overrides=job))
-    assert len(jobs) > 1 and all(f"+sweeps={preset}" in job for job in jobs)
+    assert len(jobs) > (0 if preset == "smoke" else 1) and all(f"+sweeps={preset}" in job for job in jobs)
 
 
 def test_paper_main_takes_spec_full_scale_settings():

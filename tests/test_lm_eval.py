@@ -31,7 +31,7 @@ from tests.helpers import micro_model, perturb
 N = 8  # problems per task: enough to cover prompts of different lengths (left padding)
 TASK_CFG = {  # bgpo/conf/task/*.yaml
     "countdown": TaskConfig(name="countdown", gen_length=16, block_length=8, diffusion_steps=16),
-    "sudoku": TaskConfig(name="sudoku", gen_length=24, block_length=8, diffusion_steps=24),
+    "sudoku": TaskConfig(name="sudoku", gen_length=17, block_length=17, diffusion_steps=17),
 }
 
 

@@ -58,7 +58,7 @@ while not Path(sys.argv[2]).exists():
     time.sleep(0.01)
 path = ensure_base_model(TaskConfig(name="sudoku", gen_length=24, block_length=8, diffusion_steps=24,
                                     pretrain_steps=2),
-                         ModelConfig(hidden=32, layers=2, heads=2, intermediate=64))
+                         ModelConfig(hidden=32, layers=2, heads=2, intermediate=64, base="cache"))
 print("USING", path, hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest())
 """
 

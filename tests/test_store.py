@@ -240,16 +240,17 @@ def test_validate_only_never_pretrains_and_says_the_key_is_provisional(tmp_path,
 
     monkeypatch.setattr(bgpo.pretrain, "_build", pretrains)
     cfg = to_container(cfg_of(tmp_path, tmp_path / "r", *ARGS))
-    cfg["model"]["path"], cfg["task"]["name"] = None, "countdown"
+    cfg["model"]["path"], cfg["model"]["base"], cfg["task"]["name"] = None, "cache", "countdown"
     with pytest.raises(BaseModelMissing):
         run_dir_of(cfg)
     from hydra import compose, initialize_config_module
 
     with initialize_config_module("bgpo.conf", version_base="1.3"):
-        out = run(compose("train", overrides=[f"results_dir={tmp_path / 'r'}", "validate_only=true"]))
+        out = run(compose("train", overrides=[f"results_dir={tmp_path / 'r'}", "validate_only=true",
+                                              "model.base=cache"]))
     assert out == {"ok": True, "run_dir": None, "state": "new"}
     line = caplog.records[-1].getMessage().replace(str(tmp_path), "TMP")
-    assert line.startswith("ok: run folder TMP/r/bgpo-countdown-mc16-s0-<hash> (new) (provisional:")
+    assert line.startswith("ok: run folder TMP/r/bgpo-countdown-mc8-s0-<hash> (new) (provisional:")
     assert not (tmp_path / "empty-cache" / "tiny-countdown").exists()
 
 

@@ -160,8 +160,8 @@ class ModelSpec:
 def model_spec(model: str, arch: str | None, name: str | None, dtype: str, device: str, lora: int,
                seed: int, task: str = "countdown", precision: str | None = None,
                activation_checkpointing: bool = False) -> ModelSpec:
-    """``--model tiny`` (cached base model of ``task`` if present) or a folder; ``--arch`` wins."""
-    from bgpo.pretrain import default_path, pick_device
+    """``--model tiny`` (the shipped, else cached, base model of ``task``) or a folder; ``--arch`` wins."""
+    from bgpo.pretrain import pick_device, tiny_base
 
     if dtype not in _DTYPES or dtype == "auto":
         raise ValueError(f"--dtype={dtype!r} is not one of {[d for d in _DTYPES if d != 'auto']}")
@@ -174,7 +174,7 @@ def model_spec(model: str, arch: str | None, name: str | None, dtype: str, devic
             else f"h{a['hidden']}l{a['layers']}")
         return ModelSpec(name or default_name, None, a, dtype, device, lora, seed, **extra)
     if model == "tiny":
-        path = default_path(task)
+        path = tiny_base(task)
         if (path / "config.json").exists():
             return ModelSpec(name or "tiny", str(path), None, dtype, device, lora, seed, **extra)
         from bgpo.config import ModelConfig

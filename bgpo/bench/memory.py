@@ -253,7 +253,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", type=strs, default=list(METHODS), help="comma list of " + ",".join(METHODS))
     p.add_argument("--mcs", type=ints, default=ints("1,2,4,8,16,32"), help="n_t values")
-    p.add_argument("--model", default="tiny", help="tiny (the task's cached base model) or a folder")
+    p.add_argument("--model", default="tiny", help="tiny (the shipped, else cached, base) or a folder")
     p.add_argument("--arch", default=None, help="random model: hidden=..,layers=..,heads=..,"
                    "intermediate=..,vocab=..[,kv_heads=..,tied=0|1] or 'llada8b'")
     p.add_argument("--name", default=None, help="model name in the results file name")

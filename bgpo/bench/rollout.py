@@ -122,9 +122,9 @@ def measure(model: DLLM, task, examples: list, cfg: SamplerConfig, args: argpars
 
 
 def load_model(args: argparse.Namespace) -> tuple[DLLM, Path, dict]:
-    from bgpo.pretrain import default_path
+    from bgpo.pretrain import tiny_base
 
-    path = Path(args.model_path) if args.model_path else default_path(args.task)
+    path = Path(args.model_path) if args.model_path else tiny_base(args.task)
     if args.model_kind == "tiny" and not (path / "config.json").exists():
         raise SystemExit(f"bench rollout: no model at {path}. Build the tiny base model first:\n"
                          f"    python -m bgpo.pretrain task={args.task}\n"

@@ -45,7 +45,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--override", action="append", default=[],
                    help="Hydra override of the train config (method=..., mc=..., prompts_per_step=...)")
-    p.add_argument("--model", default="tiny", help="tiny (the task's cached base model) or a folder")
+    p.add_argument("--model", default="tiny", help="tiny (the shipped, else cached, base) or a folder")
     p.add_argument("--arch", default=None)
     p.add_argument("--name", default=None)
     p.add_argument("--dtype", default="float32")

@@ -86,7 +86,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--gold-mc", type=int, default=256, help="n_t of the gold-standard gradient")
     p.add_argument("--gold-chunk", type=int, default=32, help="n_t per gold call (memory)")
     p.add_argument("--chunk", type=int, default=8, help="method.cfg.mc_chunk of bgpo/vrpo (speed only)")
-    p.add_argument("--model", default="tiny", help="tiny (the task's cached base model) or a folder")
+    p.add_argument("--model", default="tiny", help="tiny (the shipped, else cached, base) or a folder")
     p.add_argument("--arch", default=None, help="random model: hidden=..,layers=..,heads=..,intermediate=..")
     p.add_argument("--name", default=None)
     p.add_argument("--task", default="countdown")

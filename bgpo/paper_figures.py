@@ -122,8 +122,10 @@ def validation_curves(runs: list[Any]) -> Any:
                   for v, mu in zip(vals, mean, strict=True)]
             half = [t_quantile(len(v) - 1) * d / len(v) ** 0.5 for v, d in zip(vals, sd, strict=True)]
             ax.plot(steps, mean, color=color, lw=1.8, label=f"{LABELS.get(m, m)} (seeds={len(seeds)})")
-            ax.fill_between(steps, [a - b for a, b in zip(mean, half, strict=True)],
-                            [a + b for a, b in zip(mean, half, strict=True)], color=color, alpha=0.15, lw=0)
+            # the t-interval of 2-3 seeds is wide: clipped to the range an accuracy can take
+            ax.fill_between(steps, [max(a - b, 0.0) for a, b in zip(mean, half, strict=True)],
+                            [min(a + b, 100.0) for a, b in zip(mean, half, strict=True)], color=color,
+                            alpha=0.15, lw=0)
         ax.set(xlabel="RL step", ylabel="validation accuracy (%)", title=f"{task} ({sweep})")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)

@@ -136,3 +136,37 @@ def test_the_smoke_setting_runs_the_whole_pipeline_from_the_shipped_base(tmp_pat
     tests = json.loads((run_dir / "eval_test.json").read_text())
     assert {"base", "final"} <= set(tests) and tests["base"]["own"]["n"] == 64
     assert "test set own (64 problems), accuracy %: base" in res.stderr + res.stdout
+
+
+RUN_TRAIN_WITH_SHIPPED_DIR = """
+import runpy, sys
+from pathlib import Path
+import bgpo.pretrain
+bgpo.pretrain.SHIPPED_DIR = Path(sys.argv.pop(1))  # a copy of the shipped models, to damage
+sys.argv[0] = "bgpo.train"
+runpy.run_module("bgpo.train", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("damage", ["changed", "missing"])
+def test_a_damaged_shipped_file_stops_the_entry_point_in_one_sentence(damage: str, tmp_path) -> None:
+    import shutil
+
+    root = tmp_path / "base_models"
+    shutil.copytree(SHIPPED_DIR, root)
+    target = root / "tiny-countdown" / "model.safetensors"
+    if damage == "missing":
+        target.unlink()
+    else:
+        data = bytearray(target.read_bytes())
+        data[4096] ^= 0x01
+        target.write_bytes(bytes(data))
+    cmd = [sys.executable, "-c", RUN_TRAIN_WITH_SHIPPED_DIR, str(root), f"results_dir={tmp_path / 'r'}"]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in res.stderr and str(target) in lines[0], lines
+    assert ("fails its sha256 check" if damage == "changed" else "is missing") in lines[0]
+    made = [p.name for p in (tmp_path / "r").iterdir()] if (tmp_path / "r").exists() else []
+    assert made in ([], [".hydra"]), made  # nothing trained

@@ -109,6 +109,7 @@ def test_tiny_presets_share_their_rl_settings():
             "tiny_equal_memory"} <= set(names)
     with initialize_config_module("bgpo.conf", version_base="1.3"):
         settings = {p: tuple(compose("sweep", overrides=[f"+sweeps={p}"])[k] for k in keys) for p in names}
+        settings["main job"] = tuple(compose("train")[k] for k in keys)  # the presets share its settings
     assert len(set(settings.values())) == 1, settings
 
 

@@ -594,6 +594,8 @@ def validate_pretrain(cfg: PretrainConfig | DictConfig) -> None:
         check_int("seed", cfg.seed, 0)
         check_number("lr", cfg.lr, gt=0)
         check_device("device", cfg.device)
+        if getattr(cfg, "ship", False) and cfg.out:
+            raise ValueError(f"ship=true writes bgpo/base_models/tiny-{cfg.task.name}: drop out={cfg.out}")
         from bgpo.loggers import validate as validate_logger
 
         validate_logger(cfg.logger)

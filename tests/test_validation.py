@@ -70,6 +70,10 @@ def compose_train(*overrides: str, config: str = "train"):
 
 # (overrides, what the message must contain). {d} is the folder of the data fixture.
 BAD: list[tuple[list[str], str]] = [
+    # issue 21: the testbed's keys
+    (["test_n=0"], "test_n=0"),
+    (["model.base=hub"], "model.base='hub'"),
+    (["task.sft_near_miss=-0.1"], "task.sft_near_miss=-0.1"),
     # issue 15, "silently wrong, exit 0"
     (["grad_clip=-1"], "grad_clip=-1.0"),
     (["grad_clip=0"], "grad_clip=0.0"),
@@ -217,13 +221,21 @@ def test_greedy_rollouts_warn(no_model, tmp_path):
 PRETRAIN_BAD = [("steps=0", "steps=0"), ("batch_size=0", "batch_size=0"), ("lr=nan", "lr=nan"),
                 ("level=banana", "level='banana'"), ("n_train=0", "n_train=0"), ("eval_n=0", "eval_n=0"),
                 ("model.hidden=30", "model.heads=4"), ("task.gen_length=30", "task.gen_length=30"),
-                ("device=tpu0", "device='tpu0'")]
+                ("device=tpu0", "device='tpu0'"), ("task.sft_near_miss=1.5", "task.sft_near_miss=1.5"),
+                ("model.base=hub", "model.base='hub'")]
 
 
 @pytest.mark.parametrize("override,key", PRETRAIN_BAD, ids=[b[0] for b in PRETRAIN_BAD])
 def test_bad_pretrain_setting(override, key):
     with pytest.raises(ConfigError, match=key):
         validate_pretrain(compose_train(override, config="pretrain"))
+
+
+def test_ship_writes_the_repository_s_model_folder_and_takes_no_out():
+    with initialize_config_module("bgpo.conf", version_base="1.3"):
+        cfg = compose("pretrain", overrides=["ship=true", "out=/tmp/elsewhere"])
+    with pytest.raises(ConfigError, match="ship=true writes bgpo/base_models/tiny-countdown: drop out="):
+        validate_pretrain(cfg)
 
 
 EVALUATE_BAD = [("n=0", "n=0"), ("batch_size=0", "batch_size=0"), ("steps=3", "steps=3"),

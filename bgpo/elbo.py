@@ -103,6 +103,8 @@ class ELBOConfig:
         if self.mode == "complementary" and not self.t_min < 0.5:
             raise ValueError(f"elbo.t_min={self.t_min} must be < 0.5 in complementary mode (t and 1 − t "
                              "both lie in [t_min, 1 − t_min])")
+        if self.group_shared and self.mode != "elbo":
+            raise ValueError(f"elbo.group_shared=true applies to mode 'elbo' only, not {self.mode!r}")
         if not (isinstance(self.block_length, int) and self.block_length >= 1):
             raise ValueError(f"elbo.block_length={self.block_length!r} must be a positive integer")
 

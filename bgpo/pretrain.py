@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
-import hashlib
 import json
 import logging
 import random
@@ -49,7 +48,7 @@ from bgpo.config import (
 from bgpo.elbo import Batch, ELBOConfig
 from bgpo.loggers import Tracker
 from bgpo.model import build_tiny, cache_dir
-from bgpo.results import atomic_write_json, provenance
+from bgpo.results import _file_sha256, atomic_write_json, provenance
 from bgpo.rollout import evaluate
 from bgpo.tasks import get_task
 
@@ -74,10 +73,6 @@ def shipped_manifest() -> dict:
         return json.loads((SHIPPED_DIR / "manifest.json").read_text())
     except FileNotFoundError:
         return {}
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def check_base_task(folder: Path, task_name: str) -> None:
@@ -109,7 +104,7 @@ def shipped_path(task_name: str) -> Path:
         f = folder / name
         if not f.is_file():
             raise ValueError(f"{f} is missing from the shipped base model of {task_name}: {fix}")
-        if (got := _sha256(f)) != digest:
+        if (got := _file_sha256(f)) != digest:
             raise ValueError(f"{f} fails its sha256 check (expected {digest[:12]}…, found {got[:12]}…): "
                              f"{fix}")
     check_base_task(folder, task_name)
@@ -175,7 +170,7 @@ def write_manifest_entry(task_name: str, folder: Path, summary: dict, built_as: 
     from bgpo.results import folder_hash
 
     manifest = shipped_manifest()
-    files = {p.name: _sha256(p) for p in sorted(folder.iterdir()) if p.is_file()}
+    files = {p.name: _file_sha256(p) for p in sorted(folder.iterdir()) if p.is_file()}
     manifest[task_name] = {
         "folder": folder.name, "files": files, "sha256": folder_hash(folder),
         "command": f"python -m bgpo.pretrain task={task_name} ship=true",

@@ -72,6 +72,7 @@ def compose_train(*overrides: str, config: str = "train"):
 BAD: list[tuple[list[str], str]] = [
     # issue 21: the testbed's keys
     (["test_n=0"], "test_n=0"),
+    (["method=diffu_grpo", "+method.cfg.elbo.group_shared=true"], "elbo.group_shared=true"),
     (["model.base=hub"], "model.base='hub'"),
     (["task.sft_near_miss=-0.1"], "task.sft_near_miss=-0.1"),
     # issue 15, "silently wrong, exit 0"

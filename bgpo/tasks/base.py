@@ -136,13 +136,32 @@ D1_INSTRUCTIONS = (
     "<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>"
 )
 
-_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+# The parsers of model output below run in time linear in their input (str.find / rfind scans
+# and one backtracking-free regex), so a hostile completion of any length costs a single pass;
+# tests/test_parsers.py feeds them 1 MB inputs.
+ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
+REASONING_OPEN, REASONING_CLOSE = "<reasoning>", "</reasoning>"
+_SPACES = re.compile(r"\s*")  # one greedy run, no backtracking: linear
 
 
 def last_answer(text: str) -> str | None:
-    """Content of the last ``<answer>...</answer>`` pair (stripped), or None when there is none."""
-    found = _ANSWER_RE.findall(text)
-    return found[-1].strip() if found else None
+    """Content of the last ``<answer>...</answer>`` pair (stripped), or None when there is none.
+
+    Pairs are read left to right, each ``<answer>`` closed by the first ``</answer>`` after it, so
+    an ``<answer>`` inside a pair is content (``<answer>a<answer>b</answer>`` gives
+    ``a<answer>b``), exactly as ``re.findall(r"<answer>(.*?)</answer>", text, re.DOTALL)[-1]``
+    reads it, but in linear time: five ``str.find`` / ``rfind`` scans, no backtracking.
+    """
+    last_close = text.rfind(ANSWER_CLOSE)
+    # the last opening tag before the last closing one lies inside (or opens) the last pair
+    inner = text.rfind(ANSWER_OPEN, 0, last_close) if last_close >= 0 else -1
+    if inner < 0:
+        return None
+    # that pair opens at the first opening tag after the closing tag before ``inner``
+    prev_close = text.rfind(ANSWER_CLOSE, 0, inner)
+    start = text.find(ANSWER_OPEN, prev_close + len(ANSWER_CLOSE) if prev_close >= 0 else 0)
+    end = text.find(ANSWER_CLOSE, start + len(ANSWER_OPEN))
+    return text[start + len(ANSWER_OPEN) : end].strip()
 
 
 def d1_completion(reasoning: str, answer: str) -> str:
@@ -156,9 +175,22 @@ def check_format(fmt: str) -> None:
         raise ValueError(f"format={fmt!r} is not a task format; allowed: {list(FORMATS)}")
 
 
-_LAYOUT_RE = re.compile(r"^\s*<reasoning>.*?</reasoning>\s*<answer>.*?</answer>\s*$", re.DOTALL)
-
-
 def has_d1_layout(text: str) -> bool:
-    """True when ``text`` is exactly ``<reasoning>...</reasoning>`` then ``<answer>...</answer>``."""
-    return _LAYOUT_RE.match(text) is not None
+    """True when ``text`` is exactly ``<reasoning>...</reasoning>`` then ``<answer>...</answer>``.
+
+    Whitespace is allowed around the text and between the two parts, anything inside them (tags
+    included): what ``re.match(r"^\\s*<reasoning>.*?</reasoning>\\s*<answer>.*?</answer>\\s*$",
+    text, re.DOTALL)`` accepts, in linear time.
+    """
+    s = text.strip()  # str.strip removes exactly the characters ``\s`` matches
+    if not (s.startswith(REASONING_OPEN) and s.endswith(ANSWER_CLOSE)):
+        return False
+    body = s[len(REASONING_OPEN) : len(s) - len(ANSWER_CLOSE)]  # the tags cannot overlap
+    # any ``</reasoning>``, whitespace, ``<answer>`` inside ``body`` splits it into the two parts
+    i = body.find(REASONING_CLOSE)
+    while i >= 0:
+        j = _SPACES.match(body, i + len(REASONING_CLOSE)).end()
+        if body.startswith(ANSWER_OPEN, j):
+            return True
+        i = body.find(REASONING_CLOSE, j)
+    return False

@@ -31,7 +31,7 @@ from bgpo.tasks.base import (
     register_task,
 )
 from bgpo.tasks.data import load_records, sample_pool
-from bgpo.tasks.math500 import last_boxed
+from bgpo.tasks.math500 import last_boxed, parse_number
 
 _NUM_RE = re.compile(r"-?\d+(?:\.\d+)?")
 
@@ -61,7 +61,7 @@ def same_number(pred: str | None, ref: str) -> bool:
     if pred is None:
         return False
     try:
-        return Fraction(pred) == Fraction(ref)
+        return parse_number(pred) == Fraction(ref)
     except (ValueError, ZeroDivisionError):
         return False
 

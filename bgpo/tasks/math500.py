@@ -11,8 +11,11 @@ Answers. The prediction is the last ``\\boxed{...}`` (brace-matched) inside the 
 ``<answer>...</answer>``, or that answer's whole content when it has no box; without answer tags,
 the last ``\\boxed{}`` of the completion. ``normalize`` is light (spaces, ``\\left``/``\\right``,
 ``\\!`` and other spacing, ``^\\circ``, ``\\text{}``, ``dfrac``/``tfrac`` -> ``frac``, ``$``, a
-trailing ``.``); two answers match when their normal forms are equal, or both parse as numbers
-(integers, decimals, ``a/b``, ``\\frac{a}{b}``) of equal value. Symbolic equivalence is not tested.
+trailing ``.``, then braces around the unbraced arguments of ``\\frac`` and ``\\sqrt``: ``\\frac12``,
+``\\frac1{2}``, ``\\frac{1}2`` -> ``\\frac{1}{2}``, ``\\sqrt2`` -> ``\\sqrt{2}``); two answers match when
+their normal forms are equal, or both parse as numbers (integers, decimals, ``a/b``,
+``\\frac{a}{b}``) of equal value. Symbolic equivalence is not tested. Every step is linear in the
+length of the completion (str.find / rfind scans, single-pass regexes).
 
 Reward: 1.0 if correct else 0, plus ``format_bonus`` (default 0, i.e. off) when the completion
 has the d1 layout, a small stand-in for d1's format terms.
@@ -88,7 +91,80 @@ def normalize(ans: str) -> str:
     s = re.sub(r"\\[!,;: ]", "", s)  # LaTeX spacing commands
     s = re.sub(r"\s+", "", s)
     s = s.rstrip(".")
-    return s
+    return brace_arguments(s)
+
+
+# A TeX token that matters to ``brace_arguments``: ``\frac`` / ``\sqrt`` (also when letters follow,
+# since ``normalize`` has removed the spaces that ended them), any other control sequence, a brace.
+_TEX_TOKEN = re.compile(r"\\(?:frac|sqrt)|\\(?:[A-Za-z]+|.)|[{}]", re.DOTALL)
+_N_ARGS = {"\\frac": 2, "\\sqrt": 1}
+
+
+def brace_arguments(s: str) -> str:
+    """Braces around the unbraced arguments of ``\\frac`` and ``\\sqrt`` in a normalised answer
+    (TeX reads one token there: a character or a control sequence), so that ``\\frac12``,
+    ``\\frac1{2}`` and ``\\frac{1}2`` all read ``\\frac{1}{2}``, ``\\sqrt2`` reads ``\\sqrt{2}`` and
+    ``\\sqrt[3]2`` reads ``\\sqrt[3]{2}``. Text whose arguments are all braced is returned unchanged.
+    Linear time: one tokenising pass (braces matched with a stack), then O(1) work per macro."""
+    if "\\frac" not in s and "\\sqrt" not in s:
+        return s
+    token_end: dict[int, int] = {}  # start -> end of each control sequence
+    group_end: dict[int, int] = {}  # position of a "{" -> one past its matching "}"
+    macros: list[tuple[int, int]] = []  # (end of the macro's name, number of arguments)
+    opened: list[int] = []
+    for m in _TEX_TOKEN.finditer(s):
+        tok = m.group()
+        if tok == "{":
+            opened.append(m.start())
+        elif tok == "}":
+            if opened:
+                group_end[opened.pop()] = m.end()
+        else:
+            start, end = m.span()
+            token_end[start] = end
+            if tok in _N_ARGS:
+                macros.append((end, _N_ARGS[tok]))
+    wrap: dict[int, int] = {}  # start -> end of each argument token to put in braces (disjoint)
+    bracket = -1  # the first "]" at or after the last optional argument looked at (len(s): none)
+    for pos, n_args in macros:
+        if n_args == 1 and s.startswith("[", pos):  # \sqrt[n]: skip the optional argument
+            if bracket < pos:  # positions only grow, so these searches scan the text once in all
+                found = s.find("]", pos)
+                bracket = found if found >= 0 else len(s)
+            pos = bracket + 1
+        for _ in range(n_args):
+            if pos >= len(s) or s[pos] == "}":
+                break
+            if s[pos] == "{":
+                if pos not in group_end:
+                    break
+                pos = group_end[pos]
+            else:
+                end = token_end.get(pos, pos + 1)  # one token: a character or a control sequence
+                wrap[pos] = end
+                pos = end
+    if not wrap:
+        return s
+    pieces: list[str] = []
+    done = 0
+    for start in sorted(wrap):
+        pieces += (s[done:start], "{", s[start : wrap[start]], "}")
+        done = wrap[start]
+    pieces.append(s[done:])
+    return "".join(pieces)
+
+
+MAX_DIGITS = 4300  # Python's default cap on int() of a digit string (sys.int_info.default_max_str_digits)
+_NON_DIGITS = re.compile(r"\D+")
+
+
+def parse_number(text: str) -> Fraction:
+    """``Fraction(text)``, refusing (ValueError) any run of more than ``MAX_DIGITS`` digits up front:
+    ``int()`` refuses those under Python's default setting anyway, and this keeps the check linear
+    in time whatever the interpreter's setting (converting a long digit run is not)."""
+    if any(len(run) > MAX_DIGITS for run in _NON_DIGITS.split(text)):
+        raise ValueError(f"a number with a run of more than {MAX_DIGITS} digits")
+    return Fraction(text)
 
 
 def to_number(s: str) -> Fraction | None:
@@ -99,13 +175,13 @@ def to_number(s: str) -> Fraction | None:
     )
     try:
         if m:
-            den = Fraction(m.group(3))
+            den = parse_number(m.group(3))
             if den == 0:
                 return None
-            val = Fraction(m.group(2)) / den
+            val = parse_number(m.group(2)) / den
             return -val if m.group(1) else val
         if re.fullmatch(r"-?\d+(?:\.\d+)?", s):
-            return Fraction(s)
+            return parse_number(s)
     except (ValueError, ZeroDivisionError):
         return None
     return None

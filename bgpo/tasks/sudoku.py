@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import itertools
 import random
 
 from bgpo.tasks.base import (
@@ -265,7 +266,7 @@ class SudokuTask:
         answer = completion if fmt == "compact" else last_answer(completion)
         if answer is None or ex.solution is None:
             return 0.0
-        digits = [ch for ch in answer if ch in _DIGITS][:16]
+        digits = list(itertools.islice((ch for ch in answer if ch in _DIGITS), 16))  # stops at 16
         empty = [i for i, ch in enumerate(ex.fields["puzzle"]) if ch == "0"]
         if not empty:
             return 0.0

@@ -12,7 +12,8 @@ precision; ``bgpo.evaluate`` takes them for the keys left at their defaults) and
 ``README.md`` with the run's config (``config.yaml``) and its test evaluation (``eval_test.json``:
 base model, validation-selected and final policy, per test set).
 
-- ``which``: ``final`` (``checkpoints/last.pt`` of a COMPLETE run: summary.json exists),
+- ``which``: ``final`` (``checkpoints/last.pt`` of a COMPLETE run: its summary.json is the run's
+  own, as the results store checks it: run key, method, task, n_t, seed, whole metrics),
   ``best`` (``checkpoints/best.pt``, the checkpoint selected on validation, ``bgpo.evaluation``),
   ``last`` (the latest checkpoint, complete or not);
 - ``lora``: ``merge`` (the adapters folded into the base weights: a plain model folder) or
@@ -20,26 +21,50 @@ base model, validation-selected and final policy, per test set).
   folder; ``bgpo.evaluate`` loads base + adapter);
 - ``dtype``: the saved weights' dtype; default: as trained (float32 master weights under
   bf16-mixed); ``bfloat16`` halves the folder;
-- ``out``: default ``<run_dir>/export-<which>``; an existing folder is replaced (written to
-  ``<out>.tmp`` first, then renamed).
+- ``out``: default ``<run_dir>/export-<which>``; written to a fresh temporary folder beside it,
+  then renamed. An existing ``out`` is replaced only when it is an earlier export (it holds
+  ``bgpo_export.json``, which every export writes) or empty; any other folder, or a file, is
+  refused with one sentence (exit code 2): the export never deletes files it did not write.
+
+The checkpoint must be the run's: one recording another run's key is refused (one sentence naming
+the file and both keys); one written before checkpoints recorded their run is exported with a
+warning. A missing, corrupt or truncated ``config.yaml``, checkpoint, base model folder,
+``summary.json`` or ``eval_test.json`` is one sentence naming the file, exit code 2, never a
+traceback.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import hydra
-import torch
 import yaml
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from bgpo.config import ModelConfig
 from bgpo.model import _DTYPES, DLLM, apply_lora, load_dllm
+from bgpo.results import (
+    UnreadableFile,
+    check_checkpoint_run,
+    check_replaceable,
+    check_summary,
+    expected_run_key,
+    load_checkpoint,
+    make_folder,
+    reading,
+    reason,
+    stored_config,
+    warn,
+)
 
 WHICH = {"final": "last.pt", "best": "best.pt", "last": "last.pt"}
 LORA = ("merge", "adapter")
@@ -68,19 +93,32 @@ def register() -> None:
 
 
 def _run_files(run_dir: Path, which: str) -> tuple[dict[str, Any], Path]:
-    """The run's resolved config and the checkpoint to export; one sentence naming what is missing."""
+    """The run's resolved config and the checkpoint to export; one sentence naming what is missing
+    or unreadable."""
     if which not in WHICH:
         raise ValueError(f"which={which!r} is not one of {list(WHICH)}")
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"run_dir={str(run_dir)!r} has no config.yaml: not a run folder")
+    cfg = stored_config(run_dir, "cannot tell which model the run trained")
+    sections = {"method": dict, "task": dict, "model": dict, "mc": int, "seed": int}
+    bad = [k for k, t in sections.items() if not isinstance(cfg.get(k), t)]
+    if bad or "_target_" not in cfg["method"] or "name" not in cfg["task"]:
+        missing = ", ".join(bad) or "method or task"
+        raise UnreadableFile(f"{run_dir / 'config.yaml'} lacks the run's {missing}: not a run's config")
+    if which == "final":  # a summary of another run, or over damaged metrics, proves nothing
+        if not (run_dir / "summary.json").is_file():
+            why = "no summary.json"
+        else:
+            _, problem, damaged = check_summary(run_dir, cfg)
+            why = problem or (damaged and f"its metrics are damaged: {damaged}")
+        if why:
+            raise FileNotFoundError(f"run_dir={str(run_dir)!r} is not complete ({why}): "
+                                    "which=last exports its latest checkpoint")
     ckpt = run_dir / "checkpoints" / WHICH[which]
-    if which == "final" and not (run_dir / "summary.json").is_file():
-        raise FileNotFoundError(f"run_dir={str(run_dir)!r} is not complete (no summary.json): which=last "
-                                "exports its latest checkpoint")
     if not ckpt.is_file():
         why = " (selected on validation: the task has none, or no evaluation ran)" if which == "best" else ""
         raise FileNotFoundError(f"which={which}: {ckpt} does not exist{why}")
-    return yaml.safe_load((run_dir / "config.yaml").read_text()), ckpt
+    return cfg, ckpt
 
 
 def load_run_policy(run_dir: str | Path, which: str = "final", base: str | None = None,
@@ -91,19 +129,33 @@ def load_run_policy(run_dir: str | Path, which: str = "final", base: str | None 
 
     run_dir = Path(run_dir).expanduser()
     cfg, ckpt = _run_files(run_dir, which)
-    m = OmegaConf.merge(OmegaConf.structured(ModelConfig), cfg.get("model", {}))
-    run_model = cfg.get("model", {})
-    path = base or m.path or (str(base_model_path(cfg["task"]["name"], dict(run_model))) if m.kind == "tiny"
-                              else None)
+    try:
+        m = OmegaConf.merge(OmegaConf.structured(ModelConfig), cfg["model"])
+    except OmegaConfBaseException as e:
+        raise UnreadableFile(f"{run_dir / 'config.yaml'}: its model section is not a model config "
+                             f"({reason(e)})") from None
+    state = load_checkpoint(ckpt, device=device)  # and whose it is, before any model is loaded
+    if not check_checkpoint_run(state, ckpt, expected_run_key(run_dir, cfg)):
+        warn(f"{ckpt} records no run key (written before checkpoints carried one): that it is this run's "
+             "checkpoint cannot be verified")
+    if which == "final" and state["step"] != cfg.get("steps"):
+        raise UnreadableFile(f"{ckpt} is the checkpoint of step {state['step']}, not of the run's last step "
+                             f"{cfg.get('steps')}: which=last exports it")
+    tiny = str(base_model_path(cfg["task"]["name"], dict(cfg["model"]))) if m.kind == "tiny" else None
+    path = base or m.path or tiny
     if path is None or (m.kind == "tiny" and not Path(path).is_dir()):
         raise FileNotFoundError(f"the base model of {run_dir} was not found ({path}): "
                                 "pass base=<model folder>")
-    policy = load_dllm(m.kind, path, m.dtype, device, m.mask_token_id, m.use_chat_template, m.remote_code,
-                       revision=m.get("revision"))
+    with reading(path, "model folder"):
+        policy = load_dllm(m.kind, path, m.dtype, device, m.mask_token_id, m.use_chat_template,
+                           m.remote_code, revision=m.get("revision"))
     if m.lora.enabled:
         apply_lora(policy, m.lora.r, m.lora.alpha, m.lora.dropout)
-    state = torch.load(ckpt, map_location=device, weights_only=False)
-    policy.net.load_state_dict(state["model"])
+    try:
+        policy.net.load_state_dict(state["model"])
+    except (RuntimeError, KeyError, TypeError) as e:
+        raise UnreadableFile(f"{ckpt} does not fit the model in {path} ({reason(e)}): pass base=<the run's "
+                             "base model folder>") from None
     return policy, cfg, {"step": state["step"], "checkpoint": str(ckpt), "base": str(path)}
 
 
@@ -114,11 +166,38 @@ def export(cfg: ExportConfig | DictConfig) -> Path:
     if cfg.dtype is not None and (cfg.dtype not in _DTYPES or cfg.dtype == "auto"):
         raise ValueError(f"dtype={cfg.dtype!r} is not one of {[d for d in _DTYPES if d != 'auto']}")
     run_dir = Path(cfg.run_dir).expanduser()
-    policy, run_cfg, info = load_run_policy(run_dir, cfg.which, cfg.base)
-    m = run_cfg["model"]
     out = Path(cfg.out).expanduser() if cfg.out else run_dir / f"export-{cfg.which}"
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    check_replaceable(out, SETTINGS, "out")  # before the model is loaded: a refusal costs nothing
+    make_folder(out.parent, f"out={out}")
+    policy, run_cfg, info = load_run_policy(run_dir, cfg.which, cfg.base)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))  # never another's
+    os.chmod(tmp, 0o755)  # mkdtemp makes 0700 folders; an export is for everyone to read
+    try:
+        _write(cfg, run_dir, policy, run_cfg, info, tmp)
+        replace_folder(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # only when something failed: it was renamed otherwise
+    print(f"[export] {run_dir.name} ({cfg.which}, step {info['step']}) -> {out}")
+    return out
+
+
+def replace_folder(new: Path, out: Path) -> None:
+    """Rename ``new`` to ``out``; an existing ``out`` (checked: an earlier export, or empty) is moved
+    aside first and deleted only once the new folder is in place."""
+    if not out.exists():
+        os.replace(new, out)
+        return
+    check_replaceable(out, SETTINGS, "out")  # again: it may have changed while the model was written
+    old = new.with_name(new.name[: -len(".tmp")] + ".old")
+    os.replace(out, old)
+    os.replace(new, out)
+    shutil.rmtree(old)
+
+
+def _write(cfg: ExportConfig | DictConfig, run_dir: Path, policy: DLLM, run_cfg: dict[str, Any],
+           info: dict[str, Any], tmp: Path) -> None:
+    """The export's files, into the (new, empty) folder ``tmp``."""
+    m = run_cfg["model"]
     net = policy.net
     lora = m.get("lora", {}).get("enabled", False)
     if lora and cfg.lora == "merge":
@@ -133,19 +212,31 @@ def export(cfg: ExportConfig | DictConfig) -> Path:
     settings = {"kind": policy.kind, "mask_token_id": policy.mask_token_id,
                 "use_chat_template": policy.use_chat_template, "precision": m.get("precision", "fp32"),
                 "dtype": cfg.dtype or m.get("dtype", "float32"), "lora": cfg.lora if lora else None,
-                "base": info["base"], "run": run_dir.name, "which": cfg.which, "step": info["step"]}
+                "base": info["base"], "run": run_dir.name, "which": cfg.which, "step": info["step"],
+                "task": run_cfg["task"].get("name"),
+                "eval_tasks": sorted(run_cfg["task"].get("eval_tasks") or {})}
     (tmp / SETTINGS).write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
     (tmp / "README.md").write_text(model_card(run_dir, run_cfg, settings, info))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    print(f"[export] {run_dir.name} ({cfg.which}, step {info['step']}) -> {out}")
-    return out
 
 
 def export_settings(folder: str | Path) -> dict[str, Any]:
-    """The model settings an export recorded (empty for any other folder)."""
+    """The model settings an export recorded (empty for any other folder); an unreadable
+    ``bgpo_export.json`` is :class:`UnreadableFile`, one sentence naming it."""
     path = Path(folder) / SETTINGS
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    settings = read_json_file(path, "cannot tell which model settings the export used")
+    if not isinstance(settings, dict):
+        raise UnreadableFile(f"{path} is not a JSON object: cannot tell which model settings the export used")
+    return settings
+
+
+def read_json_file(path: Path, consequence: str) -> Any:
+    """A JSON file; one that does not parse is :class:`UnreadableFile` naming it and ``consequence``."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UnreadableFile(f"{path} is unreadable ({reason(e)}): {consequence}") from None
 
 
 def _results_table(tests: dict[str, Any]) -> str:
@@ -160,9 +251,10 @@ def _results_table(tests: dict[str, Any]) -> str:
 def model_card(run_dir: Path, run_cfg: dict[str, Any], settings: dict[str, Any], info: dict[str, Any]) -> str:
     """The export's README.md: what it is, how to load it, its test evaluation and its config."""
     tests_path = run_dir / "eval_test.json"
-    tests = json.loads(tests_path.read_text()) if tests_path.is_file() else {}
+    tests = read_json_file(tests_path, "no model card") if tests_path.is_file() else {}
     summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    summary = read_json_file(summary_path, "no model card") if summary_path.is_file() else {}
+    tests, summary = (x if isinstance(x, dict) else {} for x in (tests, summary))
     method = run_cfg["method"]["_target_"].rsplit(".", 1)[-1]
     base = settings["base"]
     hub_base = not Path(base).exists() and base.count("/") == 1
@@ -214,11 +306,13 @@ register()
 @hydra.main(config_path="conf", config_name="export", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     if OmegaConf.is_missing(cfg, "run_dir"):
-        raise SystemExit("[bgpo.export] run_dir=<run folder> is required")
+        print("[bgpo.export] run_dir=<run folder> is required", file=sys.stderr)
+        raise SystemExit(2)
     try:
         export(cfg)
-    except (ValueError, FileNotFoundError) as e:  # bad input: one sentence, no traceback
-        raise SystemExit(f"[bgpo.export] {e}") from None
+    except (ValueError, FileNotFoundError) as e:  # bad input (ConfigError included): one sentence
+        print(f"[bgpo.export] {' '.join(str(e).split())}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

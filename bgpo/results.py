@@ -17,7 +17,16 @@ of ``COMPLETE_FIELDS``; a corrupt summary, metrics row or checkpoint is reported
 set aside (``*.corrupt``) and the run resumed from the last good checkpoint or restarted; the
 summary is written only over a metrics file with a valid row for every step. Atomic writes are
 fsynced, file and folder.
-"""
+
+Identity, not only shape (issue 23, item 5): a summary counts as complete only when its run key,
+method, task, n_t (``mc``) and seed are those of the run's config and the run's ``metrics.jsonl``
+still has a whole row for every step (a row cut later is reported as ``file:line`` and the run
+resumes, recomputing the lost rows exactly); a checkpoint records the run key it belongs to
+(``run``) and its ``step``, and one recording another run's key is refused
+(:class:`StoreMismatch`, one sentence naming the file and both keys), never resumed from,
+evaluated or exported; one recording none (written before checkpoints carried it) is used with a
+warning. A file the suite reads that cannot be parsed is :class:`UnreadableFile`, one sentence
+naming it. Output folders are replaced only when the suite made them (:func:`check_replaceable`)."""
 
 from __future__ import annotations
 
@@ -34,6 +43,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from bgpo.config import ConfigError
 
 # keys that say WHERE or HOW a run executes, not WHAT it computes: excluded from the run key
 # (``parallel``: ddp is bit-exact to one process; fsdp changes only the order of float sums;
@@ -57,6 +68,24 @@ class RunFailed(RuntimeError):
 
 class StoreError(RuntimeError):
     """The run folder cannot be finalised as it is (e.g. metrics rows are missing)."""
+
+
+class StoreMismatch(ConfigError):
+    """A file in a run folder belongs to another run (a checkpoint recording another run key): it
+    is refused, never resumed from or exported. The command line prints the one sentence and exits
+    with code 2."""
+
+
+class UnreadableFile(ConfigError):
+    """A file the suite reads (``config.yaml``, a checkpoint, a summary, ``paper/reported.yaml``...)
+    cannot be parsed, or does not hold what it should; the message names the file. The command line
+    prints the one sentence and exits with code 2."""
+
+
+def reason(e: BaseException) -> str:
+    """An exception as a short clause: its type and first 160 characters, on one line."""
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:160]}" if text else type(e).__name__
 
 
 def warn(msg: str) -> None:
@@ -92,12 +121,13 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def set_aside(path: Path, why: str) -> Path:
-    """Rename a corrupt file to ``<name>.corrupt`` (``.corrupt-2``...: never overwrite evidence)."""
-    aside, n = path.with_name(path.name + ".corrupt"), 1
+def set_aside(path: Path, why: str, suffix: str = "corrupt") -> Path:
+    """Rename a file the store does not trust to ``<name>.<suffix>`` (``corrupt``: unreadable;
+    ``unverified``: it could not be checked; ``.<suffix>-2``...: never overwrite evidence)."""
+    aside, n = path.with_name(f"{path.name}.{suffix}"), 1
     while aside.exists():
         n += 1
-        aside = path.with_name(f"{path.name}.corrupt-{n}")
+        aside = path.with_name(f"{path.name}.{suffix}-{n}")
     os.replace(path, aside)
     warn(f"{path}: {why}; kept as {aside.name}")
     return aside
@@ -119,9 +149,19 @@ def config_hash(cfg: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
+def method_name(cfg: dict[str, Any]) -> str:
+    """The method of a resolved config as the run key and the summary name it (``bgpo``, ``vrpo``)."""
+    return cfg["method"]["_target_"].rsplit(".", 1)[-1].lower()
+
+
 def run_name(cfg: dict[str, Any]) -> str:
-    method = cfg["method"]["_target_"].rsplit(".", 1)[-1].lower()
-    return f"{method}-{cfg['task']['name']}-mc{cfg['mc']}-s{cfg['seed']}-{config_hash(cfg)}"
+    return f"{method_name(cfg)}-{cfg['task']['name']}-mc{cfg['mc']}-s{cfg['seed']}-{config_hash(cfg)}"
+
+
+def run_key(cfg: dict[str, Any]) -> str:
+    """The run key: the folder name ``run_name`` gives the config with its base model's identity
+    (what a checkpoint records, whatever folder ``run_dir`` names)."""
+    return run_name(with_base_model(cfg))
 
 
 def _file_sha256(path: Path) -> str:
@@ -143,8 +183,6 @@ def folder_hash(folder: Path) -> str:
     files = sorted(p for p in folder.iterdir() if p.is_file() and (
         p.name == "config.json" or p.name.endswith(WEIGHT_SUFFIXES)))
     if not any(p.name.endswith(WEIGHT_SUFFIXES) for p in files):
-        from bgpo.config import ConfigError
-
         raise ConfigError(f"model.path={folder}: no weights (*.safetensors, *.bin) in the folder")
     cache_file = cache_dir() / "hashes" / f"{hashlib.sha256(str(folder).encode()).hexdigest()[:16]}.json"
     try:
@@ -247,20 +285,10 @@ def config_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[
 def check_stored_config(path: Path, cfg: dict[str, Any]) -> None:
     """A run folder that already holds a ``config.yaml`` must hold THIS run (e.g. an explicit
     ``run_dir`` reused with another method fails here, before anything is read or written)."""
-    import yaml
-
-    from bgpo.config import ConfigError
-
-    file = path / "config.yaml"
-    if not file.exists():
+    if not (path / "config.yaml").exists():
         return
-    try:
-        stored = yaml.safe_load(file.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"{file} is unreadable ({type(e).__name__}): cannot check that the run folder "
-                          "holds this config; move it away or choose another run_dir") from None
-    if not isinstance(stored, dict):
-        raise ConfigError(f"{file} is not a config mapping: move it away or choose another run_dir")
+    stored = stored_config(path, "cannot check that the run folder holds this config; move it away or "
+                                 "choose another run_dir")
     diff = config_differences(stored, cfg)
     if diff:
         more = f" (and {len(diff) - 6} more)" if len(diff) > 6 else ""
@@ -268,10 +296,23 @@ def check_stored_config(path: Path, cfg: dict[str, Any]) -> None:
                           "choose another run_dir (or results_dir)")
 
 
-def summary_problem(s: Any, cfg: dict[str, Any] | None = None) -> str | None:
-    """Why ``s`` is not the summary of a complete run of ``cfg`` (None: it is). Its test results
-    (``final``: {test set: {"accuracy", ...}}) may be empty only when the config turned the test
-    sets off (``eval_test=false``)."""
+def summary_mismatch(s: dict[str, Any], cfg: dict[str, Any], run: str | None = None) -> str | None:
+    """Why the summary ``s`` is another run's than ``cfg``'s in the folder named ``run`` (None: its
+    run key, method, task, n_t and seed are the config's). Fields the summary lacks are not compared
+    (``summary_problem`` requires them of the store's own summaries), nor those the config lacks."""
+    method, task = cfg.get("method"), cfg.get("task")
+    expect = {"run": run, "method": method_name(cfg) if isinstance(method, dict) and "_target_" in method
+              else None, "task": task.get("name") if isinstance(task, dict) else None,
+              "mc": cfg.get("mc"), "seed": cfg.get("seed")}
+    wrong = [f"{k}={s[k]!r} where the run's is {v!r}" for k, v in expect.items()
+             if v is not None and k in s and s[k] != v]
+    return f"the summary of another run ({', '.join(wrong)})" if wrong else None
+
+
+def summary_problem(s: Any, cfg: dict[str, Any] | None = None, run: str | None = None) -> str | None:
+    """Why ``s`` is not the summary of a complete run of ``cfg`` in the folder named ``run`` (None:
+    it is). Its test results (``final``: {test set: {"accuracy", ...}}) may be empty only when the
+    config turned the test sets off (``eval_test=false``)."""
     if not isinstance(s, dict):
         return "not a JSON object"
     missing = [k for k in COMPLETE_FIELDS if k not in s]
@@ -281,6 +322,8 @@ def summary_problem(s: Any, cfg: dict[str, Any] | None = None) -> str | None:
     if wrong:
         return f"fields of the wrong type: {', '.join(wrong)}"
     cfg = cfg or {}
+    if other := summary_mismatch(s, cfg, run):
+        return other
     if "steps" in cfg and s["steps"] != cfg["steps"]:
         return f"steps={s['steps']}, the config says {cfg['steps']}"
     if not all(isinstance(r, dict) and "accuracy" in r for r in s["final"].values()):
@@ -290,24 +333,65 @@ def summary_problem(s: Any, cfg: dict[str, Any] | None = None) -> str | None:
     return None
 
 
+def check_summary(path: Path, cfg: dict[str, Any] | None = None) -> tuple[Any, str | None, str | None]:
+    """The run folder's ``summary.json`` (it must exist), why it is not the summary of a complete run
+    of ``cfg`` (else of the folder's ``config.yaml``), and why the ``metrics.jsonl`` under it is
+    damaged (``file:line: why``); (summary, None, None): the run is complete."""
+    try:
+        s = json.loads((path / "summary.json").read_text())
+    except (OSError, ValueError) as e:
+        return None, f"unreadable ({reason(e)})", None
+    try:
+        problem = summary_problem(s, cfg if cfg is not None else stored_config(path), path.name)
+    except UnreadableFile as e:
+        problem = str(e)
+    return s, problem, None if problem else metrics_problem(path / "metrics.jsonl", s["steps"])
+
+
 def read_summary(path: Path, cfg: dict[str, Any] | None = None, write: bool = True) -> dict[str, Any] | None:
-    """The run's summary if it is complete (for ``cfg`` when given); a corrupt or incomplete one is
-    reported naming the file and set aside (``write``), and the run is then NOT complete (it
-    resumes)."""
+    """The run's summary if it is complete (:func:`check_summary`). A corrupt, incomplete or foreign
+    summary is reported naming the file and set aside (``write``: ``*.corrupt``), one over damaged
+    metrics too (``*.unverified``, naming ``metrics.jsonl:<line>``); the run is then NOT complete
+    (it resumes, and recomputes the lost rows exactly)."""
     file = path / "summary.json"
     if not file.exists():
         return None
-    try:
-        s = json.loads(file.read_text())
-    except (OSError, ValueError) as e:
-        problem: str | None = f"unreadable ({type(e).__name__}: {e})"
-    else:
-        problem = summary_problem(s, cfg)
-    if problem is None:
+    s, problem, damaged = check_summary(path, cfg)
+    if problem is None and damaged is None:
         return s
-    if write:
+    if write and problem is not None:
         set_aside(file, f"not the summary of a complete run ({problem}); the run resumes")
+    elif write:
+        set_aside(file, f"its metrics are damaged ({damaged}); the run resumes from the last checkpoint its "
+                        "valid rows cover and recomputes the rest", suffix="unverified")
     return None
+
+
+def stored_config(path: Path, consequence: str = "not a run folder's config") -> dict[str, Any]:
+    """The run folder's ``config.yaml`` as a mapping (``{}`` when there is none); one that does not
+    parse is :class:`UnreadableFile`, one sentence naming it and ``consequence``."""
+    import yaml
+
+    file = path / "config.yaml"
+    if not file.exists():
+        return {}
+    try:
+        cfg = yaml.safe_load(file.read_text())
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        raise UnreadableFile(f"{file} is unreadable ({reason(e)}): {consequence}") from None
+    if not isinstance(cfg, dict):
+        raise UnreadableFile(f"{file} is not a config mapping: {consequence}")
+    return cfg
+
+
+def metrics_problem(file: Path, steps: int) -> str | None:
+    """Why a COMPLETE run's ``metrics.jsonl`` is not whole (``file:line: why``, or the first step
+    without a row); None: a valid row for every step 0..steps."""
+    rows, problems = read_metrics(file, complete=True)
+    if problems:
+        return problems[0]
+    gap = missing_step(rows, steps)
+    return None if gap is None else f"{file}: no row for step {gap}"
 
 
 def read_failure(path: Path) -> dict[str, Any] | None:
@@ -355,10 +439,11 @@ def open_run(cfg: dict[str, Any], write: bool = True,
 
 
 # ---- metrics.jsonl --------------------------------------------------------------------------
-def read_metrics(file: Path) -> tuple[dict[int, dict[str, Any]], list[str]]:
+def read_metrics(file: Path, complete: bool = False) -> tuple[dict[int, dict[str, Any]], list[str]]:
     """Valid rows by step, and one problem per bad line (``file:line: why``): a corrupt row, a
     duplicate step. Valid rows AFTER a bad one are kept. An unfinished last line (no newline: the
-    row a kill interrupted, of a step past the last checkpoint) is dropped without a problem."""
+    row a kill interrupted, of a step past the last checkpoint) is dropped without a problem, unless
+    the run is ``complete`` (its last row was written whole: it has been cut since)."""
     rows: dict[int, dict[str, Any]] = {}
     problems: list[str] = []
     if not file.exists():
@@ -373,6 +458,8 @@ def read_metrics(file: Path) -> tuple[dict[int, dict[str, Any]], list[str]]:
         except ValueError:
             if n < len(lines) or text.endswith("\n"):
                 problems.append(f"{file}:{n}: not a JSON row (corrupt)")
+            elif complete:
+                problems.append(f"{file}:{n}: a row cut mid-line (no newline at the end)")
             continue
         step = row.get("step") if isinstance(row, dict) else None
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
@@ -413,11 +500,11 @@ def finish_run(path: Path, cfg: dict[str, Any], result: dict[str, Any]) -> dict[
     if problems or gap is not None:
         why = problems[0] if problems else f"no row for step {gap}"
         raise StoreError(f"{file}: {why}; the run is not finalised (re-run it to resume)")
-    summary = {"run": path.name, "method": cfg["method"]["_target_"].rsplit(".", 1)[-1].lower(),
+    summary = {"run": path.name, "method": method_name(cfg),
                "task": cfg["task"]["name"], "mc": cfg["mc"], "seed": cfg["seed"],
                "base_model": cfg.get("base_model"),
                "wall_s": round(sum(r.get("time/step_s", 0.0) for r in rows.values()), 1), **result}
-    problem = summary_problem(summary, cfg)
+    problem = summary_problem(summary, cfg, path.name)
     if problem:
         raise StoreError(f"{path}: the summary would not be complete ({problem}); not written")
     atomic_write_json(path / "summary.json", summary)
@@ -436,3 +523,90 @@ def run_lock(path: Path) -> Iterator[bool]:
             yield False
             return
         yield True
+
+
+# ---- checkpoints: what they hold and whose they are ------------------------------------------
+def load_checkpoint(path: Path, device: str = "cpu") -> dict[str, Any]:
+    """A checkpoint of the suite (``torch.load``: its ``step`` and ``model``, and the ``run`` key
+    when it records one); a torn, corrupt or foreign file is :class:`UnreadableFile`, one sentence
+    naming it."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # noqa: BLE001  (a torn or corrupt file: any loader error)
+        raise UnreadableFile(f"{path} is not a readable checkpoint ({reason(e)})") from None
+    if not isinstance(state, dict) or "step" not in state or "model" not in state:
+        raise UnreadableFile(f"{path} is not a checkpoint of the suite (no step and model in it)")
+    if not isinstance(state["step"], int) or isinstance(state["step"], bool):
+        raise UnreadableFile(f"{path} records no integer step (step={state['step']!r})")
+    return state
+
+
+@contextlib.contextmanager
+def reading(path: str | Path, what: str) -> Iterator[None]:
+    """Errors while reading ``path`` (a model folder, an adapter...) as :class:`UnreadableFile`, one
+    sentence naming it: a garbage ``config.json``, a torn ``model.safetensors`` raise whatever their
+    parser raises. Missing files, the suite's own sentences and running out of memory pass through."""
+    try:
+        yield
+    except (ConfigError, FileNotFoundError, MemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001  (each parser has its own errors: safetensors, json, transformers)
+        if type(e).__name__ == "OutOfMemoryError":  # torch's: a device error, not the file's
+            raise
+        raise UnreadableFile(f"{path} is not a readable {what} ({reason(e)})") from None
+
+
+def check_checkpoint_run(state: dict[str, Any], path: Path, key: str) -> bool:
+    """Whether checkpoint ``state`` (read from ``path``) records the run key ``key``: True; False
+    when it records none (written before checkpoints carried one: its run cannot be verified).
+    :class:`StoreMismatch` when it records another run's key."""
+    recorded = state.get("run")
+    if recorded is None:
+        return False
+    if recorded != key:
+        raise StoreMismatch(f"{path} is a checkpoint of run {recorded}, not of this run {key}: it is not "
+                            "used; move it away")
+    return True
+
+
+def expected_run_key(run_dir: Path, cfg: dict[str, Any]) -> str:
+    """The run key of a run folder from its stored config (the folder name for configs written
+    before the key held the base model's identity)."""
+    if "base_model" not in cfg:
+        return run_dir.name
+    try:
+        return run_name(cfg)
+    except (KeyError, TypeError, AttributeError) as e:
+        raise UnreadableFile(f"{run_dir / 'config.yaml'} lacks the run's settings ({reason(e)}): cannot tell "
+                             "which run a checkpoint must belong to") from None
+
+
+# ---- output folders the suite replaces ------------------------------------------------------
+def check_replaceable(folder: Path, marker: str, key: str) -> None:
+    """``folder`` may be replaced (or emptied) by the suite only when it does not exist, is empty,
+    or holds ``marker``, the file the suite writes into the folders it makes; otherwise
+    :class:`ConfigError`, one sentence naming ``key``. Nothing is created or deleted here."""
+    if not folder.exists():
+        if folder.is_symlink():
+            raise ConfigError(f"{key}={folder} is a broken link: choose another folder")
+        return
+    if not folder.is_dir():
+        raise ConfigError(f"{key}={folder} is a file, not a folder: choose a folder")
+    if (folder / marker).is_file() or not any(folder.iterdir()):
+        return
+    raise ConfigError(f"{key}={folder} holds files the suite did not write (no {marker} in it): it is not "
+                      "replaced; choose a new or empty folder, or move those files away")
+
+
+def make_folder(folder: Path, setting: str) -> None:
+    """Create ``folder`` (and its parents), for ``setting`` (``out=DIR``); :class:`ConfigError`
+    naming it when the folder cannot be created or written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{setting} cannot be created ({e.strerror or type(e).__name__}: "
+                          f"{e.filename or folder})") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"{setting} cannot be written (no write permission in {folder})")

@@ -13,7 +13,10 @@ Nothing non-finite is stored (issue 15): the run stops at the first non-finite l
 (before the optimizer step) or parameter (after it) with :class:`NonFinite` naming the step and
 the quantity; that step is neither logged nor checkpointed, so the last checkpoint is a good one.
 Resume trusts nothing: ``last.pt``, then ``prev.pt``, is used only if it loads, has the
-checkpoint's fields and every step up to it has a valid metrics row; otherwise the run restarts.
+checkpoint's fields, records this run's key (``bgpo.results.run_key``) and every step up to it has
+a valid metrics row; otherwise the run restarts. A checkpoint recording ANOTHER run's key is refused
+(``StoreMismatch``); one recording none (written before checkpoints carried the key) is used with a
+warning that its run cannot be verified.
 """
 
 from __future__ import annotations
@@ -42,11 +45,13 @@ from bgpo.parallel import Dist
 from bgpo.pretrain import ensure_base_model, pick_device
 from bgpo.results import (
     atomic_write_json,
+    check_checkpoint_run,
     fsync_dir,
     keep_metrics,
     missing_step,
     provenance,
     read_metrics,
+    run_key,
     set_aside,
     warn,
 )
@@ -128,7 +133,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     ckpt, metrics_path = run_dir / "checkpoints" / "last.pt", run_dir / "metrics.jsonl"
     start, resumed_at, commits = 0, [], []
     commit = provenance(device)["commit"]
-    state = resume_state(run_dir, cfg.steps, device, dist)
+    key = run_key(to_container(cfg))  # recorded in every checkpoint: never resumed by another run
+    state = resume_state(run_dir, cfg.steps, device, dist, key)
     if state is not None:  # resume: model, optimizer, scheduler, RNG, step
         dist.load_state_dicts(policy.net, opt, state["model"], state["opt"])
         sched.load_state_dict(state["sched"])
@@ -239,7 +245,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             row.update(prefixed(evaluation(policy, task, cfg, dist, "val", cfg.eval_n), "val/"))
             if dist.any(dist.rank == 0 and better(row, best)):  # checkpoint selection: validation only
                 best = row if dist.rank == 0 else None
-                save_weights(run_dir / "checkpoints" / "best.pt", dist, policy, step + 1)
+                save_weights(run_dir / "checkpoints" / "best.pt", dist, policy, step + 1, key)
         if dist.rank == 0:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -247,7 +253,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         bar.set_postfix(reward=f"{row['reward']:.3f}")
         stopping = dist.any(bool(stop))  # every rank stops after the same step
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps or stopping:
-            save_checkpoint(ckpt, dist, policy, opt, sched, step + 1, resumed_at, commits)
+            save_checkpoint(ckpt, dist, policy, opt, sched, step + 1, resumed_at, commits, key)
             saved = step + 1
         if stopping and step + 1 < cfg.steps:
             for sig, h in previous.items():
@@ -265,7 +271,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     tests = {"final": test_sets(policy, task, cfg, dist)}
     best_step = dist.gather([best["step"] if best else None])[0]
     if best_step is not None and best_step != cfg.steps:
-        state = load_weights(run_dir / "checkpoints" / "best.pt", best_step, device, dist)
+        state = load_weights(run_dir / "checkpoints" / "best.pt", best_step, device, dist, key)
         if state is None:  # unreadable: reported; the selected checkpoint's test result is lost
             best_step = None
         else:
@@ -312,16 +318,19 @@ def test_sets(policy: DLLM, task: Any, cfg: DictConfig, dist: Dist) -> dict[str,
             for src in test_sources(cfg.task)}
 
 
-def save_weights(path: Path, dist: Dist, policy: DLLM, step: int) -> None:
-    """The model's full state (no optimizer), written atomically by rank 0; every rank calls it."""
+def save_weights(path: Path, dist: Dist, policy: DLLM, step: int, key: str) -> None:
+    """The model's full state (no optimizer) and the run key, written atomically by rank 0; every
+    rank calls it."""
     model = dist.model_state_dict(policy.net)
     if dist.rank != 0:
         return
-    atomic_torch_save({"step": step, "model": model}, path)
+    atomic_torch_save({"step": step, "model": model, "run": key}, path)
 
 
-def load_weights(path: Path, step: int, device: str, dist: Dist) -> dict[str, Any] | None:
-    """``best.pt`` of ``step``, or None (reported, set aside by rank 0) when it is unreadable."""
+def load_weights(path: Path, step: int, device: str, dist: Dist, key: str) -> dict[str, Any] | None:
+    """``best.pt`` of ``step``, or None (reported, set aside by rank 0) when it is unreadable; one
+    of another run than ``key`` is refused (``StoreMismatch``), one recording no run key is used with
+    a warning."""
     try:
         state = torch.load(path, map_location=device, weights_only=False)
         if not isinstance(state, dict) or state.get("step") != step or "model" not in state:
@@ -331,6 +340,8 @@ def load_weights(path: Path, step: int, device: str, dist: Dist) -> dict[str, An
             set_aside(path, f"unreadable ({type(e).__name__}); the test result of the validation-selected "
                             f"checkpoint (step {step}) is not reported")
         return None
+    if not check_checkpoint_run(state, path, key) and dist.rank == 0:
+        warn(UNVERIFIED.format(path=path))
     return state
 
 
@@ -383,28 +394,33 @@ def first_non_finite(net: torch.nn.Module) -> str | None:
 
 
 def save_checkpoint(path: Path, dist: Dist, policy: DLLM, opt: torch.optim.Optimizer, sched: Any,
-                    step: int, resumed_at: list[int], commits: list[str]) -> None:
+                    step: int, resumed_at: list[int], commits: list[str], key: str) -> None:
     """Model + optimizer (full state, keyed by parameter name), scheduler, RNG, the commits the run
-    was trained with; written atomically (fsynced) by rank 0, the previous checkpoint kept as
-    ``prev.pt`` (a last good one if this one is found corrupt). Every rank calls it (under FSDP
-    the state is gathered)."""
+    was trained with and its run key ``key``; written atomically (fsynced) by rank 0, the previous
+    checkpoint kept as ``prev.pt`` (a last good one if this one is found corrupt). Every rank calls
+    it (under FSDP the state is gathered)."""
     model, optim = dist.state_dicts(policy.net, opt)
     if dist.rank != 0:
         return
     atomic_torch_save({"step": step, "model": model, "opt": optim, "sched": sched.state_dict(),
-                       "rng": torch.get_rng_state(), "resumed_at": resumed_at, "commits": commits}, path,
-                      keep_previous=True)
+                       "rng": torch.get_rng_state(), "resumed_at": resumed_at, "commits": commits,
+                       "run": key}, path, keep_previous=True)
 
 
 CHECKPOINT_FIELDS = ("step", "model", "opt", "sched", "rng")
+UNVERIFIED = ("{path} records no run key (written before checkpoints carried one): used, but that it is this "
+              "run's cannot be verified")
 
 
-def resume_state(run_dir: Path, steps: int, device: str, dist: Dist) -> dict[str, Any] | None:
+def resume_state(run_dir: Path, steps: int, device: str, dist: Dist, key: str) -> dict[str, Any] | None:
     """The checkpoint to resume from: ``last.pt``, else ``prev.pt``, the first that loads, has the
-    checkpoint's fields and a valid metrics row for every step up to it (rows before the resume
-    point are history that cannot be recomputed; rows after it are recomputed exactly). None:
-    start from step 0. Every rank decides from the same files; rank 0 then reports, sets corrupt
-    files aside (``*.corrupt``) and rewrites ``metrics.jsonl`` up to the resume point."""
+    checkpoint's fields, records the run key ``key`` and has a valid metrics row for every step up
+    to it (rows before the resume point are history that cannot be recomputed; rows after it are
+    recomputed exactly). None: start from step 0. A checkpoint of another run is refused
+    (``StoreMismatch``, before anything is touched); one recording no run key (written before
+    checkpoints carried one) is used, with a warning. Every rank decides from the same files; rank 0
+    then reports, sets corrupt files aside (``*.corrupt``) and rewrites ``metrics.jsonl`` up to the
+    resume point."""
     metrics_path = run_dir / "metrics.jsonl"
     rows, problems = read_metrics(metrics_path)
     notes, corrupt, chosen = [], [], None
@@ -422,9 +438,12 @@ def resume_state(run_dir: Path, steps: int, device: str, dist: Dist) -> dict[str
             why = " ".join(str(e).split())[:200]
             corrupt.append((path, f"unreadable checkpoint ({type(e).__name__}: {why})"))
             continue
+        verified = check_checkpoint_run(state, path, key)  # another run's key: StoreMismatch
         gap = missing_step(rows, state["step"])
         if gap is None:
             chosen = state
+            if not verified:
+                notes.append(UNVERIFIED.format(path=path))
             break
         notes.append(f"{path} (step {state['step']}) is not used: {metrics_path} has no valid row for "
                      f"step {gap}")

@@ -1,8 +1,9 @@
 """The results store checks before it trusts (issue 15) and keys runs by their start point (16.4).
 
 Fault injection on a complete run of the micro model (toy task): a run folder reused with another
-config, a cut or corrupt metrics row, a corrupt or incomplete summary, a corrupt checkpoint, and
-non-finite values in training. Each case must lose no valid data (the re-run ends with exactly the
+config, a cut or corrupt metrics row (also in a complete run), a corrupt, incomplete or foreign
+(another seed's) summary, a corrupt checkpoint, another run's checkpoint, one without a run key,
+and non-finite values in training. Each case must lose no valid data (the re-run ends with exactly the
 metrics of an uninterrupted run) and never finalise a run wrongly.
 """
 
@@ -25,6 +26,7 @@ from bgpo.results import (
     COMPLETE_FIELDS,
     BaseModelMissing,
     RunFailed,
+    StoreMismatch,
     base_model_identity,
     folder_hash,
     run_dir_of,
@@ -265,3 +267,82 @@ def test_a_run_without_test_sets_is_complete(base_model, tmp_path):
     d = tmp_path / summary["run"]
     before = (d / "summary.json").read_bytes()
     assert run(cfg) == json.loads(before) and (d / "summary.json").read_bytes() == before
+
+
+# ---- identity, not only shape (issue 23, item 5) ---------------------------------------------
+@pytest.fixture(scope="module")
+def other_seed(base_model, tmp_path_factory) -> Path:
+    """The same run with another seed: its folder (a summary and checkpoints of ANOTHER run)."""
+    root = tmp_path_factory.mktemp("other")
+    summary = run(cfg_of(base_model, root, *ARGS, "seed=1"))
+    return root / summary["run"]
+
+
+def test_checkpoints_record_their_run_key_and_step(reference):
+    for name, step in (("last.pt", STEPS), ("prev.pt", 2)):
+        state = torch.load(reference / "checkpoints" / name, weights_only=False)
+        assert state["run"] == reference.name and state["step"] == step
+    assert torch.load(reference / "checkpoints" / "best.pt", weights_only=False)["run"] == reference.name
+
+
+def test_summary_of_another_seed_is_not_complete(reference, other_seed, base_model, tmp_path, caplog):
+    root, d = copy_of(reference, tmp_path)
+    foreign = (other_seed / "summary.json").read_text()
+    (d / "summary.json").write_text(foreign)  # complete and well-formed, but another run's
+    assert bgpo.results.read_summary(d, write=False) is None  # against the folder's config.yaml too
+    summary = run(cfg_of(base_model, root, *ARGS))
+    why = f"run='{other_seed.name}' where the run's is '{d.name}', seed=1 where the run's is 0"
+    assert f"{d / 'summary.json'}: not the summary of a complete run (the summary of another run ({why}))" \
+        in caplog.text
+    assert (d / "summary.json.corrupt").read_text() == foreign  # kept as evidence
+    assert summary["seed"] == 0 and summary["resumed_at"] == [STEPS] and final(d) == final(reference)
+    assert metrics(d) == metrics(reference)
+
+
+def test_checkpoint_of_another_run_is_refused(reference, other_seed, base_model, tmp_path):
+    root, d = copy_of(reference, tmp_path)
+    (d / "summary.json").unlink()  # incomplete: it would resume from last.pt
+    last = d / "checkpoints" / "last.pt"
+    shutil.copy(other_seed / "checkpoints" / "last.pt", last)
+    before = {p.relative_to(d): p.read_bytes() for p in d.rglob("*") if p.is_file() and p.name != ".lock"}
+    with pytest.raises(StoreMismatch) as err:
+        run(cfg_of(base_model, root, *ARGS))
+    assert str(err.value) == (f"{last} is a checkpoint of run {other_seed.name}, not of this run {d.name}: "
+                              "it is not used; move it away")
+    assert isinstance(err.value, ConfigError)  # the command line: this sentence, exit code 2
+    after = {p.relative_to(d): p.read_bytes() for p in d.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert after == before  # nothing set aside, rewritten or trained
+
+
+def test_checkpoint_without_a_run_key_is_used_with_a_warning(reference, base_model, tmp_path, caplog):
+    """Checkpoints written before they carried a run key: resumed from (nothing is recomputed), with
+    a warning that their run cannot be verified; the checkpoints written after it record the key."""
+    root, d = copy_of(reference, tmp_path)
+    (d / "summary.json").unlink()
+    for name in ("last.pt", "prev.pt"):
+        path = d / "checkpoints" / name
+        state = torch.load(path, weights_only=False)
+        del state["run"]
+        torch.save(state, path)
+    line = next(x for x in (d / "metrics.jsonl").read_text().splitlines() if json.loads(x)["step"] == 3)
+    rewrite_line(d / "metrics.jsonl", 3, line[:10] + "\n")  # last.pt (step 4) is not usable: prev.pt is
+    summary = run(cfg_of(base_model, root, *ARGS))
+    prev = d / "checkpoints" / "prev.pt"
+    assert f"{prev} records no run key (written before checkpoints carried one): used" in caplog.text
+    assert summary["resumed_at"] == [2] and metrics(d) == metrics(reference) and final(d) == final(reference)
+    assert torch.load(d / "checkpoints" / "last.pt", weights_only=False)["run"] == d.name
+    assert not list(d.rglob("*.unverified"))
+
+
+@pytest.mark.parametrize("step", [3, STEPS], ids=["middle row cut", "last row cut, no newline"])
+def test_cut_row_in_a_complete_run_is_reported_and_recomputed(step, reference, base_model, tmp_path, caplog):
+    root, d = copy_of(reference, tmp_path)
+    file = d / "metrics.jsonl"
+    line = next(x for x in file.read_text().splitlines() if json.loads(x)["step"] == step)
+    rewrite_line(file, step, line[: len(line) // 2] + ("" if step == STEPS else "\n"))
+    assert bgpo.results.read_summary(d, write=False) is None  # the summary alone does not make it complete
+    summary = run(cfg_of(base_model, root, *ARGS))
+    why = "not a JSON row (corrupt)" if step < STEPS else "a row cut mid-line (no newline at the end)"
+    assert f"{d / 'summary.json'}: its metrics are damaged ({file}:{step + 1}: {why})" in caplog.text
+    assert (d / "summary.json.unverified").exists()
+    assert summary["resumed_at"] == [2] and metrics(d) == metrics(reference) and final(d) == final(reference)

@@ -11,7 +11,14 @@ Departures and switches (defaults = the paper; the released code where the paper
 - λ = n_t = 1 pair (paper: "in practice, we choose λ = 1");
 - t ~ U(0, 1) (App. A.4); the code draws t ~ U(0.2, 0.8): ``elbo.t_min=0.2``;
 - ε = 0.5, β = 0.01 (k3), μ = 2 (``inner_updates``): the code's ``config_coupled_code.yaml``;
-- advantages r − mean_G r (Algorithm 1); the leave-one-out variant of Table 2 is not here;
+- advantages r − mean_G r (Algorithm 1); the released code hard-codes the leave-one-out
+  advantages of Table 2 (no switch here), masks post-EOS positions with the pair's masks
+  (``elbo.window=eos`` scores only up to the first EOS; no exact switch) and moves its reference
+  toward the policy every 64 steps (TRL's ``sync_ref_model``; no switch);
+- the code draws one t per micro-batch; ``elbo.t_min=0.2`` draws t ~ U(0.2, 0.8) per sequence;
+- under t ~ U(0, 1) the 1/t weight is unbounded (the k3 KL exponentiates the weighted log-ratio);
+  on the tiny Sudoku testbed seed 0 stopped at step 49 with an infinite gradient norm; the code's
+  t_min = 0.2 bounds the weight by 5;
 - eq. 13 SUMS a pair (per token one of its two terms is non-zero), so with λ = 1 the proxy is the
   mean of one 1/t-weighted masked log-prob and the full-mask one; App. A.4 analyses the antithetic
   mean of the pair instead. This file follows eq. 13 (and the code).
@@ -26,7 +33,7 @@ from torch import Tensor
 
 from bgpo import elbo
 from bgpo.elbo import Batch, Draws, ELBOConfig
-from bgpo.method import Prepared, check_common, clipped, k3
+from bgpo.method import Prepared, check_common, clipped, k3, reference
 from bgpo.model import DLLM
 
 
@@ -62,7 +69,7 @@ class CoupledGRPO:
     OFF_POLICY = "inner_updates"
 
     def __init__(self, cfg: CoupledGRPOConfig, ref: DLLM | None = None) -> None:
-        self.cfg, self.ref = cfg, ref
+        self.cfg, self.ref = cfg, reference(cfg, ref)
         self.k = cfg.elbo.patterns(cfg.n_t)  # mask patterns per update
         self.lam = cfg.n_t + int(cfg.elbo.full_mask)  # eq. 13's λ + 1
 

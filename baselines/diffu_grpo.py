@@ -21,7 +21,7 @@ from torch import Tensor
 
 from bgpo import elbo
 from bgpo.elbo import Batch, ELBOConfig
-from bgpo.method import Prepared, check_common, clipped, k3
+from bgpo.method import Prepared, check_common, clipped, k3, reference
 from bgpo.model import DLLM
 
 
@@ -47,7 +47,7 @@ class DiffuGRPO:
     OFF_POLICY = "inner_updates"
 
     def __init__(self, cfg: DiffuGRPOConfig, ref: DLLM | None = None) -> None:
-        self.cfg, self.ref = cfg, ref
+        self.cfg, self.ref = cfg, reference(cfg, ref)
 
     @torch.no_grad()
     def prepare(self, policy: DLLM, batch: Batch, mu: int,

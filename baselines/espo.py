@@ -36,7 +36,7 @@ from torch import Tensor
 
 from bgpo import elbo
 from bgpo.elbo import Batch, ELBOConfig
-from bgpo.method import Prepared, check_common, clipped, k2
+from bgpo.method import Prepared, check_common, clipped, k2, reference
 from bgpo.model import DLLM
 
 
@@ -66,7 +66,7 @@ class ESPO:
     OFF_POLICY = "inner_updates"
 
     def __init__(self, cfg: ESPOConfig, ref: DLLM | None = None) -> None:
-        self.cfg, self.ref = cfg, ref
+        self.cfg, self.ref = cfg, reference(cfg, ref)
 
     @torch.no_grad()
     def prepare(self, policy: DLLM, batch: Batch, mu: int,

@@ -25,7 +25,10 @@ and defaults follow its abstract and the authors' released code (LeapLabTHU/Just
   about 8 times this file's, with N_A counted over the whole (mini-)batch; a scale, which Adam
   ignores and the gradient clip does not;
 - off-policy: ``minibatches=μ`` (θ_old = the rollout policy); the code is on-policy only;
-- the whole window is scored, EOS padding included (``elbo.window=full``, as the code).
+- the whole window is scored, EOS padding included (``elbo.window=full``, as the code);
+- rollout temperature 1 only (``ROLLOUT_TEMPERATURE``, refused otherwise at start-up): the code's
+  loss divides the logits by its sampling temperature, which is 1; the normaliser N_A is counted
+  per rollout shard (the trainer averages the shards' losses).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from torch import Tensor
 
 from bgpo import elbo
 from bgpo.elbo import Batch, ELBOConfig
-from bgpo.method import Prepared, check_common, clipped
+from bgpo.method import Prepared, check_common, clipped, reference
 from bgpo.model import DLLM
 
 
@@ -65,9 +68,10 @@ class JustGRPO:
 
     OFF_POLICY = "minibatches"
     ROLLOUT_ORDER = "left_to_right"
+    ROLLOUT_TEMPERATURE = 1.0  # the likelihood is the sampler's only at temperature 1
 
     def __init__(self, cfg: JustGRPOConfig, ref: DLLM | None = None) -> None:
-        self.cfg, self.ref = cfg, ref
+        self.cfg, self.ref = cfg, reference(cfg, ref)
 
     @torch.no_grad()
     def prepare(self, policy: DLLM, batch: Batch, mu: int,

@@ -20,7 +20,12 @@ Departures and switches (defaults = the paper, §4.1 and App. G.2):
   (later blocks included) per sequence and weights sequences by their length;
 - positions that no draw targets have no EUBO estimate (log 0): left out of the sum, as the code;
 - ``elbo.block_length`` follows ``task.block_length`` (the rollout sampler's); ``elbo.level=time``
-  draws a time level inside the block instead of a count.
+  draws a time level inside the block instead of a count;
+- the whole window is scored, EOS padding included (``elbo.window=full``); the code scores up to
+  the first EOS (``elbo.window=eos``); the code picks the block from a permutation taken modulo K
+  (no switch; ``elbo.stratified`` is the closest);
+- with ``p_prompt`` = 0.15 the clean earlier blocks are perturbed, so the block draw is the ELBO of
+  the block-wise decoder only at ``elbo.p_prompt=0``.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from torch import Tensor
 
 from bgpo import elbo
 from bgpo.elbo import Batch, ELBOConfig
-from bgpo.method import Prepared, check_common
+from bgpo.method import Prepared, check_common, reference
 from bgpo.model import DLLM
 
 
@@ -65,7 +70,7 @@ class SPG:
     OFF_POLICY = "inner_updates"
 
     def __init__(self, cfg: SPGConfig, ref: DLLM | None = None) -> None:
-        self.cfg, self.ref = cfg, ref
+        self.cfg, self.ref = cfg, reference(cfg, ref)
 
     @torch.no_grad()
     def prepare(self, policy: DLLM, batch: Batch, mu: int,

@@ -29,7 +29,10 @@ line; check them against the paper before quoting:
   groups can fall into two steps; here a mini-batch is whole prompt groups;
 - the scored window is up to the first EOS (``elbo.window=eos``; the code also drops the first EOS);
 - rollouts with ``sampler.mode=cached`` are scored with full forward passes, i.e. not in the
-  exact (stale-cache) state the sampler saw.
+  exact (stale-cache) state the sampler saw;
+- rollout temperature 1 only (``ROLLOUT_TEMPERATURE``, refused otherwise at start-up): the code
+  samples at 0.8 and scores untempered log-softmax, a likelihood of another distribution; even at 1
+  the likelihood leaves out which positions the sampler chose to commit.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from torch import Tensor
 
 from bgpo import elbo
 from bgpo.elbo import Batch, ELBOConfig
-from bgpo.method import Prepared, check_common, clipped, k3
+from bgpo.method import Prepared, check_common, clipped, k3, reference
 from bgpo.model import DLLM
 
 
@@ -74,9 +77,10 @@ class TraceRL:
     """TraceRL §3: per-token clipped ratio on the rollout's own trajectory, mean per step group."""
 
     OFF_POLICY = "minibatches"
+    ROLLOUT_TEMPERATURE = 1.0  # the likelihood is the sampler's only at temperature 1
 
     def __init__(self, cfg: TraceRLConfig, ref: DLLM | None = None) -> None:
-        self.cfg, self.ref = cfg, ref
+        self.cfg, self.ref = cfg, reference(cfg, ref)
 
     @torch.no_grad()
     def prepare(self, policy: DLLM, batch: Batch, mu: int,

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from bgpo import elbo
 from bgpo.elbo import Batch, ELBOConfig
-from bgpo.method import Prepared, check_common, clipped, k3
+from bgpo.method import Prepared, check_common, clipped, k3, reference
 from bgpo.model import DLLM
 
 
@@ -60,7 +60,7 @@ class VRPO:
     OFF_POLICY = "minibatches"
 
     def __init__(self, cfg: VRPOConfig, ref: DLLM | None = None) -> None:
-        self.cfg, self.ref = cfg, ref
+        self.cfg, self.ref = cfg, reference(cfg, ref)
 
     @torch.no_grad()
     def prepare(self, policy: DLLM, batch: Batch, mu: int,

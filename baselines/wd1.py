@@ -20,7 +20,7 @@ from torch import Tensor
 
 from bgpo import elbo
 from bgpo.elbo import Batch, ELBOConfig
-from bgpo.method import Prepared, check_common
+from bgpo.method import Prepared, check_common, reference
 from bgpo.model import DLLM
 
 
@@ -44,7 +44,7 @@ class WD1:
     OFF_POLICY = "inner_updates"
 
     def __init__(self, cfg: WD1Config, ref: DLLM | None = None) -> None:
-        self.cfg, self.ref = cfg, ref
+        self.cfg, self.ref = cfg, reference(cfg, ref)
 
     @torch.no_grad()
     def prepare(self, policy: DLLM, batch: Batch, mu: int,

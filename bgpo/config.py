@@ -175,12 +175,12 @@ class TrainConfig:
     group_size: int = 8
     """G: completions per prompt"""
     minibatches: int = 1
-    """μ of BGPO §4's off-policy variant (bgpo, vrpo): split each rollout batch into this many
-    mini-batches of whole prompt groups, one optimizer step each, every sample used once, θ_old =
-    the rollout policy (1 = on-policy)"""
+    """μ of BGPO §4's off-policy variant (bgpo, vrpo, tracerl, just_grpo): split each rollout batch into
+    this many mini-batches of whole prompt groups, one optimizer step each, every sample used once,
+    θ_old = the rollout policy (1 = on-policy)"""
     inner_updates: int = 1
-    """μ of d1 (diffu_grpo, wd1): optimizer steps over the WHOLE rollout batch, each with a fresh
-    prompt mask (1 = on-policy; d1 itself used 12 for math, 8 for planning)"""
+    """μ of d1 (diffu_grpo, wd1, spg, espo, coupled_grpo): optimizer steps over the WHOLE rollout batch,
+    each with a fresh prompt mask (1 = on-policy; d1 itself used 12 for math, 8 for planning)"""
     temperature: float = 0.6
     """rollout sampling temperature (evaluation is greedy)"""
     lr: float = 1e-4
@@ -357,14 +357,86 @@ def check_number(key: str, v: Any, *, gt: float | None = None, ge: float | None 
         raise ValueError(f"{key}={v!r} must be a finite number{' ' + cond if cond else ''}{why}")
 
 
-def check_int(key: str, v: Any, lo: int, optional: bool = False, why: str = "") -> None:
-    """``key``'s value is an int ``>= lo`` (or None when ``optional``)."""
+def check_int(key: str, v: Any, lo: int, optional: bool = False, why: str = "",
+              hi: int | None = None) -> None:
+    """``key``'s value is an int ``>= lo`` (and ``<= hi``; or None when ``optional``)."""
     if v is None and optional:
         return
     if not isinstance(v, int) or isinstance(v, bool):
         raise ValueError(f"{key}={v!r} must be an integer >= {lo}{why}")
     if v < lo:
         raise ValueError(f"{key}={v!r} must be >= {lo}{why}")
+    if hi is not None and v > hi:
+        raise ValueError(f"{key}={v!r} must be <= {hi}{why}")
+
+
+SEED_MAX = 2**63 - 1
+"""the largest seed: torch keeps seeds as 64-bit integers (``torch.manual_seed``)"""
+LR_MAX = 1.0
+"""the largest learning rate: an AdamW step moves every weight by about lr, and the weights of the
+models here are O(0.01–1), so lr >= 1 wrecks them in one step (finite, but meaningless)"""
+
+
+def check_keys(cfg: Any, schema: Any, prefix: str = "") -> None:
+    """Every key of ``cfg`` is a field of the dataclass ``schema`` (recursively): ``+foo=1`` adds a key
+    Hydra accepts but nothing reads — it would enter the run key while changing nothing. Free-form
+    dicts (``task.options``, ``task.eval_tasks``) and ``method`` (checked by its own dataclass) are
+    not walked."""
+    if not isinstance(cfg, DictConfig):
+        return
+    hints = typing.get_type_hints(schema)
+    fields = {f.name for f in dataclasses.fields(schema)}
+    for key in cfg.keys():
+        name = f"{prefix}{key}"
+        if key not in fields:
+            import difflib
+
+            near = difflib.get_close_matches(str(key), sorted(fields), n=1)
+            hint = f" (did you mean {prefix}{near[0]}?)" if near else ""
+            raise ValueError(f"{name} is not a setting{hint}; the settings here: {sorted(fields)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            check_keys(cfg._get_node(key), tp, f"{name}.")
+    if "method" in fields and isinstance(cfg.get("method"), DictConfig):
+        extra = sorted(set(cfg.method.keys()) - {"_target_", "_partial_", "cfg"})
+        if extra:
+            raise ValueError(f"method.{extra[0]} is not a setting; "
+                             "the method's settings live under method.cfg")
+
+
+def check_folder(key: str, value: str | None) -> None:
+    """An output folder (``results_dir``, ``run_dir``, ``out``) is a folder or can be made one: not a
+    file, and its first existing parent is a writable folder. Nothing is created here."""
+    if not value:
+        return
+    path = Path(value).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{key}={value} is a file, not a folder")
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{key}={value} cannot be created: {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{key}={value} cannot be {'written' if parent == path else 'created'}: "
+                         f"no write permission in {parent}")
+
+
+def check_device_here(key: str, name: str) -> None:
+    """The device exists on THIS machine (where the run executes; not on a sweep's login node)."""
+    import torch
+
+    if name == "auto" or name == "cpu":
+        return
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"{key}={name}: no CUDA device on this machine (use device=auto or cpu)")
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"{key}={name}: this machine has {count} CUDA device(s), indices 0..{count - 1}")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{key}={name}: MPS is not available on this machine (use device=auto or cpu)")
 
 
 def check_device(key: str, name: str) -> None:
@@ -375,9 +447,11 @@ def check_device(key: str, name: str) -> None:
     import torch
 
     try:
-        torch.device(name)
+        kind = torch.device(name).type
     except (RuntimeError, TypeError):
-        raise ValueError(f"{key}={name!r} is not a device: use auto, cpu, cuda or cuda:<index>") from None
+        kind = None
+    if kind not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"{key}={name!r} is not a device: use auto, cpu, cuda, cuda:<index> or mps")
 
 
 def check_types(obj: Any, prefix: str) -> None:
@@ -513,24 +587,30 @@ def build_method(cfg: DictConfig) -> Any:
     return partial
 
 
-def validate_train(cfg: DictConfig) -> None:
+def validate_train(cfg: DictConfig, here: bool = True) -> None:
     """Everything that can be checked before a model is built (issue 15): the range of every
     numeric key, the task (and its data files), the model keys, the method config, and how they
-    fit together. Raises :class:`ConfigError` naming the first bad key."""
+    fit together. Raises :class:`ConfigError` naming the first bad key. ``here``: the run executes
+    on this machine, so its device must exist here (false for a sweep validated on a login node).
+    ``validate_only=true`` runs exactly this, as a real start does."""
     with as_config_error():
         _validate_train(cfg)
+        if here:
+            check_device_here("device", cfg.device)
 
 
 def _validate_train(cfg: DictConfig) -> None:
+    check_keys(cfg, TrainConfig)
     for key, lo in (("mc", 1), ("steps", 1), ("prompts_per_step", 1), ("group_size", 1), ("minibatches", 1),
                     ("inner_updates", 1), ("eval_n", 1), ("ckpt_every", 1), ("eval_every", 0),
-                    ("warmup_steps", 0), ("seed", 0), ("threads", 0)):
+                    ("warmup_steps", 0), ("threads", 0)):
         check_int(key, getattr(cfg, key), lo)
+    check_int("seed", cfg.seed, 0, hi=SEED_MAX)
     check_int("shards", cfg.shards, 1, optional=True)
     check_int("test_n", cfg.test_n, 1, optional=True)
     if cfg.shards and cfg.prompts_per_step % cfg.shards:
         raise ValueError(f"shards={cfg.shards} must divide prompts_per_step={cfg.prompts_per_step}")
-    check_number("lr", cfg.lr, gt=0)
+    check_number("lr", cfg.lr, gt=0, lt=LR_MAX, why=" (an AdamW step moves each weight by about lr)")
     check_number("weight_decay", cfg.weight_decay, ge=0)
     if cfg.lr * cfg.weight_decay >= 1:
         raise ValueError(f"weight_decay={cfg.weight_decay} with lr={cfg.lr}: lr·weight_decay must be < 1 "
@@ -542,6 +622,8 @@ def _validate_train(cfg: DictConfig) -> None:
     check_number("temperature", cfg.temperature, ge=0)
     if not cfg.results_dir:
         raise ValueError("results_dir must name a folder")
+    check_folder("results_dir", cfg.results_dir)
+    check_folder("run_dir", cfg.run_dir)
     check_device("device", cfg.device)
     validate_task(cfg.task)
     validate_model(cfg.model)
@@ -557,6 +639,11 @@ def _validate_train(cfg: DictConfig) -> None:
         raise ValueError(f"parallel={cfg.parallel!r} is not one of {list(STRATEGIES)}")
     method = build_method(cfg)
     validate_updates(cfg, method)
+    exact_at = getattr(method.func, "ROLLOUT_TEMPERATURE", None)  # bgpo.method: JustGRPO, TraceRL
+    if exact_at is not None and cfg.temperature != exact_at:
+        name = str(cfg.method._target_).split(".")[-1]
+        raise ValueError(f"temperature={cfg.temperature}: {name}'s likelihood is the rollout sampler's "
+                         f"distribution only at temperature {exact_at}; set temperature={exact_at}")
     if cfg.group_size < 2:
         std = method.keywords["cfg"].std_adv
         raise ValueError(f"group_size={cfg.group_size} must be >= 2: group advantages r − mean_G r are 0 "
@@ -567,6 +654,7 @@ def _validate_train(cfg: DictConfig) -> None:
                       stacklevel=3)
     check_model_path(cfg.model)
     check_base_model(cfg.task.name, cfg.model)
+    check_model_architecture(cfg.task.name, cfg.model)
 
 
 def check_base_model(task_name: str, model: ModelConfig | DictConfig) -> None:
@@ -581,9 +669,74 @@ def check_base_model(task_name: str, model: ModelConfig | DictConfig) -> None:
         check_base_task(folder, task_name)
 
 
+def base_architecture(task_name: str, model: ModelConfig | DictConfig) -> dict[str, int]:
+    """A tiny run's architecture keys as its existing base model folder has them (``{}`` when it
+    is not built yet): the run's config.yaml then records the model that is really trained."""
+    import json
+
+    from bgpo.pretrain import base_model_path
+
+    folder = base_model_path(task_name, model) if model.kind == "tiny" else None
+    if folder is None or not (folder / "config.json").is_file():
+        return {}
+    conf = json.loads((folder / "config.json").read_text())  # checked by check_model_architecture
+    return {key: conf[name] for key, name in TINY_ARCH.items() if isinstance(conf.get(name), int)}
+
+
+TINY_ARCH = {"hidden": "hidden_size", "layers": "num_hidden_layers", "heads": "num_attention_heads",
+             "intermediate": "intermediate_size"}
+"""model.<key> of the tiny architecture -> its name in the checkpoint's config.json"""
+
+
+def check_model_architecture(task_name: str, model: ModelConfig | DictConfig) -> None:
+    """The architecture keys describe the model that will really be trained: for a tiny run that
+    starts from an existing folder (shipped, cached or ``model.path``) a value set away from the
+    default must equal its config.json (else the run key would name a model that is not the one
+    trained; defaults take the folder's values: :func:`base_architecture`); for llada/dream they
+    do not apply. ``model.mask_token_id`` lies within the vocabulary."""
+    import json
+
+    from bgpo.pretrain import base_model_path
+
+    defaults = ModelConfig()
+    if model.kind != "tiny":
+        for key in TINY_ARCH:
+            if getattr(model, key) != getattr(defaults, key):
+                raise ValueError(f"model.{key}={getattr(model, key)} applies to model.kind=tiny only; the "
+                                 f"{model.kind} checkpoint's config.json fixes its architecture")
+    folder = base_model_path(task_name, model)
+    if folder is None and model.path and Path(model.path).expanduser().is_dir():
+        folder = Path(model.path).expanduser()
+    conf_file = folder / "config.json" if folder is not None else None
+    vocab: int | None = None
+    if conf_file is not None and conf_file.is_file():
+        try:
+            conf = json.loads(conf_file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{conf_file} cannot be read as JSON ({e})") from None
+        if not isinstance(conf, dict):
+            raise ValueError(f"{conf_file} is not a JSON object")
+        if model.kind == "tiny":
+            for key, name in TINY_ARCH.items():
+                if name in conf and conf[name] != getattr(model, key) != getattr(defaults, key):
+                    raise ValueError(f"model.{key}={getattr(model, key)}, but the base model {folder} has "
+                                     f"{name}={conf[name]}: a tiny run trains its base model's architecture "
+                                     f"(drop model.{key}, or pretrain a base with it: model.base=cache or "
+                                     "model.path=<folder>)")
+        vocab = conf.get("vocab_size") if isinstance(conf.get("vocab_size"), int) else None
+    elif model.kind == "tiny":
+        from bgpo.model import build_char_tokenizer
+
+        vocab = len(build_char_tokenizer())
+    if vocab is not None and model.mask_token_id is not None and model.mask_token_id >= vocab:
+        raise ValueError(f"model.mask_token_id={model.mask_token_id} is outside the vocabulary "
+                         f"(vocab_size={vocab}: ids 0..{vocab - 1})")
+
+
 def validate_pretrain(cfg: PretrainConfig | DictConfig) -> None:
     """``python -m bgpo.pretrain``'s keys, before a model is built (:class:`ConfigError`)."""
     with as_config_error():
+        check_keys(cfg, PretrainConfig)
         validate_task(cfg.task)
         validate_model(cfg.model)
         if cfg.level not in ("time", "count"):
@@ -591,9 +744,18 @@ def validate_pretrain(cfg: PretrainConfig | DictConfig) -> None:
         check_int("steps", cfg.steps, 1, optional=True)
         for key in ("batch_size", "n_train", "eval_n"):
             check_int(key, getattr(cfg, key), 1)
-        check_int("seed", cfg.seed, 0)
-        check_number("lr", cfg.lr, gt=0)
+        check_int("seed", cfg.seed, 0, hi=SEED_MAX)
+        check_number("lr", cfg.lr, gt=0, lt=LR_MAX, why=" (an AdamW step moves each weight by about lr)")
         check_device("device", cfg.device)
+        check_device_here("device", cfg.device)
+        check_folder("out", cfg.out)
+        if cfg.model.kind == "tiny" and cfg.model.mask_token_id is not None:
+            from bgpo.model import build_char_tokenizer
+
+            vocab = len(build_char_tokenizer())
+            if cfg.model.mask_token_id >= vocab:
+                raise ValueError(f"model.mask_token_id={cfg.model.mask_token_id} is outside the tiny "
+                                 f"vocabulary (ids 0..{vocab - 1})")
         if getattr(cfg, "ship", False) and cfg.out:
             raise ValueError(f"ship=true writes bgpo/base_models/tiny-{cfg.task.name}: drop out={cfg.out}")
         from bgpo.loggers import validate as validate_logger

@@ -15,23 +15,26 @@ rollout batch:
 
 Two meanings of "more than one update per rollout batch" (``OFF_POLICY``, a class attribute):
 
-- ``"minibatches"`` (BGPO §4, the paper's off-policy variant; BGPO and VRPO-OL): the rollout
+- ``"minibatches"`` (BGPO §4, the paper's off-policy variant; BGPO, VRPO-OL, TraceRL, JustGRPO): the rollout
   batch is split into μ mini-batches of whole prompt groups, one optimizer step each, every sample
   used once; θ_old is the rollout policy, evaluated on the SAME coupled draws as θ.
-- ``"inner_updates"`` (d1 §3.2, diffu-GRPO's μ; wd1): μ optimizer steps over the WHOLE batch,
-  each with a fresh prompt mask.
+- ``"inner_updates"`` (d1 §3.2, diffu-GRPO's μ; wd1, SPG, ESPO, coupled-GRPO): μ optimizer steps
+  over the WHOLE batch, each with a fresh prompt mask (wd1 and SPG have no θ_old: plain gradient
+  steps).
 
 A method may also declare ``ROLLOUT_ORDER`` (a class attribute): ``"left_to_right"`` asks for
 rollouts decoded one token per step, left to right (JustGRPO: the dLLM as an autoregressive
 policy); the default ``"blocks"`` is the task's block-wise sampler. The trainer passes it to
 ``bgpo.rollout.rollout`` whatever the method is; rollouts always carry the sampler's trace
-(``Batch.trace``), which a trajectory-likelihood method (TraceRL) scores.
+(``Batch.trace``), which a trajectory-likelihood method (TraceRL) scores. ``ROLLOUT_TEMPERATURE``
+(JustGRPO, TraceRL: 1.0) is the only rollout temperature at which the method's likelihood is the
+sampler's distribution; ``bgpo.config`` refuses any other at start-up.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Protocol
+from typing import ClassVar, Protocol, TypeVar
 
 import torch
 from torch import Tensor
@@ -40,6 +43,8 @@ from bgpo.elbo import Batch, Draws
 from bgpo.model import DLLM
 
 OFF_POLICY_KINDS = ("minibatches", "inner_updates")
+
+R = TypeVar("R")
 
 
 @dataclass
@@ -128,8 +133,31 @@ def k2(ref: Tensor, cur: Tensor) -> Tensor:
     return 0.5 * (cur - ref).square()
 
 
+# The likelihood estimators (``method.cfg.elbo.mode``, bgpo/elbo.py) each objective is defined with:
+# BGPO and VRPO-OL need unbiased Monte Carlo draws of the ELBO (BGPO §3); d1's one-step estimate,
+# the exact AR likelihood and TraceRL's trajectory terms belong to their own methods.
+ESTIMATORS = {"bgpo": ("elbo", "complementary", "block"), "vrpo": ("elbo", "complementary", "block"),
+              "diffu_grpo": ("one_step",), "wd1": ("one_step",), "spg": ("block", "elbo"),
+              "espo": ("complementary", "elbo"), "coupled_grpo": ("complementary",),
+              "tracerl": ("trajectory",), "just_grpo": ("ar",)}
+
+
+def reference(c: object, ref: R) -> R:
+    """``ref`` for a method whose KL term needs it (``beta`` > 0): one sentence, not an error deep in
+    the estimator, when a method is built with a KL coefficient and no reference model."""
+    beta = getattr(c, "beta", 0.0)
+    if ref is None and isinstance(beta, (int, float)) and beta > 0:
+        raise ValueError(f"method.cfg.beta={beta} needs a frozen reference model for its KL term: "
+                         "build the method with ref=<a copy of the initial policy>, or set method.cfg.beta=0")
+    return ref
+
+
 def check_common(c: object, name: str) -> None:
     """Range checks shared by the method configs (``method.cfg.<key>``), at construction time."""
+    elbo = getattr(c, "elbo", None)
+    if elbo is not None and name in ESTIMATORS and elbo.mode not in ESTIMATORS[name]:
+        raise ValueError(f"method.cfg.elbo.mode={elbo.mode!r} is not an estimator {name}'s objective is "
+                         f"defined with; allowed: {list(ESTIMATORS[name])}")
     for key, lo, strict in (("n_t", 1, False), ("mc_chunk", 1, False), ("clip_eps", 0.0, False),
                             ("beta", 0.0, False), ("psi", 0.0, True)):
         v = getattr(c, key, None)

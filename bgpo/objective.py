@@ -34,7 +34,7 @@ from torch import Tensor
 
 from bgpo import elbo
 from bgpo.elbo import Batch, ELBOConfig
-from bgpo.method import Prepared, check_common, clipped, k3
+from bgpo.method import Prepared, check_common, clipped, k3, reference
 from bgpo.model import DLLM
 
 BOUNDS = ("both", "tangent", "jensen")
@@ -74,7 +74,7 @@ class BGPO:
     OFF_POLICY = "minibatches"
 
     def __init__(self, cfg: BGPOConfig, ref: DLLM | None = None) -> None:
-        self.cfg, self.ref = cfg, ref
+        self.cfg, self.ref = cfg, reference(cfg, ref)
 
     @torch.no_grad()
     def prepare(self, policy: DLLM, batch: Batch, mu: int,

@@ -56,9 +56,12 @@ class Validate(Callback):
 
         from bgpo.config import validate_train
 
+        # a local launcher runs the jobs on this machine: their device must exist here (a Slurm job's
+        # is checked on its node, by bgpo.train.run, before a model is built)
+        here = "slurm" not in str(config.hydra.launcher.get("_target_", "")).lower()
         for overrides in sweep_jobs(config):
             try:
-                validate_train(compose(config_name="sweep", overrides=overrides))
+                validate_train(compose(config_name="sweep", overrides=overrides), here=here)
             except ConfigError as e:  # SystemExit: Hydra turns a callback's exceptions into warnings
                 job = " ".join(overrides)
                 print(f"[bgpo.sweep] nothing launched; bad job {job}: {e}", file=sys.stderr)

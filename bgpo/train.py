@@ -19,7 +19,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from bgpo.config import cli_errors, register, to_container, validate_train
+from bgpo.config import base_architecture, cli_errors, register, to_container, validate_train
 from bgpo.results import (
     BaseModelMissing,
     RunFailed,
@@ -39,6 +39,8 @@ log = logging.getLogger("bgpo.train")  # not __name__, which is "__main__" under
 def run(cfg: DictConfig) -> dict:
     """Validate, then train in the results store (skip when complete). Used by train and sweep."""
     validate_train(cfg)  # before any model is built
+    for key, value in base_architecture(cfg.task.name, cfg.model).items():
+        cfg.model[key] = value  # the config records the architecture that is really trained
     resolved = to_container(cfg)
     if cfg.validate_only:
         return validated(resolved)

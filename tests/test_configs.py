@@ -33,7 +33,8 @@ def test_groups_are_complete():
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("task", TASKS)
 def test_every_method_task_composes_and_validates(method, task):
-    cfg = cfg_of(f"method={method}", f"task={task}", "mc=3")
+    # JustGRPO's and TraceRL's likelihoods are the sampler's only at temperature 1 (refused otherwise)
+    cfg = cfg_of(f"method={method}", f"task={task}", "mc=3", "temperature=1.0")
     validate_train(cfg)
     assert build_method(cfg).keywords["cfg"].n_t == 3
 

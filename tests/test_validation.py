@@ -35,8 +35,11 @@ CD_OK = '{"input": "30,100,93", "output": "23"}\n'
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
+    return make_data(tmp_path_factory.mktemp("data"))
+
+
+def make_data(d: Path) -> Path:
     """Test files with one bad row each (the line the message must name is in the file name)."""
-    d = tmp_path_factory.mktemp("data")
     (d / "cd_bad_int_at_3.jsonl").write_text(CD_OK * 2 + '{"input": "1,2,x", "output": "4"}\n' + CD_OK)
     (d / "cd_cut_at_2.jsonl").write_text(CD_OK + '{"input": "30,1')
     (d / "cd_blank_then_bad_at_4.jsonl").write_text(CD_OK + "\n\n" + '["not", "an", "object"]\n' + CD_OK)
@@ -70,6 +73,61 @@ def compose_train(*overrides: str, config: str = "train"):
 
 # (overrides, what the message must contain). {d} is the folder of the data fixture.
 BAD: list[tuple[list[str], str]] = [
+    # issue 23: accepted and wrong, silently — unknown keys would enter the run key
+    (["+foo=1"], "foo is not a setting"),
+    (["+model.bar=2"], "model.bar is not a setting"),
+    (["+logger.x=1"], "logger.x is not a setting"),
+    (["+sampler.fast=true"], "sampler.fast is not a setting"),
+    (["+task.bogus=1"], "task.bogus is not a setting"),
+    (["+model.lora.rank=8"], "model.lora.rank is not a setting"),
+    (["+method.zz=1"], "method.zz is not a setting"),
+    (["+method.cfg.zz=1"], "unexpected keyword argument 'zz'"),
+    (["+method.cfg.elbo.zz=1"], "unexpected keyword argument 'zz'"),
+    (["+lrr=0.1"], "did you mean lr?"),
+    # issue 23: the architecture keys against the base model that is really trained
+    (["model.hidden=64"], "model.hidden=64, but the base model"),
+    (["model.layers=2"], "model.layers=2, but the base model"),
+    (["model.heads=2"], "model.heads=2, but the base model"),
+    (["model.intermediate=256"], "model.intermediate=256, but the base model"),
+    (["task=sudoku", "model.hidden=96"], "model.hidden=96, but the base model"),
+    (["model=llada_8b_instruct", "model.hidden=64"], "applies to model.kind=tiny only"),
+    (["model=dream_7b", "model.layers=2"], "applies to model.kind=tiny only"),
+    (["model.mask_token_id=100"], "model.mask_token_id=100 is outside the vocabulary"),
+    (["model.mask_token_id=126336"], "model.mask_token_id=126336 is outside the vocabulary"),
+    # issue 23: seeds within torch's range, learning rates that do not wreck the weights
+    (["seed=9223372036854775808"], "seed=9223372036854775808 must be <= 9223372036854775807"),
+    (["seed=18446744073709551616"], "seed=18446744073709551616"),
+    (["seed=2**64"], "seed"),
+    (["lr=1e30"], "lr=1e+30"),
+    (["lr=1.0"], "lr=1.0"),
+    (["lr=5"], "lr=5"),
+    # issue 24: a likelihood that is the sampler's only at temperature 1
+    (["method=just_grpo", "temperature=0.6"], "temperature=0.6: JustGRPO's likelihood is the rollout"),
+    (["method=tracerl", "temperature=0.9"], "temperature=0.9: TraceRL's likelihood"),
+    (["method=just_grpo", "temperature=0"], "temperature=0.0: JustGRPO's likelihood"),
+    # issue 23: devices and output folders
+    (["device=meta"], "device='meta'"),
+    (["device=xla"], "device='xla'"),
+    (["device=cpu:0:1"], "device='cpu:0:1'"),
+    (["results_dir={d}/cd_good.jsonl"], "results_dir={d}/cd_good.jsonl is a file"),
+    (["results_dir={d}/cd_good.jsonl/sub"], "cannot be created: {d}/cd_good.jsonl is a file"),
+    (["run_dir={d}/cd_good.jsonl"], "run_dir={d}/cd_good.jsonl is a file"),
+    (["run_dir={d}/cd_good.jsonl/run"], "run_dir={d}/cd_good.jsonl/run cannot be created"),
+    # issue 23: an estimator the method's objective is not defined with
+    (["method.cfg.elbo.mode=one_step", "method.cfg.elbo.group_shared=false"],
+     "elbo.mode='one_step' is not an estimator bgpo"),
+    (["method.cfg.elbo.mode=ar", "method.cfg.elbo.group_shared=false"],
+     "elbo.mode='ar' is not an estimator bgpo"),
+    (["method.cfg.elbo.mode=trajectory", "method.cfg.elbo.group_shared=false"],
+     "elbo.mode='trajectory' is not an estimator bgpo"),
+    (["method=vrpo", "method.cfg.elbo.mode=one_step"], "group_shared=true applies to mode 'elbo' only"),
+    (["method=vrpo", "method.cfg.elbo.mode=one_step", "method.cfg.elbo.group_shared=false"],
+     "elbo.mode='one_step' is not an estimator vrpo"),
+    (["method=diffu_grpo", "method.cfg.elbo.mode=elbo"], "elbo.mode='elbo' is not an estimator diffu_grpo"),
+    (["method=wd1", "method.cfg.elbo.mode=block"], "elbo.mode='block' is not an estimator wd1"),
+    (["method=just_grpo", "method.cfg.elbo.mode=elbo"], "elbo.mode='elbo' is not an estimator just_grpo"),
+    (["method=tracerl", "method.cfg.elbo.mode=one_step"], "elbo.mode='one_step' is not an estimator tracerl"),
+    (["method=coupled_grpo", "method.cfg.elbo.mode=ar"], "elbo.mode='ar' is not an estimator coupled_grpo"),
     # issue 21: the testbed's keys
     (["test_n=0"], "test_n=0"),
     (["method=diffu_grpo", "+method.cfg.elbo.group_shared=true"], "elbo.group_shared=true"),
@@ -196,13 +254,16 @@ def test_the_table_is_large_and_covers_the_issue():
     assert all(q in flat for q in quoted)
 
 
+@pytest.mark.parametrize("validate_only", [False, True], ids=["start", "validate_only"])
 @pytest.mark.parametrize("overrides,key", BAD, ids=[" ".join(b[0]) for b in BAD])
-def test_bad_setting_is_rejected_before_any_model(overrides, key, data, no_model, tmp_path):
+def test_bad_setting_is_rejected_before_any_model(overrides, key, validate_only, data, no_model, tmp_path):
+    """A real start and ``validate_only=true`` reject every bad setting with the same sentence."""
     from hydra.errors import ConfigCompositionException
 
     overrides = [o.format(d=data) for o in overrides]
     try:
-        cfg = compose_train(f"results_dir={tmp_path / 'results'}", *overrides)
+        cfg = compose_train(f"results_dir={tmp_path / 'results'}", f"validate_only={validate_only}",
+                            *overrides)
     except ConfigCompositionException as e:  # Hydra's own check (unknown group option or key)
         assert key.format(d=data) in str(e) + str(e.__cause__)
         return
@@ -213,13 +274,64 @@ def test_bad_setting_is_rejected_before_any_model(overrides, key, data, no_model
     assert not (tmp_path / "results").exists()  # no run folder was opened
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+@pytest.mark.parametrize("validate_only", [False, True])
+@pytest.mark.parametrize("device", ["cuda", "cuda:3"])
+def test_a_device_this_machine_lacks_is_rejected_before_any_model(device, validate_only, no_model, tmp_path):
+    cfg = compose_train(f"results_dir={tmp_path}", f"device={device}", f"validate_only={validate_only}")
+    with pytest.raises(ConfigError, match=f"device={device}: no CUDA device on this machine"):
+        run(cfg)
+    with pytest.raises(ConfigError, match="no CUDA device"):
+        validate_pretrain(compose_train(f"device={device}", config="pretrain"))
+
+
+def test_a_slurm_sweep_checks_the_device_on_its_node_not_here(no_model):
+    """The login node that launches a Slurm sweep has no GPU; a local sweep runs here."""
+    from omegaconf import open_dict
+
+    with initialize_config_module("bgpo.conf", version_base="1.3"):
+        config = compose("sweep", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
+        with open_dict(config):
+            config.hydra.overrides.task = ["device=cuda"]
+        Validate().on_multirun_start(config)  # no exit: checked on the node
+        local = compose("sweep", return_hydra_config=True)
+        with open_dict(local):
+            local.hydra.overrides.task = ["device=cuda"]
+        if not torch.cuda.is_available():
+            with pytest.raises(SystemExit):
+                Validate().on_multirun_start(local)
+
+
+def test_default_architecture_keys_take_the_base_model_s(no_model, tmp_path):
+    """A tiny run from a folder whose architecture differs from the defaults records the folder's."""
+    base = tmp_path / "micro"
+    micro_model(dtype=torch.float32).save(base)
+    cfg = compose_train(f"results_dir={tmp_path / 'r'}", f"model.path={base}", "validate_only=true",
+                        "task.name=toy", "task.gen_length=8", "task.block_length=4", "task.diffusion_steps=4")
+    conf = json.loads((base / "config.json").read_text())
+    import tests.toy_task  # noqa: F401  (registers the toy task)
+
+    run(cfg)
+    assert cfg.model.hidden == conf["hidden_size"] != 192 and cfg.model.layers == conf["num_hidden_layers"]
+    bad = compose_train(f"results_dir={tmp_path / 'r'}", f"model.path={base}", "model.hidden=64",
+                        "task.name=toy", "task.gen_length=8", "task.block_length=4", "task.diffusion_steps=4")
+    with pytest.raises(ConfigError, match="model.hidden=64, but the base model"):
+        run(bad)
+
+
 def test_greedy_rollouts_warn(no_model, tmp_path):
     cfg = compose_train(f"results_dir={tmp_path}", "temperature=0", "validate_only=true")
     with pytest.warns(ConfigWarning, match="temperature=0"):
         assert run(cfg)["ok"]
 
 
-PRETRAIN_BAD = [("steps=0", "steps=0"), ("batch_size=0", "batch_size=0"), ("lr=nan", "lr=nan"),
+PRETRAIN_BAD = [("+foo=1", "foo is not a setting"), ("+model.bar=1", "model.bar is not a setting"),
+                ("seed=9223372036854775808", "seed=9223372036854775808"), ("lr=2", "lr=2"),
+                ("out=/etc/hostname", "out=/etc/hostname is a file"),
+                ("out=/etc/hostname/x", "cannot be created: /etc/hostname is a file"),
+                ("model.mask_token_id=100", "model.mask_token_id=100 is outside"),
+                ("device=meta", "device='meta'"),
+                ("steps=0", "steps=0"), ("batch_size=0", "batch_size=0"), ("lr=nan", "lr=nan"),
                 ("level=banana", "level='banana'"), ("n_train=0", "n_train=0"), ("eval_n=0", "eval_n=0"),
                 ("model.hidden=30", "model.heads=4"), ("task.gen_length=30", "task.gen_length=30"),
                 ("device=tpu0", "device='tpu0'"), ("task.sft_near_miss=1.5", "task.sft_near_miss=1.5"),
@@ -251,6 +363,36 @@ def test_bad_evaluate_setting(override, key, data):
     cfg = compose_train(f"checkpoint={data}", override.format(d=data), config="evaluate")
     with pytest.raises(ConfigError, match=key.format(d=data)):
         validate_evaluate(cfg)
+
+
+# one sweep override each (a list in a sweep value is a job each); what the message must contain
+SWEEP_BAD = [("seed=0,18446744073709551616", "seed=18446744073709551616"), ("mc=2,0", "mc=0"),
+             ("lr=1e-5,1e30", "lr=1e+30"), ("model.hidden=192,64", "model.hidden=64, but the base model"),
+             ("+foo=1,2", "foo is not a setting"), ("group_size=4,1", "group_size=1"),
+             ("method=bgpo,vrpo method.cfg.elbo.mode=one_step", "one_step"),
+             ("device=cpu,meta", "device='meta'"), ("results_dir={d}/cd_good.jsonl", "is a file"),
+             ("task.test_file={d}/cd_good.jsonl,{d}/cd_bad_int_at_3.jsonl", "cd_bad_int_at_3.jsonl:3")]
+
+
+def validate_sweep(overrides: str) -> None:
+    """The sweep's pre-launch check on ``-m <overrides>``: ConfigError-free, or SystemExit(2) with
+    the bad job named on stderr."""
+    from omegaconf import open_dict
+
+    with initialize_config_module("bgpo.conf", version_base="1.3"):
+        config = compose("sweep", return_hydra_config=True)
+        with open_dict(config):  # what `-m key=a,b` puts there
+            config.hydra.overrides.task = overrides.split()
+        Validate().on_multirun_start(config)
+
+
+@pytest.mark.parametrize("overrides,key", SWEEP_BAD, ids=[b[0] for b in SWEEP_BAD])
+def test_bad_sweep_job_launches_nothing(overrides, key, data, no_model, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        validate_sweep(overrides.format(d=data))
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "nothing launched" in err and key.format(d=data) in err and "Traceback" not in err
 
 
 def test_sweep_pre_launch_check_rejects_a_bad_data_file(data, no_model, capsys):
@@ -333,3 +475,32 @@ def test_cli_validate_only_prints_the_run_folder(tmp_path):
     line = next(x for x in proc.stdout.splitlines() if "ok: run folder" in x)  # a log line (Hydra's format)
     assert f"{tmp_path / 'r'}/bgpo-toy-mc2-s0-" in line and line.endswith("(new)")
     assert not run_folders(tmp_path / "r") and "Loading weights" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("method", ["bgpo", "vrpo", "diffu_grpo", "espo", "coupled_grpo", "tracerl"])
+def test_a_kl_term_without_a_reference_is_one_sentence(method):
+    """Built from Python with beta > 0 and no reference model: a ValueError naming method.cfg.beta at
+    construction, not an AttributeError from the estimator at the first update (issue 24)."""
+    from hydra.utils import instantiate
+
+    cfg = compose_train(f"method={method}", "method.cfg.beta=0.05", "temperature=1.0")
+    make = instantiate(cfg.method)
+    with pytest.raises(ValueError, match="method.cfg.beta=0.05 needs a frozen reference model"):
+        make(ref=None)
+    assert make(ref=object()).ref is not None
+
+
+def test_the_bad_settings_document_lists_every_probe(tmp_path):
+    """docs/bad_settings.md (the README's table, `python -m tests.bad_settings`) is current: one row
+    per probe of the tables here and of the broken files, each rejected, none accepted, no traceback."""
+    import re
+
+    from tests.bad_settings import DOC, probes
+
+    (tmp_path / "data").mkdir()
+    expected = [(entry, command) for entry, command, _ in probes(tmp_path)]
+    rows = [line.split(" | ") for line in DOC.read_text().splitlines() if re.match(r"\| \d+ \| ", line)]
+    listed = [(r[1], r[2].strip("`")) for r in rows]
+    assert listed == expected, "docs/bad_settings.md is stale: run python -m tests.bad_settings"
+    assert len(rows) >= 180
+    assert {r[3] for r in rows} <= {"rejected", "hydra"}, "a probe was accepted or ended in a traceback"

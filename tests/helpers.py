@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+
 import torch
 
 from bgpo.elbo import Batch
@@ -23,8 +25,12 @@ def _norms_in_float64(net: torch.nn.Module) -> None:
     from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
 
     for mod in net.modules():
-        if isinstance(mod, Gemma3RMSNorm):
-            mod.forward = lambda x, m=mod: m._norm(x) * (1.0 + m.weight)
+        if isinstance(mod, Gemma3RMSNorm):  # a BOUND method: copy.deepcopy rebinds it to the copy's weights
+            mod.forward = types.MethodType(_norm64, mod)
+
+
+def _norm64(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return self._norm(x) * (1.0 + self.weight)
 
 
 def random_batch(model: DLLM, n_prompts: int = 2, G: int = 3, P: int = 5, L: int = 6,

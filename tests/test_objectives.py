@@ -128,6 +128,29 @@ def ref_wd1(theta, batch, adv, draws, js, psi):
     return total / (adv.shape[0] // G)
 
 
+def ref_ppo_clip(ratio: torch.Tensor, adv: torch.Tensor, eps: float, dual: float) -> torch.Tensor:
+    """PPO's pessimistic surrogate, element by element in float64 (independent of
+    ``bgpo.method.clipped``): ``min(ρA, clamp(ρ, 1 − ε, 1 + ε)·A)`` (ε = 0: ρA), then for A < 0 with a
+    dual clip c > 0, ``max(·, c·A)``. ``adv`` broadcasts against ``ratio``. Gradients flow through ρ."""
+    adv = adv.expand_as(ratio)
+    out = []
+    for rho, a in zip(ratio.flatten(), adv.flatten().tolist(), strict=True):
+        s = rho * a
+        if eps > 0:
+            s = torch.minimum(s, torch.clamp(rho, 1 - eps, 1 + eps) * a)
+        if dual > 0 and a < 0:
+            s = torch.maximum(s, torch.tensor(dual * a, dtype=torch.float64))
+        out.append(s)
+    return torch.stack(out).view(ratio.shape)
+
+
+def ref_k3(ref_lp: torch.Tensor, cur_lp: torch.Tensor) -> torch.Tensor:
+    """k3 estimator of KL(π_θ || π_ref) (Schulman's), written out (independent of ``bgpo.method.k3``):
+    with δ = log π_ref − log π_θ, ``e^δ − δ − 1`` (≥ 0, zero where θ = ref)."""
+    delta = ref_lp.double() - cur_lp
+    return torch.exp(delta) - delta - 1
+
+
 # ---- helpers ----------------------------------------------------------------------------------
 def run_method(method, model, batch, adv, prep, it=0):
     model.net.zero_grad(set_to_none=True)
@@ -336,15 +359,13 @@ def test_clip_and_kl_options_match_the_reference(cls, conf):
     ell_t = ref_ells(theta, batch, prep.draws, cfg, range(2))  # [n_t, B]
     ell_o = ref_ells(old, batch, prep.draws, cfg, range(2)).detach()
     ell_r = ref_ells(refm, batch, prep.draws, cfg, range(2)).detach()
-    from bgpo.method import clipped, k3
-
     if cls is BGPO:
         d = ell_t - ell_o
         ratio = torch.where(ADV >= 0, 1 + d, d.exp())
-        obj = clipped(ratio, ADV, 0.05, 3.0)[0].sum() / (2 * 6)
+        obj = ref_ppo_clip(ratio, ADV, 0.05, 3.0).sum() / (2 * 6)
     else:
-        obj = clipped((ell_t.mean(0) - ell_o.mean(0)).exp(), ADV, 0.05, 3.0)[0].sum() / 6
-    loss = -obj + 0.1 * k3(ell_r, ell_t).sum() / (2 * 6)
+        obj = ref_ppo_clip((ell_t.mean(0) - ell_o.mean(0)).exp(), ADV, 0.05, 3.0).sum() / 6
+    loss = -obj + 0.1 * ref_k3(ell_r, ell_t).sum() / (2 * 6)
     assert stats["loss"] == pytest.approx(loss.item(), rel=1e-10)
     assert_close(g, ref_grad(theta, loss), cls.__name__)
 

@@ -31,11 +31,13 @@ Beyond docs/methods.md §2, the draws of the methods that came after BGPO (each 
   and targets those of group g; weight 1, so Σ_g ℓ(g) is the trajectory log-likelihood (s = 1:
   exactly the sampler's own states).
 
-Padding and EOS (``window``): ``full`` scores the whole fixed-length completion window, EOS
-padding included — the sequence the rollout sampler actually produced (the authors' VeRL port
-does this). ``eos`` scores the tokens up to and including the first EOS (L_i varies by row, as
-d1's completion mask); positions after it are masked in every draw and never scored, so they
-carry no information about the answer. Prompt padding is never masked and never attended to.
+Padding and EOS (``window``): ``full`` scores the whole fixed-length completion window, EOS padding
+included — the sequence the rollout sampler actually produced (the authors' VeRL port does this).
+``eos`` scores the tokens up to and including the first EOS (L_i varies by row, as d1's completion
+mask); positions after it are masked in every draw and never scored, so they carry no information
+about the answer (``trajectory`` draws follow the sampler's own states instead: a post-EOS position
+is masked only while the sampler had not yet committed it). Prompt padding is never masked and never
+attended to.
 """
 
 from __future__ import annotations

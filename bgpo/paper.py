@@ -21,12 +21,21 @@ footnote, never a number.
 Tables: one per sweep folder (``tables/<sweep>.md``: methods × tasks × test sets); and for the sweeps
 of the paper's comparisons, ``mc_ablation`` (Table 2: BGPO against n_t), ``bounds`` (Table 3),
 ``equal_memory``; ``memory`` (the benchmark); ``reported`` (the papers' own numbers and protocols).
+
+Nothing is trusted or destroyed: a run's summary must be its folder's (run key, method, task, n_t
+and seed as in its ``config.yaml``) and its ``metrics.jsonl`` whole; a file that does not parse
+(a summary, a config, a metrics or benchmark row, ``--reported``) is one sentence naming it
+(``file:line`` for rows) and exit code 2. ``tables/`` and ``figures/`` of ``--out`` are rewritten
+(stale tables removed) only when this command made them: ``<out>/.bgpo-paper``, written with them,
+says so; without it they must be absent or empty, otherwise one sentence, exit code 2, nothing
+written. Other files in ``--out`` (``reported.yaml``, a paper's sources) are never touched.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +44,18 @@ from typing import Any
 import numpy as np
 import yaml
 
-from bgpo.results import atomic_write_text, config_hash
+from bgpo.config import ConfigError
+from bgpo.results import (
+    UnreadableFile,
+    atomic_write_text,
+    config_hash,
+    make_folder,
+    missing_step,
+    read_metrics,
+    reason,
+    stored_config,
+    summary_mismatch,
+)
 from bgpo.stats import Interval, bootstrap, wilson
 
 COMMAND = "python -m bgpo.paper"
@@ -113,6 +133,55 @@ def base_identity(cfg: dict[str, Any], summary: dict[str, Any]) -> str:
     return f"{model.get('kind', '?')}:{model.get('path') or f'cached-tiny-{task}'}"
 
 
+SUMMARY_FIELDS = {"method": str, "task": str, "mc": int, "seed": int}
+"""what the tables read from a run's ``summary.json``"""
+
+
+def read_json_object(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object; :class:`UnreadableFile` naming ``path`` when it does not parse or is not one."""
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UnreadableFile(f"{path} is unreadable ({reason(e)}): not {what}; move its run folder away or "
+                             "re-run the run to rewrite it") from None
+    if not isinstance(obj, dict):
+        raise UnreadableFile(f"{path} is not a JSON object: not {what}; move its run folder away or "
+                             "re-run the run")
+    return obj
+
+
+def load_run(results: Path, path: Path) -> Run:
+    """The run whose ``summary.json`` is ``path``, checked: the summary is its folder's (its run
+    key, method, task, n_t and seed are the config's) and its metrics rows are whole."""
+    folder = path.parent
+    s = read_json_object(path, "a run's summary")
+    bad = [k for k, t in SUMMARY_FIELDS.items() if not isinstance(s.get(k), t) or isinstance(s.get(k), bool)]
+    if bad:
+        raise UnreadableFile(f"{path} lacks the run's {', '.join(bad)} (or they have the wrong type): not a "
+                             "run's summary")
+    cfg = stored_config(folder, "the tables cannot say how the run was configured")
+    other = summary_mismatch(s, cfg, folder.name)
+    if other:
+        raise UnreadableFile(f"{path} is {other}: move the folder away, or re-run the run to rewrite its "
+                             "summary")
+    metrics = folder / "metrics.jsonl"
+    rows, problems = read_metrics(metrics, complete=True)
+    gap = missing_step(rows, s["steps"]) if isinstance(s.get("steps"), int) and metrics.exists() else None
+    damaged = problems[0] if problems else f"{metrics}: no row for step {gap}" if gap is not None else None
+    if damaged:
+        raise UnreadableFile(f"{damaged}: the run's metrics are damaged; re-run the run (it resumes and "
+                             "recomputes them) or move its folder away")
+    rel = folder.relative_to(results).parts
+    return Run(
+        sweep=rel[0] if len(rel) > 1 else ".", method=method_key(s["method"], cfg), task=s["task"],
+        mc=int(s["mc"]), seed=int(s["seed"]),
+        variant=config_hash({k: v for k, v in cfg.items() if k not in ("seed", "results_dir")}),
+        base=base_identity(cfg, s), tests=read_json_object(folder / "eval_test.json", "a run's test results"),
+        commit=str(s.get("commit", "unknown")),
+        curve=[(rows[k]["step"], rows[k]["val/accuracy"]) for k in sorted(rows) if "val/accuracy" in rows[k]],
+        config=cfg)
+
+
 def load_runs(results: Path) -> list[Run]:
     """Every complete run (``summary.json`` and ``eval_test.json``) below ``results``, in path order."""
     runs = []
@@ -120,24 +189,25 @@ def load_runs(results: Path) -> list[Run]:
         folder = path.parent
         if "bench" in folder.relative_to(results).parts or not (folder / "eval_test.json").exists():
             continue
-        s = json.loads(path.read_text())
-        cfg_path = folder / "config.yaml"
-        cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.exists() else {}
-        rows = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines() if x.strip()] \
-            if (folder / "metrics.jsonl").exists() else []
-        rel = folder.relative_to(results).parts
-        runs.append(Run(
-            sweep=rel[0] if len(rel) > 1 else ".", method=method_key(s["method"], cfg), task=s["task"],
-            mc=int(s["mc"]), seed=int(s["seed"]),
-            variant=config_hash({k: v for k, v in cfg.items() if k not in ("seed", "results_dir")}),
-            base=base_identity(cfg, s), tests=json.loads((folder / "eval_test.json").read_text()),
-            commit=str(s.get("commit", "unknown")),
-            curve=[(r["step"], r["val/accuracy"]) for r in rows if "val/accuracy" in r], config=cfg))
+        runs.append(load_run(results, path))
     return runs
 
 
 def load_jsonl(paths: list[Path]) -> list[dict[str, Any]]:
-    return [json.loads(x) for p in paths for x in p.read_text().splitlines() if x.strip()]
+    """The rows of benchmark files; a row that does not parse is :class:`UnreadableFile` (file:line)."""
+    rows = []
+    for p in paths:
+        for n, line in enumerate(p.read_text(errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                raise UnreadableFile(f"{p}:{n}: not a JSON row ({reason(e)}); fix or remove it") from None
+            if not isinstance(row, dict):
+                raise UnreadableFile(f"{p}:{n}: not a JSON object; fix or remove the row")
+            rows.append(row)
+    return rows
 
 
 # ----------------------------------------------------------------------------- cells
@@ -552,10 +622,15 @@ def tables_of(runs: list[Run], memory: list[dict[str, Any]], reported: dict[str,
 
 def render_tables(results: Path, reported: dict[str, Any]) -> dict[str, str]:
     """``{path relative to the output folder: text}`` of every generated table."""
+    from bgpo.claims import claims_table, compute_table
+
     runs = load_runs(results)
     mem = load_jsonl(sorted((results / "bench").glob("memory-*.jsonl")))
     out = {}
-    for t in tables_of(runs, mem, reported):
+    tables = tables_of(runs, mem, reported)
+    if {r.sweep for r in runs} & {"tiny_repro", "tiny_mc", "tiny_bounds", "tiny_equal_memory"}:
+        tables += [claims_table(runs, mem, results), compute_table(results)]  # the tiny reproduction
+    for t in tables:
         name = t.name.replace("/", "_").replace(".", "top")
         out[f"tables/{name}.md"], out[f"tables/{name}.tex"] = to_markdown(t), to_latex(t)
     return out
@@ -564,10 +639,85 @@ def render_tables(results: Path, reported: dict[str, Any]) -> dict[str, str]:
 def check(out: Path, tables: dict[str, str]) -> list[str]:
     """Generated tables that are missing from ``out`` or differ from what is committed there."""
     stale = [rel for rel, text in tables.items()
-             if not (out / rel).exists() or (out / rel).read_text() != text]
+             if not (out / rel).is_file() or (out / rel).read_text(errors="replace") != text]
     extra = sorted(p.relative_to(out).as_posix() for p in (out / "tables").glob("*")
                    if p.relative_to(out).as_posix() not in tables)
     return stale + [f"{rel} (not generated by {COMMAND})" for rel in extra]
+
+
+REPORTED_LAYOUT: dict[str, dict[str, type]] = {
+    "table1": {"source": str, "rows": dict},
+    "wd1": {"source": str, "gen_length": dict},
+    "mc_ablation": {"source": str, "base": dict, "rows": list},
+    "bounds_ablation": {"source": str, "rows": dict},
+}
+"""the sections and keys of ``paper/reported.yaml`` that the tables read"""
+
+
+def _numbers(d: Any, keys: tuple[Any, ...] = ()) -> bool:
+    """``d`` is a mapping whose values (and at least ``keys``) are numbers."""
+    return isinstance(d, dict) and all(k in d for k in keys) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in d.values())
+
+
+def read_reported(path: Path) -> dict[str, Any]:
+    """``--reported`` (default ``paper/reported.yaml``), checked against the layout the tables read:
+    anything else is :class:`UnreadableFile`, one sentence naming the file and the key."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        raise UnreadableFile(f"--reported {path} is unreadable ({reason(e)})") from None
+
+    def bad(key: str, what: str) -> UnreadableFile:
+        return UnreadableFile(f"--reported {path}: {key} {what} (see paper/reported.yaml for the layout)")
+
+    if not isinstance(data, dict):
+        raise bad("the file", "is not a mapping")
+    for section, fields in REPORTED_LAYOUT.items():
+        if not isinstance(data.get(section), dict):
+            raise bad(section, "is missing or not a mapping")
+        for key, kind in fields.items():
+            if not isinstance(data[section].get(key), kind):
+                name = {dict: "mapping", list: "list", str: "text"}[kind]
+                raise bad(f"{section}.{key}", f"is missing or not a {name}")
+    if not all(isinstance(v, dict) for v in data["table1"]["rows"].values()):
+        raise bad("table1.rows", "has a row that is not a mapping of task: accuracy")
+    gen = data["wd1"]["gen_length"]
+    if not all(_numbers(gen.get(n)) for n in (256, 512)):
+        raise bad("wd1.gen_length", "lacks 256 or 512 as a mapping of task: accuracy")
+    if not all(isinstance(r, dict) and "mc" in r for r in data["mc_ablation"]["rows"]):
+        raise bad("mc_ablation.rows", "has a row without mc")
+    bounds = data["bounds_ablation"]["rows"]
+    if not all(_numbers(bounds.get(k), ("math500", "gsm8k")) for k in ("lemma1_only", "lemma2_only", "both")):
+        raise bad("bounds_ablation.rows", "lacks lemma1_only, lemma2_only or both (math500, gsm8k numbers)")
+    beyond = data.get("beyond") or {}
+    if not isinstance(beyond, dict) or not all(
+            isinstance(e, dict) and isinstance(e.get("rows", []), list)
+            and all(isinstance(r, dict) for r in e.get("rows", [])) for e in beyond.values()):
+        raise bad("beyond", "is not a mapping of method: {source, rows: [...]}")
+    return data
+
+
+# ----------------------------------------------------------------------------- output folders
+MARKER = ".bgpo-paper"
+"""written into ``--out`` with the tables: its ``tables/`` and ``figures/`` are this command's"""
+MARKER_TEXT = (f"{HEADER}\n\ntables/ and figures/ beside this file are rewritten by `{COMMAND}`, which also "
+               "removes tables whose sweep is gone: keep no files of your own in them.\n")
+
+
+def check_out(out: Path) -> None:
+    """``out``'s ``tables/`` and ``figures/`` (the folders this command rewrites) may be: ``out``
+    carries :data:`MARKER` (this command made them), or they are absent or empty; otherwise
+    :class:`ConfigError`, one sentence. Nothing is written here; files beside them are never touched."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder")
+    if (out / MARKER).is_file():
+        return
+    for folder in (out / "tables", out / "figures"):
+        if os.path.lexists(folder) and not (folder.is_dir() and not any(folder.iterdir())):
+            raise ConfigError(f"--out {out}: {folder} is not an empty folder and there is no {out / MARKER} "
+                              f"saying `{COMMAND}` made it: nothing is replaced; choose another --out, or "
+                              "move it away")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -578,14 +728,49 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check", action="store_true", help="compare the tables with <out>; write nothing")
     ap.add_argument("--tables-only", action="store_true", help="skip the figures")
     args = ap.parse_args(argv)
+    try:
+        return generate(args)
+    except ConfigError as e:  # an unreadable file, an --out that is not ours: one sentence
+        print(f"[bgpo.paper] {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"[bgpo.paper] cannot write {e.filename or args.out}: {e.strerror or type(e).__name__}",
+              file=sys.stderr)
+        return 2
+
+
+CLAIMS_BEGIN = f"<!-- claims: generated by `{COMMAND}` from tables/claims.md; do not edit -->"
+CLAIMS_END = "<!-- /claims -->"
+
+
+def with_claims(report: Path, claims_md: str) -> str | None:
+    """``report`` with the text between its claims markers replaced by the claims table (its
+    header comment and title dropped); None when the file or its markers are absent."""
+    if not report.is_file():
+        return None
+    text = report.read_text(errors="replace")
+    if CLAIMS_BEGIN not in text or CLAIMS_END not in text.split(CLAIMS_BEGIN, 1)[1]:
+        return None
+    head, rest = text.split(CLAIMS_BEGIN, 1)
+    body = "\n".join(line for line in claims_md.splitlines() if not line.startswith(("<!--", "## ")))
+    return f"{head}{CLAIMS_BEGIN}\n{body.strip()}\n{CLAIMS_END}{rest.split(CLAIMS_END, 1)[1]}"
+
+
+def generate(args: argparse.Namespace) -> int:
+    """``main`` after parsing: check, render, then write (or compare with ``--check``)."""
     if not args.results.is_dir():
         print(f"[bgpo.paper] --results {args.results}: no such folder", file=sys.stderr)
         return 2
+    if args.out.exists() and not args.out.is_dir():
+        raise ConfigError(f"--out {args.out} is a file, not a folder")
     default_reported = Path(__file__).resolve().parents[1] / "paper" / "reported.yaml"
     rep_path = args.reported or (args.out / "reported.yaml" if (args.out / "reported.yaml").exists()
                                  else default_reported)
-    reported = yaml.safe_load(rep_path.read_text())
+    reported = read_reported(rep_path)
     tables = render_tables(args.results, reported)
+    report = with_claims(args.out / "REPORT.md", tables.get("tables/claims.md", ""))
+    if report is not None and "tables/claims.md" in tables:  # REPORT's claims: the generated table
+        tables["REPORT.md"] = report
     if args.check:
         stale = check(args.out, tables)
         for rel in stale:
@@ -594,9 +779,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bgpo.paper] {fresh}/{len(tables)} tables up to date"
               + (f"; regenerate with `{COMMAND}`" if stale else ""))
         return 1 if stale else 0
+    check_out(args.out)
+    make_folder(args.out, f"--out {args.out}")
+    marker = args.out / MARKER
+    if not marker.is_file() or marker.read_text(errors="replace") != MARKER_TEXT:
+        atomic_write_text(marker, MARKER_TEXT)
     for stale in (args.out / "tables").glob("*") if (args.out / "tables").is_dir() else []:
         if f"tables/{stale.name}" not in tables:
-            stale.unlink()  # a table whose sweep is gone
+            stale.unlink()  # a table whose sweep is gone (the folder is this command's)
     for rel, text in tables.items():
         atomic_write_text(args.out / rel, text)
     print(f"[bgpo.paper] wrote {len(tables)} tables to {args.out / 'tables'}")

@@ -37,6 +37,7 @@ LABELS = {"bgpo": "BGPO", "bgpo_offpolicy": "BGPO (off-policy)", "vrpo": "VRPO-O
           "diffugrpo": "diffu-GRPO", "wd1": "wd1", "spg": "SPG", "espo": "ESPO",
           "coupledgrpo": "coupled-GRPO", "tracerl": "TraceRL", "justgrpo": "JustGRPO"}
 ORDER = list(LABELS)
+LATER = ("spg", "espo", "coupledgrpo", "tracerl", "justgrpo")
 # methods with identical curves (memory: VRPO-OL, diffu-GRPO, wd1) stay visible: own marker and dash
 STYLES = {"bgpo": ("o", "-", 7), "bgpo_offpolicy": ("P", "-", 7), "vrpo": ("s", "-", 9),
           "diffugrpo": ("^", "--", 6), "wd1": ("x", ":", 6)}
@@ -59,9 +60,15 @@ def _save(fig: Any, out: Path, stem: str, formats: tuple[str, ...]) -> list[str]
     return [f"{stem}.{fmt}" for fmt in formats]
 
 
-def _panels(n: int, width: float = 4.2) -> tuple[Any, list[Any]]:
-    fig, axes = plt.subplots(1, max(n, 1), figsize=(width * max(n, 1), 3.4), squeeze=False)
-    return fig, list(axes[0])
+def _panels(n: int, width: float = 4.2, cols: int = 3) -> tuple[Any, list[Any]]:
+    """``n`` panels, at most ``cols`` to a row (unused cells hidden)."""
+    n = max(n, 1)
+    rows, cols = -(-n // cols), min(n, cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, 3.4 * rows), squeeze=False)
+    flat = [ax for row in axes for ax in row]
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat[:n]
 
 
 def bench_vs_mc(rows: list[dict[str, Any]], field: str, ylabel: str, scale: float, floor: bool) -> Any:
@@ -95,38 +102,32 @@ def bench_vs_mc(rows: list[dict[str, Any]], field: str, ylabel: str, scale: floa
     return fig
 
 
-def t_quantile(df: int) -> float:
-    """Two-sided 95% Student t quantile (small tables; the normal value beyond)."""
-    table = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
-    return table.get(df, 1.96)
-
-
 def validation_curves(runs: list[Any]) -> Any:
-    """One panel per (sweep, task): validation accuracy against step, each seed a thin line, the
-    mean over seeds bold with its 95% t-interval over seeds shaded."""
+    """One panel per (sweep, task, family): validation accuracy against step, each seed a thin line,
+    the mean over seeds bold, the range of the seeds shaded (what 2-3 seeds can support: a t-interval
+    of 3 seeds is ±4.3 standard errors). BGPO's own comparison and the methods after it get a panel
+    each, BGPO in both."""
     curves: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for r in runs:
         if r.curve:
-            curves[(r.sweep, r.task)][r.method].append(dict(r.curve))
+            for family in ("", "later") if r.method == "bgpo" else ("later" if r.method in LATER else "",):
+                curves[(r.sweep, r.task, family)][r.method].append(dict(r.curve))
+    curves = {k: v for k, v in curves.items() if k[2] == "" or len(v) > 1}
     fig, axes = _panels(len(curves))
-    for ax, (sweep, task) in zip(axes, sorted(curves), strict=True):
-        for m in _methods(curves[(sweep, task)]):
-            seeds = curves[(sweep, task)][m]
+    for ax, (sweep, task, family) in zip(axes, sorted(curves), strict=True):
+        for m in _methods(curves[(sweep, task, family)]):
+            seeds = curves[(sweep, task, family)][m]
             color = COLORS.get(m)
             for c in seeds:
                 ax.plot(sorted(c), [100 * c[s] for s in sorted(c)], color=color, lw=0.5, alpha=0.45)
             steps = sorted({s for c in seeds for s in c})
             vals = [[100 * c[s] for c in seeds if s in c] for s in steps]
             mean = [sum(v) / len(v) for v in vals]
-            sd = [(sum((x - mu) ** 2 for x in v) / (len(v) - 1)) ** 0.5 if len(v) > 1 else 0.0
-                  for v, mu in zip(vals, mean, strict=True)]
-            half = [t_quantile(len(v) - 1) * d / len(v) ** 0.5 for v, d in zip(vals, sd, strict=True)]
             ax.plot(steps, mean, color=color, lw=1.8, label=f"{LABELS.get(m, m)} (seeds={len(seeds)})")
-            # the t-interval of 2-3 seeds is wide: clipped to the range an accuracy can take
-            ax.fill_between(steps, [max(a - b, 0.0) for a, b in zip(mean, half, strict=True)],
-                            [min(a + b, 100.0) for a, b in zip(mean, half, strict=True)], color=color,
+            ax.fill_between(steps, [min(v) for v in vals], [max(v) for v in vals], color=color,
                             alpha=0.15, lw=0)
-        ax.set(xlabel="RL step", ylabel="validation accuracy (%)", title=f"{task} ({sweep})")
+        title = f"{task} ({sweep}{', later methods' if family else ''})"
+        ax.set(xlabel="RL step", ylabel="validation accuracy (%)", title=title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
     fig.tight_layout()
@@ -134,9 +135,10 @@ def validation_curves(runs: list[Any]) -> Any:
 
 
 def interval_points(items: list[tuple[str, Any]], xlabel: str, title: str, base: Any = None,
-                    logx: bool = False, xs: list[float] | None = None) -> Any:
-    """Accuracy with 95% intervals (``bgpo.stats.Interval``) per x (n_t or a method), a base band."""
-    fig, axes = _panels(1, width=5.0)
+                    logx: bool = False, xs: list[float] | None = None, panels: int = 1) -> Any:
+    """Accuracy with 95% intervals (``bgpo.stats.Interval``) per x (n_t or a method), a base band;
+    in the first of ``panels`` panels."""
+    fig, axes = _panels(panels, width=5.0)
     ax = axes[0]
     pos = xs or list(range(len(items)))
     for x, (_, iv) in zip(pos, items, strict=True):
@@ -148,6 +150,7 @@ def interval_points(items: list[tuple[str, Any]], xlabel: str, title: str, base:
         ax.legend(fontsize=7)
     if logx:
         ax.set_xscale("log", base=2)
+        ax.set_xticks(pos, [name for name, _ in items])
     else:
         ax.set_xticks(pos, [name for name, _ in items], rotation=20, fontsize=7)
     ax.set(xlabel=xlabel, ylabel="test accuracy (%), selected checkpoint", title=title)
@@ -189,32 +192,64 @@ def gradient_std_bias(rows: list[dict[str, Any]]) -> Any:
     return fig
 
 
-def _interval_series(runs: list[Any], sweep_names: tuple[str, ...], by_mc: bool) -> tuple[list, Any]:
-    """(label, Interval) per n_t (BGPO runs) or per method of the first task of a sweep, and the base."""
-    from bgpo.paper import METHODS, compare, groups_of
+def _interval_series(runs: list[Any], sweep: str, by_mc: bool) -> tuple[list, Any, list[tuple[str, int]]]:
+    """(label, Interval) per n_t (BGPO runs) or per method of the first task of a sweep, the base, and
+    the (method, n_t) of each point; with the runs of other sweeps that differ only in what the
+    sweep varies (tiny_repro's BGPO at n_t 16), as the tables take them."""
+    from bgpo.config import EQUAL_MEMORY_MC
+    from bgpo.paper import METHODS, VARIED, borrowed, compare, groups_of
 
-    sel = [r for r in runs if r.sweep in sweep_names and r.scores("best", "own", "accuracy") is not None]
+    if by_mc:
+        sel = borrowed(runs, sweep, VARIED["mc_ablation"], lambda r: r.method == "bgpo")
+    else:
+        sel = borrowed(runs, sweep, VARIED["equal_memory"], lambda r: EQUAL_MEMORY_MC.get(r.method) == r.mc)
+    sel = [r for r in sel if r.scores("best", "own", "accuracy") is not None]
     if by_mc:
         sel = [r for r in sel if r.method == "bgpo"]
     if not sel:
-        return [], None
+        return [], None, []
     task = sorted({r.task for r in sel})[0]
     sel = [r for r in sel if r.task == task]
     if by_mc:
         groups = {str(mc): [r for r in sel if r.mc == mc] for mc in sorted({r.mc for r in sel})}
+        used = [("bgpo", mc) for mc in sorted({r.mc for r in sel})]
     else:
-        groups = {f"{METHODS.get(m, m)} ({','.join(str(x) for x in sorted({r.mc for r in rs}))})": rs
-                  for m, rs in groups_of(sel).items()}
+        by_method = groups_of(sel)
+        groups = {f"{METHODS.get(m, m)} (n_t {','.join(str(x) for x in sorted({r.mc for r in rs}))})": rs
+                  for m, rs in by_method.items()}
+        used = [(m, rs[0].mc) for m, rs in by_method.items()]
     res = compare(groups, "best", "own", "accuracy", ref="__none__")
-    return [(g, res.cells[g]) for g in groups if g in res.cells], res.cells.get("base")
+    keep = [i for i, g in enumerate(groups) if g in res.cells]
+    return ([(g, res.cells[g]) for i, g in enumerate(groups) if i in keep], res.cells.get("base"),
+            [used[i] for i in keep])
+
+
+def equal_memory(points: list[tuple[str, Any]], base: Any, used: list[tuple[str, int]],
+                 memory: list[dict[str, Any]]) -> Any:
+    """Left: test accuracy per method at its equal-memory n_t; right: the peak memory each used
+    (the benchmark's row for that method and n_t on the tiny model, CPU)."""
+    from bgpo.paper import method_key
+
+    fig = interval_points(points, "method (n_t)", "equal memory budget: test accuracy", base, panels=2)
+    ax = fig.axes[1]
+    tiny = [r for r in memory if (r.get("model"), r.get("device")) == ("tiny", "cpu")]
+    peak = {(method_key(str(r["method"])), int(r["mc"])): r["peak_bytes"] / 2**20 for r in tiny
+            if not r.get("variant") and not r.get("oom")}
+    vals = [peak.get(u, float("nan")) for u in used]
+    ax.bar(range(len(vals)), vals, color=[COLORS.get(m, "C0") for m, _ in used])
+    ax.set_xticks(range(len(vals)), [name for name, _ in points], rotation=20, fontsize=7)
+    ax.set(ylabel="peak memory of the RL update (MiB)", title="memory each used (tiny, CPU benchmark)")
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    return fig
 
 
 def make_figures(runs: list[Any], memory: list[dict[str, Any]], variance: list[dict[str, Any]],
                  out: Path) -> str:
     """Draw every figure that has data into ``out``; return the README listing (Markdown)."""
     plt.rcParams.update({"svg.hashsalt": "bgpo", "font.size": 8})
-    mc_points, mc_base = _interval_series(runs, ("tiny_mc", "mc_ablation"), by_mc=True)
-    eq_points, eq_base = _interval_series(runs, ("tiny_equal_memory",), by_mc=False)
+    mc_points, mc_base, _ = _interval_series(runs, "tiny_mc", by_mc=True)
+    eq_points, eq_base, eq_used = _interval_series(runs, "tiny_equal_memory", by_mc=False)
     both, png = ("png", "pdf"), ("png",)
     made_from = {
         "memory_vs_mc": (bool(memory), "peak memory of one RL update against n_t (log2 axis), one line per "
@@ -227,7 +262,7 @@ def make_figures(runs: list[Any], memory: list[dict[str, Any]], variance: list[d
                             lambda: bench_vs_mc(memory, "step_time_s", "step time (s)", 1.0, False)),
         "validation_curves": (any(r.curve for r in runs),
                               "validation accuracy against RL step per method: each seed thin, the mean "
-                              "bold with its 95% t-interval over seeds; one panel per sweep and task",
+                              "bold, the seeds' range shaded; one panel per sweep and task",
                               "<results>/<sweep>/*/metrics.jsonl", both, lambda: validation_curves(runs)),
         "mc_ablation": (bool(mc_points), "BGPO's test accuracy (selected checkpoint, suite test set) against "
                         "n_t with 95% paired-bootstrap intervals; the base model dashed with its interval",
@@ -236,9 +271,11 @@ def make_figures(runs: list[Any], memory: list[dict[str, Any]], variance: list[d
                                                 "BGPO: accuracy against n_t", mc_base, logx=True,
                                                 xs=[float(k) for k, _ in mc_points])),
         "equal_memory": (bool(eq_points), "test accuracy (selected checkpoint, suite test set) of every "
-                         "method within one peak-memory budget, 95% intervals; labels give each method's n_t",
+                         "method within one peak-memory budget, 95% intervals, labels give each "
+                         "method's n_t; beside it the peak memory each used (benchmark row of that method "
+                         "and n_t)",
                          "results/tiny_equal_memory/*/eval_test.json", both,
-                         lambda: interval_points(eq_points, "method (n_t)", "equal memory budget", eq_base)),
+                         lambda: equal_memory(eq_points, eq_base, eq_used, memory)),
         "gradient_std_bias": (any(r.get("kind") in ("grad", "elbo_diff") for r in variance),
                               "gradient std and bias against n_t per method (BGPO Fig. 3) and the "
                               "variance of the ELBO-difference estimate", "results/bench/variance-*.jsonl",

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -118,7 +120,7 @@ def bounds(cell: str) -> tuple[float, float]:
 
 CD_OWN = "Countdown · suite test set · accuracy"
 CD_D1 = "Countdown · d1 test file · accuracy"
-GENERATED = {"tiny_repro", "mc_ablation", "bounds", "memory", "reported"}
+GENERATED = {"tiny_repro", "mc_ablation", "bounds", "memory", "reported", "claims", "compute"}
 
 
 def test_tables_regenerate_byte_identically(tree: tuple[Path, Path]) -> None:
@@ -263,3 +265,109 @@ def test_repository_tables_match_repository_results() -> None:
     results = REPO_ROOT / "results"
     assert paper.main(["--results", str(results), "--out", str(REPO_ROOT / "paper"), "--check"]) == 0, \
         "paper/tables/* are stale: run `nox -s reproduce_tables` and commit paper/"
+
+
+# ---- nothing destroyed, nothing trusted, one sentence (issue 23, items 5–7) --------------------
+def test_out_folders_it_did_not_make_are_never_touched(tree: tuple[Path, Path], capsys) -> None:
+    results, out = tree
+    for sub in ("tables", "figures"):  # --tables-only too: the marker it writes claims both
+        (out / sub).mkdir()
+        (out / sub / "notes.md").write_text("my own notes\n")
+        assert generate(results, out, "--tables-only") == 2
+        err = capsys.readouterr().err
+        assert err == (f"[bgpo.paper] --out {out}: {out / sub} is not an empty folder and there is no "
+                       f"{out / paper.MARKER} saying `python -m bgpo.paper` made it: nothing is replaced; "
+                       "choose another --out, or move it away\n")
+        assert [p.name for p in (out / sub).iterdir()] == ["notes.md"] and not (out / paper.MARKER).exists()
+        (out / sub / "notes.md").unlink()  # an empty folder is fine
+    assert generate(results, out, "--tables-only") == 0
+    assert (out / paper.MARKER).read_text() == paper.MARKER_TEXT  # from now on the folder is ours
+    (out / "tables" / "old.md").write_text("a table whose sweep is gone\n")
+    assert generate(results, out, "--tables-only") == 0 and not (out / "tables" / "old.md").exists()
+    (out / paper.MARKER).unlink()  # a folder made before the marker existed: refused too
+    assert generate(results, out, "--tables-only") == 2 and "no " in capsys.readouterr().err
+    new = out.parent / "new" / "paper"  # created, with the marker
+    assert generate(results, new, "--tables-only") == 0 and (new / paper.MARKER).is_file()
+    (tmp := out.parent / "a-file").write_text("x")
+    assert generate(results, tmp) == 2
+    assert capsys.readouterr().err == f"[bgpo.paper] --out {tmp} is a file, not a folder\n"
+    assert generate(results, tmp / "sub") == 2 and "cannot be created" in capsys.readouterr().err
+
+
+def test_repository_paper_folder_carries_the_marker() -> None:
+    """`python -m bgpo.paper` (default --out paper) may rewrite the committed paper/."""
+    assert (REPO_ROOT / "paper" / paper.MARKER).read_text() == paper.MARKER_TEXT
+    paper.check_out(REPO_ROOT / "paper")
+
+
+def test_command_line_refuses_an_out_folder_it_did_not_make(tree: tuple[Path, Path]) -> None:
+    results, out = tree
+    (out / "figures").mkdir()
+    (out / "figures" / "plot.png").write_bytes(b"mine")
+    p = subprocess.run([sys.executable, "-m", "bgpo.paper", "--results", str(results), "--out", str(out)],
+                       capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
+    assert p.returncode == 2 and p.stderr.startswith(f"[bgpo.paper] --out {out}: {out / 'figures'} is not")
+    assert p.stderr.count("\n") == 1 and (out / "figures" / "plot.png").read_bytes() == b"mine"
+
+
+@pytest.mark.parametrize("fault", ["summary", "seed", "config", "metrics", "eval_test", "bench", "reported",
+                                   "reported-layout"])
+def test_unreadable_inputs_are_one_sentence(fault: str, tree: tuple[Path, Path], capsys) -> None:
+    results, out = tree
+    run = results / "tiny_repro" / "bgpo-countdown-mc16-s0-fixture1both0.0001"
+    expected = {"summary": f"{run / 'summary.json'} is unreadable",
+                "seed": f"{run / 'summary.json'} is the summary of another run (seed=7 where the run's is 0)",
+                "config": f"{run / 'config.yaml'} is unreadable",
+                "metrics": f"{run / 'metrics.jsonl'}:3: not a JSON row (corrupt)",
+                "eval_test": f"{run / 'eval_test.json'} is unreadable",
+                "bench": f"{results / 'bench' / 'memory-cpu.jsonl'}:2: not a JSON row",
+                "reported": f"--reported {out / 'reported.yaml'} is unreadable",
+                "reported-layout": f"--reported {out / 'reported.yaml'}: wd1.gen_length lacks 256 or 512",
+                }[fault]
+    if fault == "seed":  # a summary replaced by another seed's
+        s = json.loads((run / "summary.json").read_text())
+        (run / "summary.json").write_text(json.dumps({**s, "seed": 7}))
+    elif fault == "metrics":
+        text = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
+        (run / "metrics.jsonl").write_text("".join(text[:2] + [text[2][:10] + "\n"] + text[3:]))
+    elif fault == "bench":
+        (results / "bench" / "memory-cpu.jsonl").write_text('{"method": "bgpo"}\n{"method": \n')
+    elif fault == "reported-layout":
+        rep = yaml.safe_load((out / "reported.yaml").read_text())
+        del rep["wd1"]["gen_length"][512]
+        (out / "reported.yaml").write_text(yaml.safe_dump(rep))
+    else:
+        file = {"summary": run / "summary.json", "config": run / "config.yaml",
+                "eval_test": run / "eval_test.json", "reported": out / "reported.yaml"}[fault]
+        file.write_text(file.read_text()[:40] + "\x00 [unclosed")
+    assert generate(results, out, "--tables-only") == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"[bgpo.paper] {expected}") and err.count("\n") == 1, err
+    assert not (out / "tables").exists()  # nothing written
+
+
+def test_command_line_gives_one_sentence_for_garbage_reported(tree: tuple[Path, Path]) -> None:
+    results, out = tree
+    garbage = out / "garbage.yaml"
+    garbage.write_text("table1: {rows: [1, 2\n")
+    p = subprocess.run([sys.executable, "-m", "bgpo.paper", "--results", str(results), "--out", str(out),
+                        "--reported", str(garbage), "--tables-only"], capture_output=True, text=True,
+                       cwd=REPO_ROOT, timeout=300)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.startswith(f"[bgpo.paper] --reported {garbage} is unreadable (")
+    assert p.stderr.count("\n") == 1
+
+
+def test_report_claims_section_is_the_generated_table(tmp_path: Path) -> None:
+    """REPORT.md's text between the claims markers is replaced by tables/claims.md's table, the rest
+    kept; a report without the markers is left alone."""
+    claims = "<!-- header -->\n## The paper's claims\n\n| Claim | Verdict |\n|---|---|\n| a | b |\n"
+    report = tmp_path / "REPORT.md"
+    report.write_text(f"# Report\n\nintro\n{paper.CLAIMS_BEGIN}\nold table\n{paper.CLAIMS_END}\n\nafter\n")
+    new = paper.with_claims(report, claims)
+    assert new == (f"# Report\n\nintro\n{paper.CLAIMS_BEGIN}\n| Claim | Verdict |\n|---|---|\n| a | b |\n"
+                   f"{paper.CLAIMS_END}\n\nafter\n")
+    assert paper.with_claims(report, claims) == paper.with_claims(report, claims)
+    report.write_text("# Report without markers\n")
+    assert paper.with_claims(report, claims) is None
+    assert paper.with_claims(tmp_path / "absent.md", claims) is None

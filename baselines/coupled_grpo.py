@@ -50,7 +50,7 @@ class CoupledGRPOConfig:
     elbo: ELBOConfig = field(default_factory=lambda: ELBOConfig(mode="complementary", level="time",
                                                                 window="eos", full_mask=True))
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # pragma: no mutate block (validation)
         check_common(self, "coupled_grpo")
         if self.elbo.mode != "complementary":
             raise ValueError(f"method.cfg.elbo.mode={self.elbo.mode!r} must be complementary (coupled_grpo)")

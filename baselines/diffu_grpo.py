@@ -37,7 +37,7 @@ class DiffuGRPOConfig:
     """A = r − mean_G r, no std normalisation (d1 §3)"""
     elbo: ELBOConfig = field(default_factory=lambda: ELBOConfig(mode="one_step", window="eos"))
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # pragma: no mutate block (validation)
         check_common(self, "diffu_grpo")
 
 

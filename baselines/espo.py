@@ -53,7 +53,7 @@ class ESPOConfig:
     elbo: ELBOConfig = field(default_factory=lambda: ELBOConfig(mode="complementary", level="count",
                                                                 stratified=True))
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # pragma: no mutate block (validation)
         check_common(self, "espo")
         if self.elbo.mode not in ("elbo", "complementary") or self.elbo.length_norm:
             raise ValueError(f"method.cfg.elbo.mode={self.elbo.mode!r} (length_norm={self.elbo.length_norm}) "

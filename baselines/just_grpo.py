@@ -56,7 +56,7 @@ class JustGRPOConfig:
     """A = (r − mean_G r)/std_G r (code)"""
     elbo: ELBOConfig = field(default_factory=lambda: ELBOConfig(mode="ar", window="full"))
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # pragma: no mutate block (validation)
         check_common(self, "just_grpo")
         if self.elbo.mode != "ar" or self.elbo.length_norm:
             raise ValueError(f"method.cfg.elbo.mode={self.elbo.mode!r} must be ar, without length_norm "

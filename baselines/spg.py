@@ -54,7 +54,7 @@ class SPGConfig:
     """A = r − mean_g r (eq. 4)"""
     elbo: ELBOConfig = field(default_factory=lambda: ELBOConfig(mode="block", level="count", p_prompt=0.15))
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # pragma: no mutate block (validation)
         check_common(self, "spg")
         if not self.eubo_beta > 0:
             raise ValueError(f"method.cfg.eubo_beta={self.eubo_beta} must be > 0 (spg)")

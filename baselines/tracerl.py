@@ -64,7 +64,7 @@ class TraceRLConfig:
     """A = (r − mean_G r)/std_G r (code)"""
     elbo: ELBOConfig = field(default_factory=lambda: ELBOConfig(mode="trajectory", window="eos"))
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # pragma: no mutate block (validation)
         check_common(self, "tracerl")
         b = self.beta_old
         if isinstance(b, bool) or not isinstance(b, (int, float)) or not b >= 0:

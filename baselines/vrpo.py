@@ -50,7 +50,7 @@ class VRPOConfig:
     t ~ U(0,1] with weight 1/t is elbo.level=time; paper/NOTES.md gives the measurement) — and
     shared across each prompt's group (elbo.group_shared)"""
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # pragma: no mutate block (validation)
         check_common(self, "vrpo")
 
 

@@ -34,7 +34,7 @@ class WD1Config:
     """A = r − mean_G r, no std normalisation (wd1 §3)"""
     elbo: ELBOConfig = field(default_factory=lambda: ELBOConfig(mode="one_step", window="eos"))
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # pragma: no mutate block (validation)
         check_common(self, "wd1")
 
 

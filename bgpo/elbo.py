@@ -92,7 +92,7 @@ class ELBOConfig:
             return 2 * n_t + int(self.full_mask)
         return n_t
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # pragma: no mutate block (validation)
         for key, val, allowed in (("mode", self.mode, MODES),
                                   ("level", self.level, ("count", "time")),
                                   ("window", self.window, ("full", "eos"))):

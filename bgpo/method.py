@@ -142,7 +142,7 @@ ESTIMATORS = {"bgpo": ("elbo", "complementary", "block"), "vrpo": ("elbo", "comp
               "tracerl": ("trajectory",), "just_grpo": ("ar",)}
 
 
-def reference(c: object, ref: R) -> R:
+def reference(c: object, ref: R) -> R:  # pragma: no mutate block (validation)
     """``ref`` for a method whose KL term needs it (``beta`` > 0): one sentence, not an error deep in
     the estimator, when a method is built with a KL coefficient and no reference model."""
     beta = getattr(c, "beta", 0.0)
@@ -152,7 +152,7 @@ def reference(c: object, ref: R) -> R:
     return ref
 
 
-def check_common(c: object, name: str) -> None:
+def check_common(c: object, name: str) -> None:  # pragma: no mutate block (validation)
     """Range checks shared by the method configs (``method.cfg.<key>``), at construction time."""
     elbo = getattr(c, "elbo", None)
     if elbo is not None and name in ESTIMATORS and elbo.mode not in ESTIMATORS[name]:

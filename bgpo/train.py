@@ -36,12 +36,18 @@ from bgpo.results import (
 log = logging.getLogger("bgpo.train")  # not __name__, which is "__main__" under python -m
 
 
+def resolved_config(cfg: DictConfig) -> dict:
+    """``cfg`` validated (before any model is built), with the architecture keys of the base model
+    that is really trained, as a plain dict: what the run key and ``config.yaml`` are made of."""
+    validate_train(cfg)
+    for key, value in base_architecture(cfg.task.name, cfg.model).items():
+        cfg.model[key] = value
+    return to_container(cfg)
+
+
 def run(cfg: DictConfig) -> dict:
     """Validate, then train in the results store (skip when complete). Used by train and sweep."""
-    validate_train(cfg)  # before any model is built
-    for key, value in base_architecture(cfg.task.name, cfg.model).items():
-        cfg.model[key] = value  # the config records the architecture that is really trained
-    resolved = to_container(cfg)
+    resolved = resolved_config(cfg)
     if cfg.validate_only:
         return validated(resolved)
     if cfg.threads:

@@ -38,8 +38,6 @@ from omegaconf import DictConfig
 from bgpo.config import build_method, task_args, to_container
 from bgpo.evaluation import SELECTION, best_row, better, evaluate_on, has_validation, test_sources
 from bgpo.loggers import Tracker, nested
-from bgpo.method import backward as method_backward
-from bgpo.method import informative, minibatch
 from bgpo.model import DLLM, apply_lora, apply_precision, enable_activation_checkpointing, load_dllm
 from bgpo.parallel import Dist
 from bgpo.pretrain import ensure_base_model, pick_device
@@ -57,17 +55,9 @@ from bgpo.results import (
 )
 from bgpo.rollout import rollout
 from bgpo.tasks import get_task
+from bgpo.update import advantages, update
 
 log = logging.getLogger(__name__)
-
-
-def advantages(rewards: torch.Tensor, G: int, std_norm: bool) -> torch.Tensor:
-    """Group advantages (docs/methods.md §3): ``r − mean_G r``, divided by ``std_G r`` when ``std_norm``."""
-    r = rewards.view(-1, G)  # [n_prompts, G]
-    a = r - r.mean(-1, keepdim=True)
-    if std_norm:
-        a = a / (r.std(-1, keepdim=True) + 1e-4)
-    return a.flatten()  # [B]
 
 
 def shard_generator(seed: int, step: int, shard: int, device: str) -> torch.Generator:
@@ -200,32 +190,12 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             work.append((ro.batch, adv, method.prepare(policy, ro.batch, mu, g)))
             rewards += ro.rewards.tolist()
             lengths += (ro.batch.completion != policy.eos_token_id).sum(-1).tolist()
-        # method.backward: μ optimizer steps per rollout batch (at most one of the two keys is > 1):
-        # the paper's off-policy mini-batches (BGPO §4) or d1's inner iterations over the whole batch
-        stats: dict[str, float] = {}
-        norms = []
-        for it in range(mu):
-            grads = dist.grad_sum(params)  # zeroes p.grad
-            loss = 0.0
-            for batch, adv, prep in work:
-                if cfg.minibatches > 1:  # mini-batch `it`: its prompt groups, each sample used once
-                    batch, adv, prep = minibatch(batch, adv, prep, it, cfg.minibatches)
-                share = 1.0
-                if skip_flat:  # groups of equal rewards add nothing to this loss: skip their passes
-                    batch, adv, prep, share = informative(batch, adv, prep)
-                # the method returns each chunk's loss; backward per chunk (BGPO's memory floor)
-                if share > 0:
-                    for k, v in method_backward(method, policy, batch, adv, prep, it, share).items():
-                        stats[k] = stats.get(k, 0.0) + v / (len(work) * mu)
-                        loss += v if k == "loss" else 0.0
-                grads.add_shard()
-            grads.reduce(shards)  # mean over all shards of all processes, in p.grad
-            norms.append(dist.grad_norm(params, cfg.grad_clip))
-            if not math.isfinite(norms[-1]):  # the same on every rank: all stop, none steps
-                bad = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", norms[-1])
-                raise _stop(previous, tracker, NonFinite(step + 1, *bad, saved))
-            opt.step()
-            sched.step()
+        # μ optimizer steps per rollout batch: BGPO §4's mini-batches or d1's inner updates
+        stats, norms, bad = update(method, policy, work, minibatches=cfg.minibatches, mu=mu,
+                                   skip_flat=skip_flat, shards=shards, dist=dist, params=params, opt=opt,
+                                   sched=sched, grad_clip=cfg.grad_clip)
+        if bad is not None:
+            raise _stop(previous, tracker, NonFinite(step + 1, *bad, saved))
         grad_norm = sum(norms) / len(norms)
         rewards, lengths = dist.gather(rewards), dist.gather(lengths)
         # every rank computes the same number of shards; each checks its own parameters (shard)

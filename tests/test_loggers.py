@@ -147,8 +147,9 @@ def test_a_fresh_start_starts_new_logs(base_model, tmp_path):
     """Start 0 (no checkpoint) removes an earlier attempt's logs, as it starts a new metrics.jsonl."""
     cfg = cfg_of(base_model, tmp_path, "method=wd1", "steps=1", "logger.backends=[tensorboard]")
     from bgpo.results import run_dir_of
+    from bgpo.train import resolved_config
 
-    stale = run_dir_of(to_container(cfg)) / "tb" / "events.out.tfevents.0.stale"
+    stale = run_dir_of(resolved_config(cfg)) / "tb" / "events.out.tfevents.0.stale"
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"")
     run(cfg)

@@ -20,7 +20,7 @@ import torch
 
 import bgpo.results
 import bgpo.train
-import bgpo.trainer as trainer
+import bgpo.update
 from bgpo.config import ConfigError, to_container
 from bgpo.results import (
     COMPLETE_FIELDS,
@@ -148,7 +148,7 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_or_restarts(which, refere
 def poison_at(monkeypatch, step: int, what: str) -> None:
     """At RL step ``step``: a NaN loss (and gradients), or a NaN parameter after the update."""
     calls = {"backward": 0, "opt": 0}
-    real_backward, real_step = trainer.method_backward, torch.optim.AdamW.step
+    real_backward, real_step = bgpo.update.method_backward, torch.optim.AdamW.step
 
     def backward(method, policy, *args):
         stats = real_backward(method, policy, *args)
@@ -168,7 +168,7 @@ def poison_at(monkeypatch, step: int, what: str) -> None:
                 self.param_groups[0]["params"][-1].fill_(math.inf)
         return out
 
-    monkeypatch.setattr(trainer, "method_backward", backward)
+    monkeypatch.setattr(bgpo.update, "method_backward", backward)
     monkeypatch.setattr(torch.optim.AdamW, "step", opt_step)
 
 

@@ -9,6 +9,7 @@ import torch
 from hydra import compose, initialize_config_module
 
 import bgpo.trainer as trainer
+import bgpo.update
 import tests.toy_task  # noqa: F401  (registers the toy task)
 from bgpo.config import register
 from bgpo.train import run
@@ -115,11 +116,11 @@ def test_lora_trains_only_adapters(base_model, tmp_path):
 
 def test_a_run_being_trained_elsewhere_is_skipped(base_model, tmp_path):
     """Two sweeps over the same runs never write the same files: the second skips a locked run."""
-    from bgpo.config import to_container
     from bgpo.results import run_dir_of, run_lock
+    from bgpo.train import resolved_config
 
     cfg = cfg_of(base_model, tmp_path, "method=wd1")
-    path = run_dir_of(to_container(cfg))
+    path = run_dir_of(resolved_config(cfg))  # the micro base's architecture, as run() records it
     with run_lock(path) as mine:
         assert mine
         assert run(cfg) == {"run": path.name, "skipped": "locked"}
@@ -133,7 +134,8 @@ def test_off_policy_minibatches_take_one_step_per_minibatch(base_model, tmp_path
     θ_old statistics (computed once, on the rollout policy) present for both."""
     seen: list[tuple[int, torch.Tensor, bool]] = []
     n_steps = {"n": 0}
-    real_backward, real_step, real_rollout = trainer.method_backward, torch.optim.AdamW.step, trainer.rollout
+    real_backward, real_step = bgpo.update.method_backward, torch.optim.AdamW.step
+    real_rollout = trainer.rollout
     full: list[torch.Tensor] = []
 
     def spy_rollout(*a, **k):
@@ -149,7 +151,7 @@ def test_off_policy_minibatches_take_one_step_per_minibatch(base_model, tmp_path
         n_steps["n"] += 1
         return real_step(self, *a, **k)
 
-    monkeypatch.setattr(trainer, "method_backward", spy_backward)
+    monkeypatch.setattr(bgpo.update, "method_backward", spy_backward)
     monkeypatch.setattr(torch.optim.AdamW, "step", spy_step)
     monkeypatch.setattr(trainer, "rollout", spy_rollout)
     run(cfg_of(base_model, tmp_path, "method=bgpo", "minibatches=2", "prompts_per_step=4", "steps=2",

@@ -37,6 +37,7 @@ from hydra import compose, initialize_config_module
 from torch import Tensor
 
 import bgpo.trainer as trainer
+import bgpo.update
 import tests.toy_task  # noqa: F401  (registers the toy task)
 from baselines.diffu_grpo import DiffuGRPO
 from bgpo.config import register, validate_train
@@ -122,7 +123,7 @@ def drive(monkeypatch: pytest.MonkeyPatch, tmp: Path, method_cls: type, rollouts
         return Rollouts(batch, [""] * batch.input_ids.shape[0], rewards.clone())
 
     real_adv, real_prepare = trainer.advantages, method_cls.prepare
-    real_backward, real_minibatch = trainer.method_backward, trainer.minibatch
+    real_backward, real_minibatch = bgpo.update.method_backward, bgpo.update.minibatch
     real_step = torch.optim.AdamW.step
 
     def spy_adv(rewards: Tensor, G: int, std: bool) -> Tensor:
@@ -156,8 +157,8 @@ def drive(monkeypatch: pytest.MonkeyPatch, tmp: Path, method_cls: type, rollouts
     monkeypatch.setattr(trainer, "rollout", fake_rollout)
     monkeypatch.setattr(trainer, "advantages", spy_adv)
     monkeypatch.setattr(method_cls, "prepare", spy_prepare)
-    monkeypatch.setattr(trainer, "method_backward", spy_backward)
-    monkeypatch.setattr(trainer, "minibatch", spy_minibatch)
+    monkeypatch.setattr(bgpo.update, "method_backward", spy_backward)
+    monkeypatch.setattr(bgpo.update, "minibatch", spy_minibatch)
     monkeypatch.setattr(torch.optim.AdamW, "step", spy_step)
     run_dir = tmp / "run"
     run_dir.mkdir(parents=True)

@@ -207,7 +207,9 @@ class TrainConfig:
     """units of rollout randomness per step (default: the number of processes)"""
     parallel: str = "ddp"
     """multi-process layout: ddp (whole model per rank, one all-reduce per step) or fsdp (FSDP2)"""
-    results_dir: str = "results"
+    results_dir: str = "runs"
+    """where run folders go: runs/ (git-ignored) unless a preset that makes committed results names
+    results/<sweep> itself (sweeps/tiny_*.yaml, paper_*.yaml)"""
     run_dir: str | None = None
     """explicit run folder (default: results_dir/<method>-<task>-mc<mc>-s<seed>-<hash>)"""
     device: str = "auto"

@@ -122,3 +122,21 @@ def test_minibatches_are_checked_against_the_processes_torchrun_starts(monkeypat
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="minibatches=2 must divide"):
         validate_train(cfg)
+
+
+def test_user_runs_stay_out_of_the_committed_store():
+    """With the defaults, runs (and Hydra's folders) go to runs/, which git ignores; only presets
+    that make committed results write into results/."""
+    import subprocess
+
+    cfg = cfg_of()
+    assert cfg.results_dir == "runs"
+    root = CONF.parents[1]
+    probe = "runs/bgpo-countdown-mc8-s0-0123456789/summary.json"
+    ignored = subprocess.run(["git", "check-ignore", "-q", probe], cwd=root)
+    if ignored.returncode == 128:
+        pytest.skip("not a git checkout")
+    assert ignored.returncode == 0, "runs/ is not git-ignored"
+    for preset in PRESETS:
+        text = (root / "sweeps" / f"{preset}.yaml").read_text()
+        assert "results_dir:" in text, f"sweeps/{preset}.yaml must name its results folder"

@@ -106,7 +106,9 @@ class HumanEvalTask:
         """The sandbox job of a completion (see the module docstring)."""
         code, prompt, entry = extract_code(completion), ex.fields["prompt"], ex.fields["entry_point"]
         closed = prompt.rstrip() + "\n    pass\n\n"  # the prompt's imports and helpers, a stub entry
-        head = closed if re.search(rf"^\s*def\s+{re.escape(entry)}\s*\(", code, re.MULTILINE) else prompt
+        # [ \t], not \s: "^\s*" would rescan every run of newlines from each line start (quadratic)
+        defines = re.search(rf"^[ \t]*def[ \t]+{re.escape(entry)}[ \t]*\(", code, re.MULTILINE)
+        head = closed if defines else prompt
         try:
             compile(closed, "<prompt>", "exec", dont_inherit=True)
         except SyntaxError:  # a prompt that is not a function header + docstring: no trusted helpers

@@ -15,6 +15,7 @@ sandboxes, default ``$BGPO_SANDBOX_WORKERS`` or min(8, CPUs)), each completion o
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -98,9 +99,14 @@ class MBPPTask:
         return d1_completion("A direct implementation.", f"```python\n{ex.solution.strip()}\n```")
 
     def job(self, ex: Example, completion: str) -> CodeJob:
-        """The sandbox job: the setup (trusted), the extracted code, then every test assert."""
-        return CodeJob(program=extract_code(completion), tests="\n".join([*ex.fields["tests"], ""]),
-                       setup=ex.fields["setup"])
+        """The sandbox job: the setup (trusted), the extracted code, then every test assert. Its
+        entry points are the functions the reference code defines and the tests use: the sandbox
+        lets a program name that shadows a builtin (MBPP/126's ``sum``) reach the tests only then."""
+        tests = ex.fields["tests"]
+        defined = re.findall(r"^(?:def|class)\s+(\w+)", ex.solution or "", re.MULTILINE)
+        used = set(re.findall(r"[A-Za-z_]\w*", "\n".join(tests)))
+        return CodeJob(program=extract_code(completion), tests="\n".join([*tests, ""]),
+                       setup=ex.fields["setup"], entry=tuple(sorted(set(defined) & used)))
 
     def scores(self, examples: Sequence[Example], completions: Sequence[str], fmt: Format) -> list[Score]:
         """Reward and correctness of a batch, each completion run once, in parallel."""

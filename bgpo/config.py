@@ -116,12 +116,13 @@ class LoggerConf:
     log_every: int = 10
     """an INFO line (job log, console) every this many steps and at every evaluation; pretraining
     sends its loss (the mean over these steps) to the trackers this often"""
-    project: str = "bgpo"
-    """W&B project"""
+    project: str | None = None
+    """W&B project (None: $WANDB_PROJECT, else bgpo)"""
     entity: str | None = None
-    """W&B entity (team or user; None: your default)"""
-    wandb_mode: str = "offline"
-    """offline (nothing leaves the machine; `wandb sync` uploads later) or online"""
+    """W&B entity (team or user; None: $WANDB_ENTITY, else your default)"""
+    wandb_mode: str | None = None
+    """offline (nothing leaves the machine; `wandb sync` uploads later), online or disabled (None:
+    $WANDB_MODE, else offline); the logs go to $WANDB_DIR when set, else the run folder"""
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Metric trackers: TensorBoard and Weights & Biases beside ``metrics.jsonl`` (``logger.*``).
 
-    python -m bgpo.train 'logger.backends=[tensorboard,wandb]'   # W&B offline unless logger.wandb_mode=online
+    python -m bgpo.train 'logger.backends=[tensorboard,wandb]'   # W&B: $WANDB_MODE, else offline
     tensorboard --logdir results/                                 # every run's <run_dir>/tb/
     wandb sync results/<run>/wandb/offline-run-*                  # upload an offline run later
 
@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
+import os
 import shutil
 import weakref
 from collections.abc import Mapping
@@ -40,7 +41,16 @@ from omegaconf import DictConfig
 
 from bgpo.config import LoggerConf
 
-WANDB_MODES = ("offline", "online")
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+def wandb_settings(conf: LoggerConf | DictConfig, root: Path) -> dict[str, str]:
+    """W&B's own environment conventions unless a ``logger.*`` key is set: ``logger.project``, else
+    ``$WANDB_PROJECT``, else bgpo; ``logger.wandb_mode``, else ``$WANDB_MODE``, else offline; the
+    logs in ``$WANDB_DIR`` when set, else the run folder."""
+    return {"project": conf.project or os.environ.get("WANDB_PROJECT") or "bgpo",
+            "mode": conf.wandb_mode or os.environ.get("WANDB_MODE") or "offline",
+            "dir": os.environ.get("WANDB_DIR") or str(root)}
 # the INFO line's keys, in this order, when the row has them (trainer and pretraining rows)
 LINE_KEYS = ("reward", "loss", "kl", "grad_norm", "val/accuracy", "val/reward", "time/step_s")
 # TensorBoard's HPARAMS tab: the metrics shown beside each run's config (absent ones stay empty)
@@ -93,10 +103,9 @@ class WandB:
 
         run_id = None if start is None else wandb_id(root)
         # console="off": the job log already records the console; W&B's stdout wrapper is not needed
-        self.run = wandb.init(project=conf.project, entity=conf.entity, name=name, id=run_id,
-                              resume="allow" if run_id else None, dir=str(root), config=config,
-                              mode=conf.wandb_mode, reinit="finish_previous",
-                              settings=wandb.Settings(console="off"))
+        self.run = wandb.init(entity=conf.entity, name=name, id=run_id, resume="allow" if run_id else None,
+                              config=config, reinit="finish_previous", settings=wandb.Settings(console="off"),
+                              **wandb_settings(conf, root))
 
     def log(self, scalars: dict[str, float], step: int) -> None:
         self.run.log(scalars, step=step)
@@ -122,8 +131,10 @@ def validate(conf: LoggerConf | DictConfig) -> None:
         if importlib.util.find_spec(package) is None:
             raise ValueError(f"logger.backends: {name} needs the {package} package, which is not "
                              "installed: pip install 'bgpo-suite[track]'")
-    if conf.wandb_mode not in WANDB_MODES:
-        raise ValueError(f"logger.wandb_mode={conf.wandb_mode!r} is not one of {list(WANDB_MODES)}")
+    mode = wandb_settings(conf, Path("."))["mode"]
+    if mode not in WANDB_MODES:
+        where = "logger.wandb_mode" if conf.wandb_mode else "$WANDB_MODE"
+        raise ValueError(f"{where}={mode!r} is not one of {list(WANDB_MODES)}")
     if conf.log_every < 1:
         raise ValueError(f"logger.log_every={conf.log_every} must be >= 1")
 
@@ -163,9 +174,11 @@ class Tracker:
         if start:
             tracker.logger.info("resuming after step %d (its checkpoint)", start)
         if names:
-            tracker.logger.info("%s: metrics also go to %s (logs in its folder: %s)", name, ", ".join(
-                f"{n} ({conf.wandb_mode})" if n == "wandb" else n for n in names),
-                ", ".join(f"{'tb' if n == 'tensorboard' else n}/" for n in names))
+            w = wandb_settings(conf, root)
+            tracker.logger.info("%s: metrics also go to %s (logs in %s)", name, ", ".join(
+                f"{n} ({w['mode']})" if n == "wandb" else n for n in names),
+                ", ".join(str(root / "tb" if n == "tensorboard" else Path(w["dir"]) / "wandb")
+                          for n in names))
         return tracker
 
     def log(self, row: Mapping[str, Any]) -> None:

@@ -179,8 +179,8 @@ def test_cli_job_log_and_wandb_offline_hold_the_run(base_model, tmp_path):
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONPATH": path,
            "BGPO_TASK_MODULES": "tests.toy_task", "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline",
-           "WANDB_DIR": str(wb), "WANDB_CONFIG_DIR": str(wb), "WANDB_CACHE_DIR": str(wb),
-           "WANDB_DATA_DIR": str(wb)}
+           "WANDB_CONFIG_DIR": str(wb), "WANDB_CACHE_DIR": str(wb), "WANDB_DATA_DIR": str(wb)}
+    env.pop("WANDB_DIR", None)  # the logs go to $WANDB_DIR when set, else the run folder
     cmd = [sys.executable, "-m", "bgpo.train", f"model.path={base_model}", f"results_dir={results}",
            "steps=3", "prompts_per_step=2", "group_size=3", "eval_n=4", "eval_every=2", "progress=false",
            "mc=2", "task.name=toy", "task.gen_length=8", "task.block_length=4", "task.diffusion_steps=4",
@@ -220,3 +220,34 @@ def test_cli_job_log_and_wandb_offline_hold_the_run(base_model, tmp_path):
     tests = json.loads((run_dir / "eval_test.json").read_text())
     assert history[0]["test/own/accuracy"] == pytest.approx(tests["base"]["own"]["accuracy"])
     assert history[3]["test/own/accuracy"] == pytest.approx(tests["final"]["own"]["accuracy"])
+
+
+# ---- W&B follows its own environment conventions unless a logger.* key is set (issue 26) -------
+def test_wandb_follows_its_environment_unless_a_key_is_set(tmp_path, monkeypatch):
+    conf = cfg_of(tmp_path, tmp_path).logger
+    for var in ("WANDB_MODE", "WANDB_PROJECT", "WANDB_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    defaults = {"project": "bgpo", "mode": "offline", "dir": str(tmp_path)}
+    assert loggers.wandb_settings(conf, tmp_path) == defaults
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setenv("WANDB_PROJECT", "theirs")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "elsewhere"))
+    assert loggers.wandb_settings(conf, tmp_path) == {"project": "theirs", "mode": "disabled",
+                                                      "dir": str(tmp_path / "elsewhere")}
+    keys = cfg_of(tmp_path, tmp_path, "logger.project=mine", "logger.wandb_mode=offline").logger
+    assert loggers.wandb_settings(keys, tmp_path)["project"] == "mine"
+    assert loggers.wandb_settings(keys, tmp_path)["mode"] == "offline"
+    monkeypatch.setenv("WANDB_MODE", "cloud")
+    with pytest.raises(ValueError, match=r"\$WANDB_MODE='cloud' is not one of"):
+        loggers.validate(conf)
+
+
+def test_wandb_mode_disabled_writes_nothing(base_model, tmp_path, monkeypatch):
+    """WANDB_MODE=disabled (the W&B convention) turns the W&B backend off: the run trains, no
+    wandb/ folder is written."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    cfg = cfg_of(base_model, tmp_path, "method=wd1", "steps=1", "logger.backends=[wandb]")
+    summary = run(cfg)
+    run_dir = tmp_path / summary["run"]
+    assert (run_dir / "summary.json").exists() and not any((run_dir / "wandb").glob("*run-*"))

@@ -59,13 +59,51 @@ class Validate(Callback):
         # a local launcher runs the jobs on this machine: their device must exist here (a Slurm job's
         # is checked on its node, by bgpo.train.run, before a model is built)
         here = "slurm" not in str(config.hydra.launcher.get("_target_", "")).lower()
+        plans = []
         for overrides in sweep_jobs(config):
             try:
-                validate_train(compose(config_name="sweep", overrides=overrides), here=here)
+                cfg = compose(config_name="sweep", overrides=overrides)
+                validate_train(cfg, here=here)
+                plans.append((overrides, plan(cfg)))
             except ConfigError as e:  # SystemExit: Hydra turns a callback's exceptions into warnings
                 job = " ".join(overrides)
                 print(f"[bgpo.sweep] nothing launched; bad job {job}: {e}", file=sys.stderr)
                 raise SystemExit(2) from None
+        report_plan(plans)
+
+
+def plan(cfg: DictConfig) -> dict[str, Any]:
+    """One job's plan, nothing built: its run folder and state, its base model (shipped, cached, or
+    pretrained first), and its time estimated from the committed runs' measured wall time."""
+    from bgpo.pretrain import base_model_path
+    from bgpo.train import measured_minutes, resolved_config, run_state
+
+    resolved = resolved_config(cfg)
+    path, state, _ = run_state(resolved)
+    base = base_model_path(cfg.task.name, cfg.model)
+    base_note = ("" if cfg.model.kind != "tiny" or base is None or (base / "config.json").exists()
+                 else "pretrains its base model first")
+    est = measured_minutes(resolved) if state in ("new", "resumes") else None
+    return {"run_dir": path, "state": state, "base": base_note, "minutes": est}
+
+
+def report_plan(plans: list[tuple[list[str], dict[str, Any]]]) -> None:
+    """Before anything launches: each job's folder, state, base model and estimated time."""
+    todo = [p for _, p in plans if p["state"] in ("new", "resumes")]
+    known = [p["minutes"][0] for p in todo if p["minutes"]]
+    log.info(f"[bgpo.sweep] plan: {len(plans)} jobs, {len(todo)} to train, "
+             f"{sum(p['state'] == 'complete' for _, p in plans)} complete (skipped), "
+             f"{sum(p['state'] == 'failed' for _, p in plans)} failed (retry_failed=true retries)")
+    for overrides, p in plans:
+        est = (f", ~{p['minutes'][0]:.0f} min of one thread (median of {p['minutes'][1]} committed runs)"
+               if p["minutes"] else ", time unknown (no committed run of this method, task and model)"
+               if p["state"] in ("new", "resumes") else "")
+        base = f", {p['base']}" if p["base"] else ""
+        log.info(f"  {' '.join(o for o in overrides if not o.startswith('+sweeps='))}: {p['run_dir']} "
+                 f"({p['state']}{base}{est})")
+    if known:
+        log.info(f"[bgpo.sweep] estimated: {sum(known):.0f} min of one thread for the {len(known)} jobs "
+                 f"with committed runs to go by")
 
 
 class Report(Callback):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -113,10 +114,10 @@ def test_line(summary: dict) -> str:
     return line
 
 
-def validated(resolved: dict[str, Any]) -> dict[str, Any]:
-    """``validate_only=true``: print "ok", the run folder the run would use and its state; nothing
-    is built. When the tiny base model is not built yet the folder is provisional: its hash
-    completes the run key, and validation never pretrains."""
+def run_state(resolved: dict[str, Any]) -> tuple[str, str, str]:
+    """(run folder, state: new | resumes | complete | failed, a note): what a start would do with
+    ``resolved``, nothing built. When the tiny base model is not built yet the folder is
+    provisional: its hash completes the run key, and nothing here pretrains."""
     from bgpo.results import check_stored_config, read_summary, run_name
 
     try:
@@ -125,16 +126,51 @@ def validated(resolved: dict[str, Any]) -> dict[str, Any]:
         note = f" (provisional: {e}; the first run pretrains it and its hash completes the run key)"
         if not resolved.get("run_dir"):
             name = run_name({**resolved, "base_model": {}}).rsplit("-", 1)[0] + "-<hash>"
-            log.info(f"ok: run folder {resolved['results_dir']}/{name} (new){note}")
-            return {"ok": True, "run_dir": None, "state": "new"}
+            return f"{resolved['results_dir']}/{name}", "new", note
     path = run_dir_of(resolved)
     if "base_model" in resolved:
         check_stored_config(path, resolved)
     state = ("complete" if read_summary(path, resolved, write=False) is not None
              else "failed" if read_failure(path) is not None
              else "resumes" if (path / "checkpoints").exists() else "new")
+    return str(path), state, note
+
+
+def validated(resolved: dict[str, Any]) -> dict[str, Any]:
+    """``validate_only=true``: print "ok", the run folder the run would use and its state."""
+    path, state, note = run_state(resolved)
     log.info(f"ok: run folder {path} ({state}){note}")
-    return {"ok": True, "run_dir": str(path), "state": state}
+    return {"ok": True, "run_dir": None if "<hash>" in path else path, "state": state}
+
+
+def measured_minutes(resolved: dict[str, Any], store: Path = Path("results")) -> tuple[float, int] | None:
+    """(median one-thread minutes, number of runs) of the committed runs of the same method, task,
+    model kind and generation length (and n_t, when such runs exist), scaled to this run's steps;
+    None when there are none."""
+    import json
+    import statistics
+
+    import yaml
+
+    per_step = []
+    for summary in store.glob("*/*/summary.json"):
+        try:
+            s = json.loads(summary.read_text())
+            c = yaml.safe_load((summary.parent / "config.yaml").read_text())
+        except (OSError, ValueError, yaml.YAMLError):
+            continue
+        same = (c.get("method", {}).get("_target_") == resolved["method"]["_target_"]
+                and c.get("task", {}).get("name") == resolved["task"]["name"]
+                and c.get("task", {}).get("gen_length") == resolved["task"]["gen_length"]
+                and c.get("model", {}).get("kind") == resolved["model"]["kind"])
+        if same and not s.get("resumed_at") and isinstance(s.get("wall_s_this_session"), (int, float)):
+            per_step.append((c.get("mc") == resolved["mc"],
+                             s["wall_s_this_session"] / 60 / max(int(s.get("steps", 1)), 1)))
+    same_mc = [m for same, m in per_step if same]
+    chosen = same_mc or [m for _, m in per_step]
+    if not chosen:
+        return None
+    return statistics.median(chosen) * int(resolved["steps"]), len(chosen)
 
 
 register()

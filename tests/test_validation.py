@@ -504,3 +504,22 @@ def test_the_bad_settings_document_lists_every_probe(tmp_path):
     assert listed == expected, "docs/bad_settings.md is stale: run python -m tests.bad_settings"
     assert len(rows) >= 180
     assert {r[3] for r in rows} <= {"rejected", "hydra"}, "a probe was accepted or ended in a traceback"
+
+
+def test_the_sweep_says_what_each_job_will_do_before_it_launches(no_model, caplog):
+    """The pre-launch plan (issue 26): each job's run folder and state, and a time estimated from
+    the committed runs; nothing built."""
+    import logging
+
+    from omegaconf import open_dict
+
+    caplog.set_level(logging.INFO, logger="bgpo.sweep")
+    with initialize_config_module("bgpo.conf", version_base="1.3"):
+        config = compose("sweep", overrides=["+sweeps=tiny_quick"], return_hydra_config=True)
+        with open_dict(config):  # what `-m +sweeps=tiny_quick seed=0,3` puts there
+            config.hydra.overrides.task = ["+sweeps=tiny_quick", "seed=0,3"]
+        Validate().on_multirun_start(config)
+    text = caplog.text
+    assert "plan: 4 jobs, 2 to train, 2 complete (skipped)" in text
+    assert "bgpo-countdown-mc16-s0-" in text and "(complete)" in text
+    assert "(new, ~" in text and "min of one thread (median of" in text

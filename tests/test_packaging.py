@@ -9,6 +9,7 @@ import importlib.util
 import re
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -106,3 +107,33 @@ def test_nox_lint_passes():
     lint = subprocess.run([sys.executable, "-m", "nox", "-s", "lint"], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
     assert lint.returncode == 0, (lint.stdout + lint.stderr)[-4000:]
+
+
+# ---- presets in the wheel, console scripts, --help (issue 26) -------------------------------------
+SCRIPTS = {"bgpo-train": "bgpo.train:main", "bgpo-sweep": "bgpo.sweep:main",
+           "bgpo-pretrain": "bgpo.pretrain:main", "bgpo-eval": "bgpo.evaluate:main",
+           "bgpo-export": "bgpo.export:main", "bgpo-paper": "bgpo.paper:main",
+           "bgpo-lm-eval": "bgpo.lm_eval_cli:main"}
+
+
+def test_help_lists_the_suite_s_groups_only():
+    out = subprocess.run([sys.executable, "-m", "bgpo.train", "--help"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120).stdout
+    groups = re.findall(r"^(\w+): ", out.split("== Config ==")[0], re.M)
+    assert groups == ["method", "model", "sweeps", "task"], out[:800]
+
+
+def test_the_wheel_ships_the_presets_and_the_console_scripts(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps",
+                           "--no-build-isolation", "-q", "-w", str(tmp_path)], capture_output=True, text=True,
+                          timeout=600)
+    if proc.returncode != 0:
+        pytest.skip(f"pip wheel could not build here: {proc.stderr[-300:]}")
+    (wheel,) = tmp_path.glob("bgpo_suite-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    presets = {Path(n).name for n in names if n.startswith("bgpo/presets/sweeps/")}
+    assert presets == {p.name for p in (ROOT / "sweeps").glob("*.yaml")}
+    entry = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    for script, target in SCRIPTS.items():
+        assert f"{script} = {target}" in entry
+    assert not any(n.startswith(("results/", "paper/", "tests/")) for n in names)

@@ -11,7 +11,10 @@
   ``method.loss(...)`` gives ``(loss, stats)``; backward per chunk keeps BGPO's memory flat):
   ``BGPO``, ``VRPO``, ``DiffuGRPO``, ``WD1``, ``SPG``, ``ESPO``, ``CoupledGRPO``, ``TraceRL``,
   ``JustGRPO`` and their ``...Config`` dataclasses; ``advantages`` (group-relative, BGPO §3);
-- tasks and rewards: ``get_task``, ``task_rewards``, ``task_scores``, ``register_task``, ``TaskConfig``.
+- tasks and rewards: ``get_task``, ``task_rewards``, ``task_scores``, ``register_task``, ``TaskConfig``;
+- the whole loop from Python: ``train_policy(model, reward_funcs, prompts, method=...)`` — plain
+  reward functions ``(prompts, completions) -> list[float]``, TRL-style, through the suite's one
+  trainer and results store (``bgpo.api``).
 
 Names are imported on first use (PEP 562), so ``import bgpo.tasks`` stays free of torch.
 """
@@ -27,7 +30,7 @@ _EXPORTS: dict[str, str | tuple[str, str]] = {
     "sample_rollouts": ("bgpo.rollout", "rollout"), "Rollouts": "bgpo.rollout",
     "ELBOConfig": "bgpo.elbo", "Batch": "bgpo.elbo", "Draws": "bgpo.elbo",
     "Prepared": "bgpo.method", "backward": "bgpo.method", "clipped": "bgpo.method", "k3": "bgpo.method",
-    "advantages": "bgpo.trainer",
+    "advantages": "bgpo.update", "train_policy": "bgpo.api", "RewardTask": "bgpo.api",
     "BGPO": "bgpo.objective", "BGPOConfig": "bgpo.objective",
     "VRPO": "baselines.vrpo", "VRPOConfig": "baselines.vrpo",
     "DiffuGRPO": "baselines.diffu_grpo", "DiffuGRPOConfig": "baselines.diffu_grpo",

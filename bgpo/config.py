@@ -666,9 +666,12 @@ def check_base_model(task_name: str, model: ModelConfig | DictConfig) -> None:
     if model.kind != "tiny":
         return
     from bgpo.pretrain import base_model_path, check_base_task
+    from bgpo.tasks.base import _REGISTRY
 
     folder = base_model_path(task_name, model)  # the shipped model's files are checked here
-    if folder is not None and folder.is_dir():
+    # a task that declares ANY_BASE_MODEL (bgpo.api: prompts + reward functions) starts from any model
+    anything = getattr(_REGISTRY.get(task_name), "ANY_BASE_MODEL", False)
+    if folder is not None and folder.is_dir() and not anything:
         check_base_task(folder, task_name)
 
 

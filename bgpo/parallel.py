@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -139,6 +139,27 @@ class Dist:
         """This rank's part of a (possibly FSDP-sharded) parameter."""
         return p.to_local() if hasattr(p, "to_local") else p
 
+    # ---- fingerprint -----------------------------------------------------------------------
+    def fingerprint(self, params: Iterable[torch.Tensor]) -> list[float]:
+        """``[sum, sum of squares]`` of every parameter's entries, in float64: the same on every
+        rank and in every layout (one process, ``ddp``, ``fsdp``) up to float64 round-off; under
+        ``ddp`` each rank's own (its whole model), so ranks that drifted apart disagree. Memory:
+        one chunk of one parameter at a time (``local_fingerprint``), never the model (the float64
+        copy of LLaDA-8B alone is 64 GB); under FSDP each rank sums its shard and the two numbers
+        are summed over ranks. Every rank must call it (a collective under FSDP)."""
+        sharded, whole = local_fingerprint(params)
+        if self.fsdp:
+            sharded = self.all_sum(sharded)
+        return (sharded + whole.to(sharded.device)).tolist()
+
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """The sum over ranks of a small tensor (every rank gets the same bits); one process: ``t``."""
+        if self.world == 1:
+            return t
+        t = t.clone()
+        torch.distributed.all_reduce(t)
+        return t
+
     # ---- gradients -------------------------------------------------------------------------
     def grad_sum(self, params: list[nn.Parameter]) -> GradSum:
         return GradSum(self, params)
@@ -233,6 +254,31 @@ class GradSum:
         self.flat /= n_shards
         for p, g in zip(self.params, self.flat.split([q.numel() for q in self.params]), strict=True):
             p.grad = g.view_as(p).to(p.dtype)
+
+
+FINGERPRINT_CHUNK = 1 << 22
+"""entries of a parameter turned into float64 at once by ``local_fingerprint`` (32 MiB)"""
+
+
+@torch.no_grad()
+def local_fingerprint(params: Iterable[torch.Tensor], chunk: int = FINGERPRINT_CHUNK,
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's float64 ``[sum, sum of squares]`` of ``params``, split in two: over the local
+    shards of FSDP-sharded parameters (DTensors: to be summed over ranks) and over the plain ones
+    (whole on every rank). One parameter at a time, ``chunk`` entries at a time: the memory it
+    takes is a few float64 chunks, whatever the model's size; one tensor per part, on the
+    parameters' device (no host sync until the caller reads it)."""
+    acc: dict[bool, torch.Tensor] = {}
+    for p in params:
+        is_shard = hasattr(p, "to_local")
+        x = (p.to_local() if is_shard else p).detach().reshape(-1)
+        a = acc.setdefault(is_shard, torch.zeros(2, dtype=torch.float64, device=x.device))
+        for part in x.split(chunk):
+            d = part.to(torch.float64)
+            a[0] += d.sum()
+            a[1] += torch.dot(d, d)
+    some = next(iter(acc.values()), torch.zeros(2, dtype=torch.float64))
+    return (acc.get(True, torch.zeros_like(some)), acc.get(False, torch.zeros_like(some)))
 
 
 def block_classes(net: nn.Module) -> set[str]:

@@ -121,6 +121,24 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+MACHINE_ERRORS = ("out of memory", "can't allocate memory", "not enough memory", "cuda error",
+                  "cublas_status", "cudnn_status", "nccl", "hip error")
+
+
+def machine_error(e: BaseException) -> bool:
+    """Whether loading a file failed for a reason of the machine, not of the file: host or GPU out
+    of memory (``MemoryError``, ``torch.OutOfMemoryError``, an error saying "out of memory"), a
+    CUDA/NCCL failure, or an OS error reading it (I/O, permissions). Such a file is never set
+    aside as corrupt (an 8B checkpoint that did not fit is not a torn one): the error propagates.
+    Only a file that fails to parse, or holds the wrong thing, is set aside."""
+    if isinstance(e, (MemoryError, OSError)):
+        return True
+    if any(c.__name__ == "OutOfMemoryError" for c in type(e).__mro__):  # torch's, without importing torch
+        return True
+    text = str(e).lower()
+    return any(m in text for m in MACHINE_ERRORS)
+
+
 def set_aside(path: Path, why: str, suffix: str = "corrupt") -> Path:
     """Rename a file the store does not trust to ``<name>.<suffix>`` (``corrupt``: unreadable;
     ``unverified``: it could not be checked; ``.<suffix>-2``...: never overwrite evidence)."""

@@ -16,11 +16,18 @@ Resume trusts nothing: ``last.pt``, then ``prev.pt``, is used only if it loads, 
 checkpoint's fields, records this run's key (``bgpo.results.run_key``) and every step up to it has
 a valid metrics row; otherwise the run restarts. A checkpoint recording ANOTHER run's key is refused
 (``StoreMismatch``); one recording none (written before checkpoints carried the key) is used with a
-warning that its run cannot be verified.
+warning that its run cannot be verified. A checkpoint that fails for a reason of the machine (out of
+memory, CUDA, I/O: ``bgpo.results.machine_error``) is not corrupt: every rank stops with the error
+and no file is set aside (only a file that fails to parse is renamed ``*.corrupt``, by name).
+
+Memory at full scale (issue 25): the end-of-run parameter fingerprint is summed from each rank's
+shards, one parameter chunk at a time (``Dist.fingerprint``), never as a float64 copy of the model;
+``mem/peak_bytes`` is the peak of its own step (the counter is reset as each step starts).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -46,9 +53,11 @@ from bgpo.results import (
     check_checkpoint_run,
     fsync_dir,
     keep_metrics,
+    machine_error,
     missing_step,
     provenance,
     read_metrics,
+    reason,
     run_key,
     set_aside,
     warn,
@@ -172,6 +181,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             tracker.log({**row0, **nested("test", tests)})  # the base model's test sets
     for step in bar:
         t0 = time.time()
+        reset_peak(device)  # mem/peak_bytes: this step's peak, not the model load's
         policy.net.train()
         step_prompts = train_data[step * cfg.prompts_per_step : (step + 1) * cfg.prompts_per_step]
         work, rewards, lengths, gen_s = [], [], [], 0.0
@@ -234,9 +244,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             raise Preempted(f"stopped by signal after step {step + 1}; checkpoint in {ckpt}")
     for sig, h in previous.items():
         signal.signal(sig, h)
-    with torch.no_grad():  # one fingerprint of the final parameters per rank: they must agree
-        flat = torch.cat([dist.full(p).double().flatten() for p in policy.net.parameters()])
-        fingerprint = [flat.sum().item(), flat.square().sum().item()]
+    # one fingerprint of the final parameters per rank (they must agree): from each rank's shards,
+    # one parameter at a time (never the whole model in float64: 64 GB at 8B), summed over ranks
+    fingerprint = dist.fingerprint(policy.net.parameters())
     # the test sets, once each: the final policy, then the validation-selected checkpoint
     tests = {"final": test_sets(policy, task, cfg, dist)}
     best_step = dist.gather([best["step"] if best else None])[0]
@@ -301,18 +311,50 @@ def load_weights(path: Path, step: int, device: str, dist: Dist, key: str) -> di
     """``best.pt`` of ``step``, or None (reported, set aside by rank 0) when it is unreadable; one
     of another run than ``key`` is refused (``StoreMismatch``), one recording no run key is used with
     a warning."""
+    state, unparsed, machine = None, None, None
     try:
         state = torch.load(path, map_location=device, weights_only=False)
         if not isinstance(state, dict) or state.get("step") != step or "model" not in state:
             raise ValueError(f"not the weights of step {step}")
     except Exception as e:  # noqa: BLE001  (a torn or corrupt file: any loader error)
+        if machine_error(e):  # out of memory, CUDA, I/O: the file is not to blame
+            machine = e
+        else:
+            unparsed = e
+    stop_together(dist, machine, path)
+    if unparsed is not None:
         if dist.rank == 0 and path.exists():
-            set_aside(path, f"unreadable ({type(e).__name__}); the test result of the validation-selected "
-                            f"checkpoint (step {step}) is not reported")
+            set_aside(path, f"unreadable ({type(unparsed).__name__}); the test result of the "
+                            f"validation-selected checkpoint (step {step}) is not reported")
         return None
     if not check_checkpoint_run(state, path, key) and dist.rank == 0:
         warn(UNVERIFIED.format(path=path))
     return state
+
+
+def stop_together(dist: Dist, err: BaseException | None, path: Path) -> None:
+    """Every rank says whether loading ``path`` failed for a reason of the machine (``err``: out of
+    memory, CUDA, I/O); if one did, every rank raises — that rank its own error, the others one
+    naming it — so none is left waiting in the next collective, and no file is set aside. Every
+    rank calls it once per load."""
+    if err is not None:
+        not_corrupt(err, path)
+    told = dist.gather([reason(err) if err is not None else None])
+    if err is not None:
+        raise err
+    failed = [(r, why) for r, why in enumerate(told) if why]
+    if failed:
+        raise RuntimeError(f"{path}: rank {failed[0][0]} could not load it ({failed[0][1]}): an error of the "
+                           "machine, not of the file; nothing was set aside")
+
+
+def not_corrupt(e: BaseException, path: Path) -> None:
+    """Note on ``e`` (raised while loading checkpoint ``path`` for a reason of the machine), and log,
+    that the file was kept: the run stops (``e`` propagates) instead of setting a good checkpoint
+    aside and restarting from step 0."""
+    e.add_note(f"while loading {path}: {type(e).__name__} is an error of the machine (memory, device or "
+               "I/O), not of the file; it is kept as it is (nothing was set aside)")
+    log.error(f"[bgpo] {path}: could not be loaded ({reason(e)}); not set aside as corrupt")
 
 
 def read_json(path: Path, consequence: str) -> dict[str, Any]:
@@ -393,7 +435,7 @@ def resume_state(run_dir: Path, steps: int, device: str, dist: Dist, key: str) -
     resume point."""
     metrics_path = run_dir / "metrics.jsonl"
     rows, problems = read_metrics(metrics_path)
-    notes, corrupt, chosen = [], [], None
+    notes, corrupt, chosen, machine = [], [], None, None
     for name in ("last.pt", "prev.pt"):
         path = run_dir / "checkpoints" / name
         if not path.exists():
@@ -405,6 +447,9 @@ def resume_state(run_dir: Path, steps: int, device: str, dist: Dist, key: str) -
             if not isinstance(state["step"], int) or not 1 <= state["step"] <= steps:
                 raise ValueError(f"step={state['step']!r} is not in 1..{steps}")
         except Exception as e:  # noqa: BLE001  (a torn or corrupt file: any loader error)
+            if machine_error(e):  # out of memory, CUDA, I/O: never taken for corruption
+                machine = (e, path)
+                break
             why = " ".join(str(e).split())[:200]
             corrupt.append((path, f"unreadable checkpoint ({type(e).__name__}: {why})"))
             continue
@@ -417,6 +462,7 @@ def resume_state(run_dir: Path, steps: int, device: str, dist: Dist, key: str) -
             break
         notes.append(f"{path} (step {state['step']}) is not used: {metrics_path} has no valid row for "
                      f"step {gap}")
+    stop_together(dist, *(machine or (None, run_dir / "checkpoints")))  # every rank raises, none hangs
     start = chosen["step"] if chosen is not None else 0
     if dist.gather([start]) != [start] * dist.world:
         raise RuntimeError(f"{run_dir}: the processes disagree on the resume point")
@@ -433,7 +479,25 @@ def resume_state(run_dir: Path, steps: int, device: str, dist: Dist, key: str) -
     return chosen
 
 
-def peak_bytes(device: str) -> int:
+def reset_peak(device: str) -> None:
+    """Start a new peak for ``peak_bytes`` (called at the start of every RL step): on CUDA the
+    allocator's peak (``torch.cuda.reset_peak_memory_stats``); on CPU the kernel's resident-set
+    high-water mark (Linux: ``/proc/self/clear_refs``; where it cannot be reset, ``peak_bytes``
+    stays the process's peak so far)."""
     if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated()
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_bytes(device: str) -> int:
+    """Peak memory since the last ``reset_peak``: CUDA tensors allocated on ``device``; on CPU the
+    resident set (``VmHWM``; ``ru_maxrss``, the whole process's peak, where /proc has none)."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device)
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        status = Path("/proc/self/status").read_text().splitlines()
+        line = next(ln for ln in status if ln.startswith("VmHWM:"))
+        return int(line.split()[1]) * 1024  # kB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

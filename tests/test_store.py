@@ -144,6 +144,30 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_or_restarts(which, refere
     assert torch.load(last, weights_only=False)["step"] == STEPS
 
 
+def test_out_of_memory_while_resuming_is_not_corruption(reference, base_model, tmp_path, monkeypatch, caplog):
+    """Loading an 8B checkpoint can run out of memory: that stops the run with the error; last.pt
+    and prev.pt are kept (not renamed *.corrupt, no restart from step 0), and a re-run with the
+    memory resumes from last.pt."""
+    root, d = copy_of(reference, tmp_path)
+    (d / "summary.json").unlink()
+    real_load = torch.load
+
+    def load(path, *args, **kwargs):
+        if str(path).endswith(".pt"):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 48.00 GiB")
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", load)
+    with pytest.raises(torch.OutOfMemoryError):
+        run(cfg_of(base_model, root, *ARGS))
+    assert sorted(p.name for p in (d / "checkpoints").iterdir()) == ["best.pt", "last.pt", "prev.pt"]
+    assert f"{d / 'checkpoints' / 'last.pt'}: could not be loaded" in caplog.text
+    assert metrics(d) == metrics(reference)  # the metrics are untouched
+    monkeypatch.undo()
+    summary = run(cfg_of(base_model, root, *ARGS))
+    assert summary["resumed_at"] == [STEPS] and metrics(d) == metrics(reference)
+
+
 # ---- non-finite values ----------------------------------------------------------------------
 def poison_at(monkeypatch, step: int, what: str) -> None:
     """At RL step ``step``: a NaN loss (and gradients), or a NaN parameter after the update."""

@@ -1,0 +1,251 @@
+"""Paths that must survive a full-scale (8B) run, checked on CPU (issue 25, item 1).
+
+- The end-of-run parameter fingerprint is computed one parameter (one chunk) at a time from the
+  local shards, never as one float64 copy of the whole model: at LLaDA-8B's shapes (on the meta
+  device, where nothing is allocated) the float64 memory it holds at once is a few chunks, where
+  the former ``torch.cat`` of every parameter in float64 held 128 GB.
+- An out-of-memory (or other machine) error while loading a checkpoint is never taken for a
+  corrupt file: the file is kept and the error propagates; a file that fails to parse is still set
+  aside as ``*.corrupt``, named in the log.
+- ``mem/peak_bytes`` is each step's peak: the counter is reset at the start of every RL step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+import bgpo.parallel as parallel
+import bgpo.results as results
+import bgpo.trainer as trainer
+from bgpo.parallel import Dist
+from bgpo.train import run
+from tests.helpers import micro_model
+from tests.test_trainer import cfg_of
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("base") / "micro"
+    micro_model(dtype=torch.float32).save(path)
+    return path
+
+
+# ---- the fingerprint ----------------------------------------------------------------------------
+class Allocations(TorchDispatchMode):
+    """Bytes of the new storages the operators inside allocate: the largest one and the most held
+    at once (a storage counts until the tensor that brought it is freed). Works on the meta device,
+    where nothing is really allocated."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = self.largest = 0
+
+    def _free(self, n: int) -> None:
+        self.live -= n
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        seen = {t.untyped_storage()._cdata for t in inputs}
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor) or t.untyped_storage()._cdata in seen:
+                continue  # a view or an in-place result: no new memory
+            seen.add(t.untyped_storage()._cdata)
+            n = t.untyped_storage().nbytes()
+            self.live += n
+            self.peak, self.largest = max(self.peak, self.live), max(self.largest, n)
+            weakref.finalize(t, self._free, n)
+        return out
+
+
+@pytest.fixture(scope="module")
+def llada_8b_on_meta() -> torch.nn.Module:
+    from bgpo.models import LLaDAModelLM
+
+    with torch.device("meta"):  # LLaDA-8B's 291 tensors, 8.0e9 parameters, no memory
+        return LLaDAModelLM(LLaDAModelLM.config_class())
+
+
+def test_fingerprint_at_8b_shape_holds_a_few_chunks_not_the_model(llada_8b_on_meta):
+    params = list(llada_8b_on_meta.parameters())
+    numel = sum(p.numel() for p in params)
+    assert numel > 8e9 and all(p.is_meta for p in params)
+    largest_param = max(p.numel() * p.element_size() for p in params)  # the float32 embedding: 2 GB
+    with Allocations() as new:
+        sharded, whole = parallel.local_fingerprint(params)
+    assert sharded.shape == whole.shape == (2,) and whole.dtype == torch.float64
+    # what it holds at once: a float64 chunk and its reductions, whatever the model's size
+    assert new.peak <= 2 * parallel.FINGERPRINT_CHUNK * 8 + 4096, new.peak
+    assert new.peak < largest_param / 8  # far below even one parameter
+    # the former code, measured the same way: every parameter in float64, then their concatenation
+    with Allocations() as old:
+        flat = torch.cat([Dist.full(p).double().flatten() for p in params])
+        flat.sum(), flat.square().sum()
+    assert old.largest >= 8 * numel and old.peak >= 16 * numel  # > 128 GB: out of memory on any GPU
+
+
+def test_fingerprint_equals_the_whole_model_formula():
+    """Per parameter, per chunk, the same numbers as the float64 sum over the concatenated model
+    (to float64 round-off), for chunks smaller and larger than the parameters."""
+    net = micro_model(dtype=torch.float32).net
+    flat = torch.cat([p.detach().double().flatten() for p in net.parameters()])
+    want = [flat.sum().item(), flat.square().sum().item()]
+    assert Dist().fingerprint(net.parameters()) == pytest.approx(want, rel=1e-12)
+    for chunk in (7, 1000, 10**9):
+        sharded, whole = parallel.local_fingerprint(net.parameters(), chunk=chunk)
+        assert sharded.tolist() == [0.0, 0.0]  # no FSDP shards in one process
+        assert whole.tolist() == pytest.approx(want, rel=1e-12)
+    assert Dist().all_sum(torch.ones(2, dtype=torch.float64)).tolist() == [1.0, 1.0]  # one process
+
+
+# ---- loading checkpoints: out of memory is not corruption ---------------------------------------
+def loader_errors(tmp_path: Path) -> list[BaseException]:
+    """What torch.load raises on torn, garbage, empty and zero-filled files (with and without mmap)."""
+    good = tmp_path / "good.pt"
+    torch.save({"w": torch.zeros(1000)}, good)
+    errors = []
+    for i, data in enumerate([good.read_bytes()[:1000], b"not a checkpoint", b"", bytes(5000),
+                              b"\x80\x02garbage"]):
+        bad = tmp_path / f"bad{i}.pt"
+        bad.write_bytes(data)
+        for mmap in (True, False):
+            with pytest.raises(Exception) as e:  # noqa: PT011
+                torch.load(bad, map_location="cpu", weights_only=False, mmap=mmap)
+            errors.append(e.value)
+    return errors
+
+
+OOM = [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 48.00 GiB"),
+       RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"),
+       MemoryError(), RuntimeError("CUDA error: an illegal memory access was encountered"),
+       OSError(5, "Input/output error")]
+
+
+def test_machine_errors_are_told_from_unparsable_files(tmp_path):
+    assert all(results.machine_error(e) for e in OOM)
+    assert not any(results.machine_error(e) for e in loader_errors(tmp_path))
+    assert not results.machine_error(ValueError("not a trainer checkpoint"))
+
+
+def raising(error: BaseException):
+    real = torch.load
+
+    def load(path, *args, **kwargs):
+        if str(path).endswith(".pt"):
+            raise error
+        return real(path, *args, **kwargs)
+    return load
+
+
+@pytest.mark.parametrize("error", OOM[:3], ids=["cuda oom", "host oom", "MemoryError"])
+def test_out_of_memory_while_resuming_keeps_the_checkpoints(error, tmp_path, monkeypatch, caplog):
+    """``resume_state`` (every rank loads the checkpoint): an 8B checkpoint that does not fit stops
+    the run with that error; last.pt and prev.pt keep their names (before: both renamed *.corrupt
+    and the run restarted from step 0)."""
+    ckpt = tmp_path / "checkpoints"
+    ckpt.mkdir()
+    for name, step in (("last.pt", 2), ("prev.pt", 1)):
+        state = {"step": step, "model": {}, "opt": {}, "sched": {}, "rng": torch.get_rng_state()}
+        torch.save(state, ckpt / name)
+    rows = [{"step": s, "reward": 0.0} for s in range(3)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setattr(torch, "load", raising(error))
+    with caplog.at_level(logging.ERROR), pytest.raises(type(error)) as got:
+        trainer.resume_state(tmp_path, 4, "cpu", Dist(), "key")
+    assert got.value is error and any("nothing was set aside" in n for n in getattr(error, "__notes__", []))
+    assert sorted(p.name for p in ckpt.iterdir()) == ["last.pt", "prev.pt"]
+    assert f"{ckpt / 'last.pt'}: could not be loaded" in caplog.text
+    monkeypatch.undo()  # the same folder with the memory: resumes from last.pt
+    assert trainer.resume_state(tmp_path, 4, "cpu", Dist(), "key")["step"] == 2
+
+
+class OtherRankOutOfMemory(Dist):
+    """Rank 0 of 2, where rank 1 ran out of memory loading the same file (what it gathers)."""
+
+    def gather(self, values):
+        assert values == [None]  # the only gather before the error: "did the load fail?"
+        return [None, "OutOfMemoryError: CUDA out of memory"]
+
+
+def test_out_of_memory_on_another_rank_stops_this_one_too(tmp_path):
+    """A rank whose load succeeded does not go on into a collective the failed rank never joins:
+    it raises too, naming the rank, and nothing is set aside."""
+    ckpt = tmp_path / "checkpoints"
+    ckpt.mkdir()
+    state = {"step": 2, "model": {}, "opt": {}, "sched": {}, "rng": torch.get_rng_state()}
+    torch.save(state, ckpt / "last.pt")
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in range(3)))
+    two = OtherRankOutOfMemory(rank=0, world=2)
+    with pytest.raises(RuntimeError, match="rank 1 could not load it .OutOfMemoryError"):
+        trainer.resume_state(tmp_path, 4, "cpu", two, "key")
+    torch.save({"step": 3, "model": {}, "run": "key"}, ckpt / "best.pt")
+    with pytest.raises(RuntimeError, match="rank 1 could not load it"):
+        trainer.load_weights(ckpt / "best.pt", 3, "cpu", two, "key")
+    assert sorted(p.name for p in ckpt.iterdir()) == ["best.pt", "last.pt"]
+
+
+def test_out_of_memory_loading_the_selected_weights_keeps_them(tmp_path, monkeypatch, caplog):
+    best = tmp_path / "best.pt"
+    torch.save({"step": 3, "model": {}, "run": "key"}, best)
+    monkeypatch.setattr(torch, "load", raising(OOM[0]))
+    with pytest.raises(torch.OutOfMemoryError):
+        trainer.load_weights(best, 3, "cpu", Dist(), "key")
+    assert best.exists() and not list(tmp_path.glob("*.corrupt"))
+    monkeypatch.undo()
+    assert trainer.load_weights(best, 3, "cpu", Dist(), "key")["step"] == 3
+    best.write_bytes(b"not a checkpoint")  # a file that fails to parse: set aside, named
+    with caplog.at_level(logging.WARNING):
+        assert trainer.load_weights(best, 3, "cpu", Dist(), "key") is None
+    assert (tmp_path / "best.pt.corrupt").exists() and f"{best}: unreadable" in caplog.text
+
+
+def test_garbage_checkpoint_is_still_set_aside_when_resuming(tmp_path, caplog):
+    ckpt = tmp_path / "checkpoints"
+    ckpt.mkdir()
+    (ckpt / "last.pt").write_bytes(b"not a checkpoint")
+    with caplog.at_level(logging.WARNING):
+        assert trainer.resume_state(tmp_path, 4, "cpu", Dist(), "key") is None
+    assert (ckpt / "last.pt.corrupt").exists() and f"{ckpt / 'last.pt'}: unreadable checkpoint" in caplog.text
+
+
+# ---- peak memory per step -----------------------------------------------------------------------
+def test_peak_memory_is_reset_every_step_and_the_fingerprint_is_the_sharded_one(base_model, tmp_path,
+                                                                                monkeypatch):
+    events, fingerprints = [], []
+    real_peak = trainer.peak_bytes
+    real_reset = getattr(trainer, "reset_peak", lambda device: None)
+    real_fp = getattr(Dist, "fingerprint", lambda self, params: None)
+    monkeypatch.setattr(trainer, "reset_peak", lambda device: (events.append("reset"), real_reset(device))[1],
+                        raising=False)
+    monkeypatch.setattr(trainer, "peak_bytes", lambda device: (events.append("peak"), real_peak(device))[1])
+    monkeypatch.setattr(Dist, "fingerprint", lambda self, params: fingerprints.append(real_fp(self, params))
+                        or fingerprints[-1], raising=False)
+    big = torch.ones(3 * 2**27)  # 1.5 GB touched, then freed: a load-time peak
+    del big
+    before = real_peak("cpu")
+    summary = run(cfg_of(base_model, tmp_path, "method=bgpo", "eval_every=0"))
+    assert events == ["reset", "peak"] * 3  # each step's row after that step's reset
+    assert summary["param_fingerprints"] == fingerprints  # the memory-safe fingerprint is the one reported
+    lines = (tmp_path / summary["run"] / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    peaks = [r["mem/peak_bytes"] for r in rows if r["step"] > 0]
+    assert len(peaks) == 3 and all(p > 0 for p in peaks)
+    if os.access("/proc/self/clear_refs", os.W_OK):  # Linux: the resident-set peak can be reset
+        assert all(p < before - 2**30 for p in peaks), (peaks, before)  # not the 1.5 GB peak before the run
+
+
+def test_cuda_peak_is_reset_on_the_step_device(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda d=None: calls.append(("reset", d)))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d=None: calls.append(("peak", d)) or 7)
+    trainer.reset_peak("cuda:1")
+    assert trainer.peak_bytes("cuda:1") == 7 and calls == [("reset", "cuda:1"), ("peak", "cuda:1")]

@@ -35,11 +35,12 @@ import shutil
 import weakref
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from omegaconf import DictConfig
 
-from bgpo.config import LoggerConf
+if TYPE_CHECKING:  # a type only: bgpo.config imports this module to validate logger.*
+    from bgpo.config import LoggerConf
 
 WANDB_MODES = ("offline", "online", "disabled")
 

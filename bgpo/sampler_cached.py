@@ -58,7 +58,7 @@ from tqdm.auto import tqdm
 
 from bgpo.model import DLLM
 from bgpo.models.layers import CACHE_KWARG
-from bgpo.sampler import SamplerConfig, gumbel_argmax, transfer_schedule
+from bgpo.sampler_config import SamplerConfig, gumbel_argmax, transfer_schedule
 
 CACHE_KINDS = ("tiny", "llada", "dream")  # backends whose native forward takes a DynamicCache
 

@@ -233,7 +233,7 @@ class DeepCoderTask:
         return CodeJob(program=program, tests="\n".join(lines) + "\n")
 
     def reward(self, ex: Example, completion: str, fmt: Format) -> float:
-        from bgpo.tasks import sandbox
+        import bgpo.tasks.sandbox as sandbox
 
         check_format(fmt)
         if hasattr(sandbox, "run_job"):  # trusted tests judged by the harness's token

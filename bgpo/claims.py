@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from bgpo.stats import Interval
 
 if TYPE_CHECKING:
-    from bgpo.paper import Run, Table
+    from bgpo.paper_runs import Run, Table
 
 MIN_SEEDS = 3
 SOURCE = "own"  # the suite's own test set: never overlaps training (d1's files do)
@@ -40,7 +40,7 @@ Row = tuple[str, str, str, str]  # (claim, the paper's evidence, the differences
 
 
 def display(method: str) -> str:
-    from bgpo.paper import METHODS
+    from bgpo.paper_runs import METHODS
 
     return METHODS.get(method, method)
 
@@ -66,7 +66,7 @@ def texts(ds: list[Diff]) -> str:
 
 def diff(a: list[Run], b: list[Run], label: str) -> Diff:
     """``a − b`` on the suite's test set, paired on problems and seeds (``paper.compare``)."""
-    from bgpo.paper import compare
+    from bgpo.paper_runs import compare
 
     if not a or not b:
         return Diff(label, None, min(len(a), len(b)), 0)
@@ -79,7 +79,7 @@ def diff(a: list[Run], b: list[Run], label: str) -> Diff:
 
 def gain(a: list[Run], label: str) -> Diff:
     """``a − base`` (the base model measured once, paired on problems)."""
-    from bgpo.paper import compare
+    from bgpo.paper_runs import compare
 
     m = compare({"a": a}, "best", SOURCE, "accuracy", ref="a") if a else None
     iv = m.cells.get("a-base") if m else None
@@ -195,7 +195,7 @@ def failed_note(results: Path) -> list[str]:
 def claims_table(runs: list[Run], memory: list[dict[str, Any]], results: Path) -> Table:
     """``tables/claims.md``: the rows of ``claim_rows`` and ``later_rows`` as one table."""
     from bgpo.config import EQUAL_MEMORY_MC
-    from bgpo.paper import VARIED, Table, borrowed
+    from bgpo.paper_runs import VARIED, Table, borrowed
 
     repro = [r for r in runs if r.sweep == "tiny_repro"]
     mc_runs = borrowed(runs, "tiny_mc", VARIED["mc_ablation"], lambda r: r.method == "bgpo")
@@ -237,7 +237,7 @@ def compute_table(results: Path) -> Table:
     import json
     import math
 
-    from bgpo.paper import Table, method_key
+    from bgpo.paper_runs import Table, method_key
 
     nan = float("nan")
     minutes: dict[str, list[float]] = {p: [] for p in PRESETS}

@@ -197,7 +197,7 @@ def _interval_series(runs: list[Any], sweep: str, by_mc: bool) -> tuple[list, An
     the (method, n_t) of each point; with the runs of other sweeps that differ only in what the
     sweep varies (tiny_repro's BGPO at n_t 16), as the tables take them."""
     from bgpo.config import EQUAL_MEMORY_MC
-    from bgpo.paper import METHODS, VARIED, borrowed, compare, groups_of
+    from bgpo.paper_runs import METHODS, VARIED, borrowed, compare, groups_of
 
     if by_mc:
         sel = borrowed(runs, sweep, VARIED["mc_ablation"], lambda r: r.method == "bgpo")
@@ -228,7 +228,7 @@ def equal_memory(points: list[tuple[str, Any]], base: Any, used: list[tuple[str,
                  memory: list[dict[str, Any]]) -> Any:
     """Left: test accuracy per method at its equal-memory n_t; right: the peak memory each used
     (the benchmark's row for that method and n_t on the tiny model, CPU)."""
-    from bgpo.paper import method_key
+    from bgpo.paper_runs import method_key
 
     fig = interval_points(points, "method (n_t)", "equal memory budget: test accuracy", base, panels=2)
     ax = fig.axes[1]

@@ -6,11 +6,21 @@
 
 The folder holds what ``save_pretrained`` writes for the run's model class (config.json and
 safetensors weights: the tiny Gemma3, or LLaDA / Dream in their hub format, loadable by
-``bgpo.model.load_dllm`` and by transformers' Auto classes once ``bgpo.models`` is imported), the
-tokenizer, ``bgpo_export.json`` (the model settings the run used: kind, mask id, chat template,
-precision; ``bgpo.evaluate`` takes them for the keys left at their defaults) and a model card
-``README.md`` with the run's config (``config.yaml``) and its test evaluation (``eval_test.json``:
-base model, validation-selected and final policy, per test set).
+``bgpo.model.load_dllm``), the tokenizer, ``bgpo_export.json`` (the model settings the run used:
+kind, mask id, chat template, precision, which ``bgpo.evaluate`` takes for the keys left at their
+defaults; and the task's ``protocol``: format, gen_length, block_length, diffusion_steps, shots,
+n_test and the task's numeric options, under which ``bgpo.evaluate`` scores the export) and a model
+card ``README.md`` (how to load it, with transformers alone and with the suite, the run's config
+``config.yaml`` and its test evaluation ``eval_test.json``: base model, validation-selected and
+final policy, per test set).
+
+An LLaDA / Dream export of the suite's native classes loads with transformers alone, without the
+suite: it ships their modeling code (``modeling_llada.py`` or ``modeling_dream.py``, copies of
+``bgpo/models/llada.py`` / ``dream.py``, and the ``layers.py`` they import) and config.json's
+``auto_map`` names it (the hub's ``auto_map`` named modeling files the folder would not hold):
+``AutoModel.from_pretrained(folder, trust_remote_code=True)``. (A run with ``model.remote_code=true``
+trained the published code, which ``save_pretrained`` copies itself; the tiny Gemma3 is
+transformers' own: ``AutoModelForCausalLM``.)
 
 - ``which``: ``final`` (``checkpoints/last.pt`` of a COMPLETE run: its summary.json is the run's
   own, as the results store checks it: run key, method, task, n_t, seed, whole metrics),
@@ -67,6 +77,16 @@ from bgpo.results import (
 )
 
 WHICH = {"final": "last.pt", "best": "best.pt", "last": "last.pt"}
+PROTOCOL = ("format", "gen_length", "block_length", "diffusion_steps", "shots", "n_test")
+"""the task keys that make the trained protocol (prompt format, lengths, few-shot, test-set size):
+recorded in ``bgpo_export.json`` (``protocol``) and applied by ``bgpo.evaluate``"""
+MODELING = {  # model.kind -> (suite file, file name in the export, auto_map: Auto class -> class)
+    "llada": ("llada.py", "modeling_llada.py", {"AutoConfig": "LLaDAConfig", "AutoModel": "LLaDAModelLM",
+                                                 "AutoModelForCausalLM": "LLaDAModelLM"}),
+    "dream": ("dream.py", "modeling_dream.py", {"AutoConfig": "DreamConfig", "AutoModel": "DreamModel"}),
+}
+"""the suite's native modeling code an LLaDA / Dream export ships (with ``layers.py``, which it
+imports relatively), and the ``auto_map`` that points transformers at it"""
 LORA = ("merge", "adapter")
 SETTINGS = "bgpo_export.json"
 """the model settings of the run, read back by ``bgpo.evaluate`` (``export_settings``)"""
@@ -209,14 +229,51 @@ def _write(cfg: ExportConfig | DictConfig, run_dir: Path, policy: DLLM, run_cfg:
         config.mask_token_id = policy.mask_token_id  # the id the run used (model.mask_token_id)
     net.save_pretrained(tmp)  # safetensors (+ config.json, or adapter_config.json for lora=adapter)
     policy.tokenizer.save_pretrained(tmp)
+    code = ship_modeling_code(net, tmp) if (tmp / "config.json").is_file() else None
+    task = run_cfg["task"]
     settings = {"kind": policy.kind, "mask_token_id": policy.mask_token_id,
                 "use_chat_template": policy.use_chat_template, "precision": m.get("precision", "fp32"),
                 "dtype": cfg.dtype or m.get("dtype", "float32"), "lora": cfg.lora if lora else None,
                 "base": info["base"], "run": run_dir.name, "which": cfg.which, "step": info["step"],
-                "task": run_cfg["task"].get("name"),
-                "eval_tasks": sorted(run_cfg["task"].get("eval_tasks") or {})}
+                "task": task.get("name"), "eval_tasks": sorted(task.get("eval_tasks") or {}),
+                "protocol": task_protocol(task), "modeling_code": code}
     (tmp / SETTINGS).write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
     (tmp / "README.md").write_text(model_card(run_dir, run_cfg, settings, info))
+
+
+def task_protocol(task: dict[str, Any]) -> dict[str, Any]:
+    """What of the run's task section reproduces its protocol: the ``PROTOCOL`` keys and the task's
+    options that are numbers or booleans (``n_empty``, ``split_seed``, ``format_bonus``, ``timeout``...).
+    String options name data (files, hub datasets, splits): they are the evaluating machine's."""
+    out: dict[str, Any] = {k: task[k] for k in PROTOCOL if k in task}
+    options = task.get("options") or {}
+    out["options"] = {k: v for k, v in options.items() if isinstance(v, (bool, int, float))}
+    return out
+
+
+def ship_modeling_code(net: Any, folder: Path) -> list[str] | None:
+    """An LLaDA / Dream export of the suite's native class loads with transformers alone: copy the
+    class's module (as ``modeling_<kind>.py``) and ``layers.py`` into ``folder`` and point
+    config.json's ``auto_map`` at them (the hub's ``auto_map`` names modeling files the folder does
+    not hold). Returns the files shipped (None for the tiny model, which transformers knows, and for
+    a network the published remote code built: ``save_pretrained`` copies that code itself)."""
+    import bgpo.models as models
+
+    kind = next((k for k, cls in models.NATIVE.items() if type(net) is cls), None)
+    if kind is None:
+        return None
+    source, name, classes = MODELING[kind]
+    here = Path(models.__file__).parent
+    header = (f"# Shipped by bgpo.export: bgpo-suite's native {type(net).__name__} (bgpo/models/{source}),\n"
+              "# not the published modeling code; it imports layers.py beside it. Load with\n"
+              "# AutoModel.from_pretrained(<this folder>, trust_remote_code=True).\n")
+    (folder / name).write_text(header + (here / source).read_text())
+    shutil.copyfile(here / "layers.py", folder / "layers.py")
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    config["auto_map"] = {auto: f"{Path(name).stem}.{cls}" for auto, cls in classes.items()}
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return [name, "layers.py"]
 
 
 def export_settings(folder: str | Path) -> dict[str, Any]:
@@ -248,6 +305,54 @@ def _results_table(tests: dict[str, Any]) -> str:
     return "\n".join(lines) if len(lines) > 2 else "(no test evaluation recorded)"
 
 
+def _protocol_text(protocol: dict[str, Any]) -> str:
+    keys = [f"{k}={protocol[k]}" for k in PROTOCOL if protocol.get(k) is not None]
+    return ", ".join(keys) if keys else "settings"
+
+
+def _loading(settings: dict[str, Any]) -> str:
+    """The model card's "how to load it": with transformers alone, and with the suite."""
+    kind, mask = settings["kind"], settings["mask_token_id"]
+    suite = f"""With the suite (its settings are in `{SETTINGS}`):
+
+```python
+from bgpo.model import load_dllm
+model = load_dllm("{kind}", "<this folder>", mask_token_id={mask},
+                  use_chat_template={settings['use_chat_template']})
+```"""
+    if settings.get("lora") == "adapter":
+        return ("This folder is a peft LoRA adapter (`adapter_config.json` names its base model): load the "
+                "base, then `peft.PeftModel.from_pretrained(base_net, \"<this folder>\")`. " + suite)
+    code = settings.get("modeling_code")
+    if code:
+        shift = ("Position i's logits predict token i (no shift)." if kind == "llada" else
+                 "Dream's logits are shifted: position i-1's logits predict token i.")
+        files = ", ".join(f"`{c}`" for c in code)
+        plain = f"""With transformers alone: the folder ships the suite's modeling code ({files}),
+which config.json's `auto_map` names, so no suite install is needed:
+
+```python
+import torch
+from transformers import AutoModel, AutoTokenizer
+model = AutoModel.from_pretrained("<this folder>", trust_remote_code=True)
+tokenizer = AutoTokenizer.from_pretrained("<this folder>", trust_remote_code=True)  # reads config.json too
+logits = model(input_ids=ids, attention_mask=mask).logits  # [B, T, V]; the mask token is id {mask}
+```
+
+{shift} (Without `trust_remote_code`, `import bgpo.models` first: it registers the same classes.)"""
+    else:
+        plain = f"""With transformers alone (a `{kind}` model transformers knows):
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained("<this folder>")
+tokenizer = AutoTokenizer.from_pretrained("<this folder>")
+```
+
+The mask token is id {mask}."""
+    return f"## Loading\n\n{plain}\n\n{suite}"
+
+
 def model_card(run_dir: Path, run_cfg: dict[str, Any], settings: dict[str, Any], info: dict[str, Any]) -> str:
     """The export's README.md: what it is, how to load it, its test evaluation and its config."""
     tests_path = run_dir / "eval_test.json"
@@ -275,16 +380,12 @@ A masked diffusion LM ({settings['kind']}) fine-tuned by bgpo-suite with {method
 Precision {settings['precision']}, weights saved as {settings['dtype']}; LoRA: {settings['lora'] or 'none'}.
 Checkpoint: `{info['checkpoint']}`; validation-selected step: {selected}; commit {summary.get('commit', '?')}.
 
-Load it with the suite (its settings are in `{SETTINGS}`):
+{_loading(settings)}
 
-```python
-from bgpo.model import load_dllm
-model = load_dllm("{settings['kind']}", "<this folder>", mask_token_id={settings['mask_token_id']},
-                  use_chat_template={settings['use_chat_template']})
-```
-
-or evaluate it: `python -m bgpo.evaluate checkpoint=<this folder> task=<task>`. Generation is
-LLaDA's block-wise low-confidence remasking sampler (`bgpo.sampler`), not `generate()`.
+Evaluate it under the protocol it was trained with: `python -m bgpo.evaluate checkpoint=<this folder>
+task={run_cfg['task']['name']}` (the task's {_protocol_text(settings.get('protocol') or {})} are read from
+`{SETTINGS}`; a `task.<key>=` given on the command line wins, and the evaluation log says so).
+Generation is LLaDA's block-wise low-confidence remasking sampler (`bgpo.sampler`), not `generate()`.
 
 ## Test evaluation (`eval_test.json`: greedy, one token per step)
 

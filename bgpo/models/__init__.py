@@ -1,6 +1,9 @@
 """Native model classes of the suite: LLaDA and Dream without ``trust_remote_code``.
 
-One file per architecture (``llada.py``, ``dream.py``) over the layers they share (``layers.py``).
+One file per architecture (``llada.py``, ``dream.py``) over the layers they share (``layers.py``),
+which they import relatively and nothing else of the suite: ``bgpo.export`` ships them in an LLaDA /
+Dream export (as ``modeling_llada.py`` / ``modeling_dream.py`` beside ``layers.py``, named by
+config.json's ``auto_map``), which then loads with transformers alone (``trust_remote_code=True``).
 Importing this package registers both with transformers' Auto classes, so that
 ``AutoConfig.from_pretrained(folder)`` / ``AutoModel.from_pretrained(folder)`` pick the native class
 for a hub checkpoint's ``model_type`` (``llada``, ``Dream``) without running its remote code.

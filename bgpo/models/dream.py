@@ -38,7 +38,8 @@ from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from bgpo.models.layers import (
+# relative, and nothing else of the suite: an export ships this file beside layers.py (bgpo.export)
+from .layers import (
     RMSNorm,
     apply_rope,
     attention,

@@ -59,16 +59,17 @@ class Validate(Callback):
         # a local launcher runs the jobs on this machine: their device must exist here (a Slurm job's
         # is checked on its node, by bgpo.train.run, before a model is built)
         here = "slurm" not in str(config.hydra.launcher.get("_target_", "")).lower()
-        plans = []
-        for overrides in sweep_jobs(config):
-            try:
-                cfg = compose(config_name="sweep", overrides=overrides)
-                validate_train(cfg, here=here)
-                plans.append((overrides, plan(cfg)))
-            except ConfigError as e:  # SystemExit: Hydra turns a callback's exceptions into warnings
-                job = " ".join(overrides)
-                print(f"[bgpo.sweep] nothing launched; bad job {job}: {e}", file=sys.stderr)
-                raise SystemExit(2) from None
+        jobs = sweep_jobs(config)
+        try:
+            job = []
+            for job in jobs:  # every job's settings first: the first bad one is named
+                validate_train(compose(config_name="sweep", overrides=job), here=here)
+            plans = []
+            for job in jobs:  # then what each will do (its run folder may name a problem too)
+                plans.append((job, plan(compose(config_name="sweep", overrides=job))))
+        except ConfigError as e:  # SystemExit: Hydra turns a callback's exceptions into warnings
+            print(f"[bgpo.sweep] nothing launched; bad job {' '.join(job)}: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
         report_plan(plans)
 
 

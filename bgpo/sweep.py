@@ -66,20 +66,20 @@ class Validate(Callback):
                 validate_train(compose(config_name="sweep", overrides=job), here=here)
             plans = []
             for job in jobs:  # then what each will do (its run folder may name a problem too)
-                plans.append((job, plan(compose(config_name="sweep", overrides=job))))
+                plans.append((job, plan(compose(config_name="sweep", overrides=job), here)))
         except ConfigError as e:  # SystemExit: Hydra turns a callback's exceptions into warnings
             print(f"[bgpo.sweep] nothing launched; bad job {' '.join(job)}: {e}", file=sys.stderr)
             raise SystemExit(2) from None
         report_plan(plans)
 
 
-def plan(cfg: DictConfig) -> dict[str, Any]:
+def plan(cfg: DictConfig, here: bool = True) -> dict[str, Any]:
     """One job's plan, nothing built: its run folder and state, its base model (shipped, cached, or
     pretrained first), and its time estimated from the committed runs' measured wall time."""
     from bgpo.pretrain import base_model_path
     from bgpo.train import measured_minutes, resolved_config, run_state
 
-    resolved = resolved_config(cfg)
+    resolved = resolved_config(cfg, here)
     path, state, _ = run_state(resolved)
     base = base_model_path(cfg.task.name, cfg.model)
     base_note = ("" if cfg.model.kind != "tiny" or base is None or (base / "config.json").exists()

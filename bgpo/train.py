@@ -37,10 +37,11 @@ from bgpo.results import (
 log = logging.getLogger("bgpo.train")  # not __name__, which is "__main__" under python -m
 
 
-def resolved_config(cfg: DictConfig) -> dict:
-    """``cfg`` validated (before any model is built), with the architecture keys of the base model
-    that is really trained, as a plain dict: what the run key and ``config.yaml`` are made of."""
-    validate_train(cfg)
+def resolved_config(cfg: DictConfig, here: bool = True) -> dict:
+    """``cfg`` validated (before any model is built; ``here``: its device must exist on this
+    machine), with the architecture keys of the base model that is really trained, as a plain
+    dict: what the run key and ``config.yaml`` are made of."""
+    validate_train(cfg, here=here)
     for key, value in base_architecture(cfg.task.name, cfg.model).items():
         cfg.model[key] = value
     return to_container(cfg)

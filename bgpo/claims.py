@@ -108,7 +108,7 @@ def pick(runs: list[Run], method: str, task: str, mc: int | None = None) -> list
 def claim_rows(repro: list[Run], mc_runs: list[Run], bounds: list[Run], equal: list[Run],
                memory: list[dict[str, Any]]) -> list[Row]:
     """One row per claim and task."""
-    from bgpo.config import EQUAL_MEMORY_MC
+    from bgpo.paper_settings import EQUAL_MEMORY_MC
 
     rows: list[Row] = []
     for task in sorted({r.task for r in repro} | set(TASK_NAMES)):
@@ -194,8 +194,8 @@ def failed_note(results: Path) -> list[str]:
 
 def claims_table(runs: list[Run], memory: list[dict[str, Any]], results: Path) -> Table:
     """``tables/claims.md``: the rows of ``claim_rows`` and ``later_rows`` as one table."""
-    from bgpo.config import EQUAL_MEMORY_MC
     from bgpo.paper_runs import VARIED, Table, borrowed
+    from bgpo.paper_settings import EQUAL_MEMORY_MC
 
     repro = [r for r in runs if r.sweep == "tiny_repro"]
     mc_runs = borrowed(runs, "tiny_mc", VARIED["mc_ablation"], lambda r: r.method == "bgpo")

@@ -128,8 +128,9 @@ def plan(presets: list[str], selects: list[dict[str, str]], extra: list[str], st
     from hydra import compose, initialize_config_module
     from hydra.errors import ConfigCompositionException
 
-    from bgpo.config import register, validate_train
+    from bgpo.config import register
     from bgpo.sweep import sweep_jobs
+    from bgpo.validate import validate_train
 
     register()
     jobs = []

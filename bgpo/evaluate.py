@@ -69,19 +69,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from bgpo.config import (
-    ConfigError,
-    ModelConfig,
-    TaskConfig,
-    as_config_error,
-    check_device,
-    check_int,
-    check_number,
-    cli_errors,
-    task_args,
-    validate_model,
-    validate_task,
-)
+from bgpo.config import ConfigError, ModelConfig, TaskConfig
 from bgpo.config import register as register_config
 from bgpo.results import (
     StoreMismatch,
@@ -94,6 +82,16 @@ from bgpo.results import (
     reason,
     stored_config,
     warn,
+)
+from bgpo.validate import (
+    as_config_error,
+    check_device,
+    check_int,
+    check_number,
+    cli_errors,
+    task_args,
+    validate_model,
+    validate_task,
 )
 
 log = logging.getLogger("bgpo.evaluate")  # not __name__, which is "__main__" under python -m
@@ -159,7 +157,7 @@ def load_model(cfg: DictConfig, device: str) -> tuple[Any, Path]:
     if path.suffix != ".pt" or not path.is_file():
         raise FileNotFoundError(f"checkpoint={cfg.checkpoint!r} is neither a model folder nor a trainer "
                                 ".pt file")
-    from bgpo.pretrain import base_model_path
+    from bgpo.provision import base_model_path
 
     run_dir = path.parent.parent
     stored = stored_config(run_dir, "cannot tell which model the run trained")

@@ -145,7 +145,7 @@ def load_run_policy(run_dir: str | Path, which: str = "final", base: str | None 
                     device: str = "cpu") -> tuple[DLLM, dict[str, Any], dict[str, Any]]:
     """The policy of a run's checkpoint (as the trainer built it: LoRA-wrapped when the run used
     LoRA), the run's config and the checkpoint's ``step``."""
-    from bgpo.pretrain import base_model_path
+    from bgpo.provision import base_model_path
 
     run_dir = Path(run_dir).expanduser()
     cfg, ckpt = _run_files(run_dir, which)

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from omegaconf import DictConfig
 
-if TYPE_CHECKING:  # a type only: bgpo.config imports this module to validate logger.*
+if TYPE_CHECKING:  # a type only: bgpo.validate imports this module to check logger.*
     from bgpo.config import LoggerConf
 
 WANDB_MODES = ("offline", "online", "disabled")

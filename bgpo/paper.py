@@ -353,7 +353,7 @@ def tables_of(runs: list[Run], memory: list[dict[str, Any]], reported: dict[str,
             sel = borrowed(runs, s, VARIED[kind], lambda r: r.method in ("bgpo_offpolicy", "bgpo_tangent",
                                                                          "bgpo_jensen"))
         elif kind == "equal_memory":
-            from bgpo.config import EQUAL_MEMORY_MC
+            from bgpo.paper_settings import EQUAL_MEMORY_MC
 
             sel = borrowed(runs, s, VARIED[kind], lambda r: EQUAL_MEMORY_MC.get(r.method) == r.mc)
         else:

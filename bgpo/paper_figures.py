@@ -196,8 +196,8 @@ def _interval_series(runs: list[Any], sweep: str, by_mc: bool) -> tuple[list, An
     """(label, Interval) per n_t (BGPO runs) or per method of the first task of a sweep, the base, and
     the (method, n_t) of each point; with the runs of other sweeps that differ only in what the
     sweep varies (tiny_repro's BGPO at n_t 16), as the tables take them."""
-    from bgpo.config import EQUAL_MEMORY_MC
     from bgpo.paper_runs import METHODS, VARIED, borrowed, compare, groups_of
+    from bgpo.paper_settings import EQUAL_MEMORY_MC
 
     if by_mc:
         sel = borrowed(runs, sweep, VARIED["mc_ablation"], lambda r: r.method == "bgpo")

@@ -74,7 +74,7 @@ class Dist:
 
     @classmethod
     def from_env(cls, device: str, strategy: str = "ddp") -> Dist:
-        """``strategy`` is ``cfg.parallel``, checked at start-up by ``bgpo.config.validate_train``."""
+        """``strategy`` is ``cfg.parallel``, checked at start-up by ``bgpo.validate.validate_train``."""
         if int(os.environ.get("WORLD_SIZE", "1")) == 1:
             return cls(strategy=strategy, device=device)
         from accelerate import Accelerator

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from bgpo.config import ConfigError
+from bgpo.provision import file_sha256 as _file_sha256
 
 # keys that say WHERE or HOW a run executes, not WHAT it computes: excluded from the run key
 # (``parallel``: ddp is bit-exact to one process; fsdp changes only the order of float sums;
@@ -182,14 +183,6 @@ def run_key(cfg: dict[str, Any]) -> str:
     return run_name(with_base_model(cfg))
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 23):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def folder_hash(folder: Path) -> str:
     """sha256 over a model folder's weights (``*.safetensors``, ``*.bin``) and ``config.json``.
     Each file's hash is cached in ``$BGPO_CACHE/hashes/`` keyed by the folder, and reused while
@@ -235,7 +228,7 @@ def base_model_identity(cfg: dict[str, Any]) -> dict[str, Any]:
     the tiny base is not built yet."""
     m = cfg["model"]
     if m["kind"] == "tiny" and not m.get("path"):
-        from bgpo.pretrain import base_model_path
+        from bgpo.provision import base_model_path
 
         folder = base_model_path(cfg["task"]["name"], m)  # a shipped model is hash-checked here
         if not (folder / "pretrain.json").is_file():

@@ -21,9 +21,10 @@ import hydra
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from bgpo.config import ConfigError, cli_errors, register
+from bgpo.config import ConfigError, register
 from bgpo.results import RunFailed, read_failure, read_summary
 from bgpo.train import run, test_line
+from bgpo.validate import cli_errors
 
 log = logging.getLogger("bgpo.sweep")  # not __name__, which is "__main__" under python -m
 
@@ -54,7 +55,7 @@ class Validate(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from hydra import compose
 
-        from bgpo.config import validate_train
+        from bgpo.validate import validate_train
 
         # a local launcher runs the jobs on this machine: their device must exist here (a Slurm job's
         # is checked on its node, by bgpo.train.run, before a model is built)
@@ -76,7 +77,7 @@ class Validate(Callback):
 def plan(cfg: DictConfig, here: bool = True) -> dict[str, Any]:
     """One job's plan, nothing built: its run folder and state, its base model (shipped, cached, or
     pretrained first), and its time estimated from the committed runs' measured wall time."""
-    from bgpo.pretrain import base_model_path
+    from bgpo.provision import base_model_path
     from bgpo.train import measured_minutes, resolved_config, run_state
 
     resolved = resolved_config(cfg, here)

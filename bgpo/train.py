@@ -20,7 +20,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from bgpo.config import base_architecture, cli_errors, register, to_container, validate_train
+from bgpo.config import register, to_container
 from bgpo.results import (
     BaseModelMissing,
     RunFailed,
@@ -33,6 +33,7 @@ from bgpo.results import (
     run_lock,
     with_base_model,
 )
+from bgpo.validate import base_architecture, cli_errors, validate_train
 
 log = logging.getLogger("bgpo.train")  # not __name__, which is "__main__" under python -m
 

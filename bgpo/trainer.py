@@ -42,12 +42,13 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from bgpo.config import build_method, task_args, to_container
+from bgpo.config import to_container
 from bgpo.evaluation import SELECTION, best_row, better, evaluate_on, has_validation, test_sources
 from bgpo.loggers import Tracker, nested
 from bgpo.model import DLLM, apply_lora, apply_precision, enable_activation_checkpointing, load_dllm
 from bgpo.parallel import Dist
-from bgpo.pretrain import ensure_base_model, pick_device
+from bgpo.pretrain import ensure_base_model
+from bgpo.provision import pick_device
 from bgpo.results import (
     atomic_write_json,
     check_checkpoint_run,
@@ -65,6 +66,7 @@ from bgpo.results import (
 from bgpo.rollout import rollout
 from bgpo.tasks import get_task
 from bgpo.update import advantages, update
+from bgpo.validate import build_method, task_args
 
 log = logging.getLogger(__name__)
 

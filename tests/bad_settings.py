@@ -145,7 +145,7 @@ def probes(tmp: Path) -> list[tuple[str, str, Callable[[], object]]]:
         rows.append(("bgpo.train", " ".join(overrides), lambda a=args, i=i: run(
             tv.compose_train(f"results_dir={tmp / 'runs' / str(i)}", *a))))
     for override, _ in tv.PRETRAIN_BAD:
-        from bgpo.config import validate_pretrain
+        from bgpo.validate import validate_pretrain
 
         rows.append(("bgpo.pretrain", override,
                      lambda o=override: validate_pretrain(tv.compose_train(o, config="pretrain"))))

@@ -14,10 +14,12 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 
-import bgpo.pretrain
-from bgpo.config import ConfigError, to_container, validate_train
-from bgpo.pretrain import SHIPPED_DIR, base_model_path, shipped_manifest, shipped_path, write_manifest_entry
+import bgpo.provision
+from bgpo.config import ConfigError, to_container
+from bgpo.pretrain import write_manifest_entry
+from bgpo.provision import SHIPPED_DIR, base_model_path, shipped_manifest, shipped_path
 from bgpo.results import base_model_identity, folder_hash, run_dir_of
+from bgpo.validate import validate_train
 from tests.helpers import micro_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +64,7 @@ def fake_shipped(tmp_path, monkeypatch) -> Path:
     folder = root / "tiny-countdown"
     micro_model(dtype=torch.float32).save(folder)
     (folder / "pretrain.json").write_text(json.dumps({"task": "countdown"}))
-    monkeypatch.setattr(bgpo.pretrain, "SHIPPED_DIR", root)
+    monkeypatch.setattr(bgpo.provision, "SHIPPED_DIR", root)
     write_manifest_entry("countdown", folder, {"train_seconds": 1.0, "total_seconds": 1.0,
                                                "eval": {"accuracy": 0.0}})
     assert shipped_path("countdown") == folder
@@ -141,8 +143,8 @@ def test_the_smoke_setting_runs_the_whole_pipeline_from_the_shipped_base(tmp_pat
 RUN_TRAIN_WITH_SHIPPED_DIR = """
 import runpy, sys
 from pathlib import Path
-import bgpo.pretrain
-bgpo.pretrain.SHIPPED_DIR = Path(sys.argv.pop(1))  # a copy of the shipped models, to damage
+import bgpo.provision
+bgpo.provision.SHIPPED_DIR = Path(sys.argv.pop(1))  # a copy of the shipped models, to damage
 sys.argv[0] = "bgpo.train"
 runpy.run_module("bgpo.train", run_name="__main__")
 """

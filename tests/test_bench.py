@@ -157,7 +157,7 @@ def test_equal_memory_mc_fits_the_committed_memory_rows():
     import json
     from pathlib import Path
 
-    from bgpo.config import EQUAL_MEMORY_MC
+    from bgpo.paper_settings import EQUAL_MEMORY_MC
 
     path = Path(__file__).resolve().parents[1] / "results" / "bench" / "memory-cpu-tiny.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -177,7 +177,7 @@ def test_headroom_bench_measures_the_shipped_base_on_validation(tmp_path):
     import json
 
     from bgpo.bench import headroom
-    from bgpo.pretrain import shipped_manifest
+    from bgpo.provision import shipped_manifest
 
     argv = ["--task", "sudoku", "--n", "4", "--G", "3", "--prompts-per-batch", "2", "--out", str(tmp_path)]
     assert headroom.main(argv) == 0

@@ -9,7 +9,8 @@ from hydra import compose, initialize_config_module
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
-from bgpo.config import build_method, register, validate_train
+from bgpo.config import register
+from bgpo.validate import build_method, validate_train
 
 register()
 CONF = Path(__file__).resolve().parents[1] / "bgpo" / "conf"

@@ -19,10 +19,11 @@ import bgpo.loggers as loggers
 import bgpo.train as bgpo_train
 import bgpo.trainer as trainer
 import tests.toy_task  # noqa: F401  (registers the toy task)
-from bgpo.config import LoggerConf, ModelConfig, PretrainConfig, TaskConfig, to_container, validate_train
+from bgpo.config import LoggerConf, ModelConfig, PretrainConfig, TaskConfig, to_container
 from bgpo.pretrain import pretrain
 from bgpo.results import run_name
 from bgpo.train import run
+from bgpo.validate import validate_train
 from tests.helpers import micro_model
 from tests.test_trainer import cfg_of
 

@@ -104,6 +104,6 @@ def test_eval_tasks_are_evaluated_on_their_own_test_sets():
         out = evaluation.evaluate_on(model, None, cfg.task, source, per_problem=True)
         assert out["n"] == n and len(out["per_problem"]["accuracy"]) == n
     with pytest.raises(ValueError, match="task.eval_tasks.chess"):
-        from bgpo.config import validate_task
+        from bgpo.validate import validate_task
 
         validate_task(compose_task("task=math", "+task.eval_tasks.chess={}").task)

@@ -84,7 +84,7 @@ def test_bf16_mixed_gradients_are_close_to_fp32():
                                                  ("bf16-pure", "float32", "model.dtype=bfloat16"),
                                                  ("fp16", "float32", "model.precision='fp16'")])
 def test_precision_and_dtype_must_agree_at_start_up(base_model, tmp_path, precision, dtype, key):
-    from bgpo.config import validate_train
+    from bgpo.validate import validate_train
 
     with pytest.raises(ValueError, match=key):
         validate_train(cfg_of(base_model, tmp_path, f"model.precision={precision}", f"model.dtype={dtype}"))

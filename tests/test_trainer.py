@@ -171,7 +171,7 @@ def test_off_policy_minibatches_take_one_step_per_minibatch(base_model, tmp_path
                                            (["method=bgpo", "minibatches=3"], "minibatches=3"),
                                            (["method=bgpo", "method.cfg.n_t=4"], "method.cfg.n_t")])
 def test_bad_off_policy_combinations_fail_at_start_up(base_model, tmp_path, overrides, key):
-    from bgpo.config import validate_train
+    from bgpo.validate import validate_train
 
     with pytest.raises(ValueError, match=key):
         validate_train(cfg_of(base_model, tmp_path, *overrides))
@@ -198,7 +198,7 @@ def test_skipping_flat_groups_leaves_the_gradient_unchanged(method, extra):
 
     with initialize_config_module("bgpo.conf", version_base="1.3"):
         cfg = compose("train", overrides=[f"method={method}", extra])
-    from bgpo.config import build_method
+    from bgpo.validate import build_method
 
     model = micro_model()
     m = build_method(cfg)(ref=None)

@@ -40,12 +40,13 @@ import bgpo.trainer as trainer
 import bgpo.update
 import tests.toy_task  # noqa: F401  (registers the toy task)
 from baselines.diffu_grpo import DiffuGRPO
-from bgpo.config import register, validate_train
+from bgpo.config import register
 from bgpo.elbo import Batch
 from bgpo.method import Prepared
 from bgpo.model import DLLM, build_tiny
 from bgpo.objective import BGPO
 from bgpo.rollout import Rollouts
+from bgpo.validate import validate_train
 from tests.helpers import MICRO, random_batch
 from tests.test_objectives import ref_token_logp
 from tests.test_references import with_eos

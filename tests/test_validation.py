@@ -20,10 +20,11 @@ from hydra import compose, initialize_config_module
 import bgpo.model
 import bgpo.pretrain
 import bgpo.trainer
-from bgpo.config import ConfigError, ConfigWarning, register, validate_pretrain
+from bgpo.config import ConfigError, ConfigWarning, register
 from bgpo.evaluate import validate_evaluate
 from bgpo.sweep import Report, Validate
 from bgpo.train import run
+from bgpo.validate import validate_pretrain
 from tests.helpers import micro_model
 
 register()

@@ -161,7 +161,7 @@ def model_spec(model: str, arch: str | None, name: str | None, dtype: str, devic
                seed: int, task: str = "countdown", precision: str | None = None,
                activation_checkpointing: bool = False) -> ModelSpec:
     """``--model tiny`` (the shipped, else cached, base model of ``task``) or a folder; ``--arch`` wins."""
-    from bgpo.pretrain import pick_device, tiny_base
+    from bgpo.provision import pick_device, tiny_base
 
     if dtype not in _DTYPES or dtype == "auto":
         raise ValueError(f"--dtype={dtype!r} is not one of {[d for d in _DTYPES if d != 'auto']}")
@@ -283,7 +283,7 @@ def method_partial(name: str, n_t: int, overrides: list[str] = ()):  # type: ign
 
     ``overrides`` are Hydra overrides; ``NAME:KEY=VAL`` applies only to method NAME.
     """
-    from bgpo.config import build_method
+    from bgpo.validate import build_method
 
     mine = []
     for o in overrides:

@@ -84,7 +84,7 @@ def main(argv: list[str]) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     from bgpo.model import load_dllm
-    from bgpo.pretrain import check_base_task, shipped_path
+    from bgpo.provision import check_base_task, shipped_path
     from bgpo.tasks import get_task
 
     path = Path(args.model) if args.model else shipped_path(args.task)

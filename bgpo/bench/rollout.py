@@ -122,7 +122,7 @@ def measure(model: DLLM, task, examples: list, cfg: SamplerConfig, args: argpars
 
 
 def load_model(args: argparse.Namespace) -> tuple[DLLM, Path, dict]:
-    from bgpo.pretrain import tiny_base
+    from bgpo.provision import tiny_base
 
     path = Path(args.model_path) if args.model_path else tiny_base(args.task)
     if args.model_kind == "tiny" and not (path / "config.json").exists():

@@ -82,12 +82,12 @@ def counted(fn: Callable[[], Any]) -> float:
 
 
 def run(args: argparse.Namespace, cmd: str) -> tuple[Path, list[dict[str, Any]]]:
-    from bgpo.config import build_method
     from bgpo.evaluation import evaluate_on
     from bgpo.method import backward
     from bgpo.rollout import rollout
     from bgpo.tasks import get_task
     from bgpo.trainer import advantages, shard_generator
+    from bgpo.validate import build_method
 
     cfg = compose_train(args.override)
     spec = model_spec(args.model, args.arch, args.name, args.dtype, args.device, 0, args.seed, cfg.task.name)

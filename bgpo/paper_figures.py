@@ -71,8 +71,30 @@ def _panels(n: int, width: float = 4.2, cols: int = 3) -> tuple[Any, list[Any]]:
     return fig, flat[:n]
 
 
+DEVICES = {"cpu": "CPU", "cuda": "GPU", "mps": "Apple GPU"}
+MODELS = {"tiny": "tiny dLLM: BGPO and its baselines", "tiny-beyond": "tiny dLLM: the methods after BGPO",
+          "tiny-ac": "tiny dLLM, activation checkpointing"}
+TASKS = {"countdown": "Countdown", "sudoku": "Sudoku", "math": "MATH + GSM8K", "deepcoder": "DeepCoder"}
+SWEEPS = {"tiny_repro": "BGPO and its baselines", "tiny_mc": "BGPO over n_t", "tiny_bounds": "bound ablation",
+          "tiny_equal_memory": "equal memory", "tiny_offpolicy": "off-policy BGPO",
+          "testbed": "BGPO, testbed settings"}
+
+
+def panel_title(device: str, model: str) -> str:
+    """``cpu`` · ``tiny-beyond`` → "tiny dLLM: the methods after BGPO (CPU)"."""
+    return f"{MODELS.get(model, model)} ({DEVICES.get(device, device)})"
+
+
+def same_curve(a: list[tuple[float, float]], b: list[tuple[float, float]], rtol: float = 0.01) -> bool:
+    """Two (x, y) series at the same x with every y within ``rtol``: drawn as one line."""
+    return [x for x, _ in a] == [x for x, _ in b] and all(
+        abs(ya - yb) <= rtol * max(abs(ya), abs(yb)) for (_, ya), (_, yb) in zip(a, b, strict=True))
+
+
 def bench_vs_mc(rows: list[dict[str, Any]], field: str, ylabel: str, scale: float, floor: bool) -> Any:
-    """One panel per (device, model): ``field`` against n_t (log2 axis), one line per method."""
+    """One panel per (device, model): ``field`` against n_t (log2 axis), one line per method.
+    Methods whose points coincide (within 1%) share one line and one legend entry, so no line hides
+    under another; the floor is a wide grey band behind the lines, visible where BGPO sits on it."""
     last: dict[tuple, dict[str, Any]] = {}
     for r in rows:
         last[(str(r.get("device")), str(r.get("model")), _key(str(r["method"])), int(r["mc"]))] = r
@@ -80,22 +102,32 @@ def bench_vs_mc(rows: list[dict[str, Any]], field: str, ylabel: str, scale: floa
     fig, axes = _panels(len(groups))
     for ax, (device, model) in zip(axes, groups, strict=True):
         pts = {k: v for k, v in last.items() if k[:2] == (device, model)}
+        lines: list[tuple[list[str], list[tuple[float, float]]]] = []
         for m in _methods(k[2] for k in pts):
             xy = sorted((k[3], v[field] / scale) for k, v in pts.items()
                         if k[2] == m and isinstance(v.get(field), (int, float)))
-            if xy:
-                marker, dash, size = STYLES.get(m, ("o", "-", 6))
-                ax.plot(*zip(*xy, strict=True), marker=marker, linestyle=dash, markersize=size,
-                        color=COLORS.get(m), label=LABELS.get(m, m), markerfacecolor="none")
+            if not xy:
+                continue
+            twin = next((names for names, other in lines if same_curve(xy, other)), None)
+            if twin is not None:
+                twin.append(m)
+            else:
+                lines.append(([m], xy))
+        for names, xy in lines:
+            marker, dash, size = STYLES.get(names[0], ("o", "-", 6))
+            ax.plot(*zip(*xy, strict=True), marker=marker, linestyle=dash, markersize=size, zorder=3,
+                    color=COLORS.get(names[0]), label=" = ".join(LABELS.get(m, m) for m in names),
+                    markerfacecolor="none")
         fl = sorted((k[3], v["floor_bytes"] / scale) for k, v in pts.items()
                     if floor and isinstance(v.get("floor_bytes"), (int, float)))
         if fl:
             mcs = sorted({x for x, _ in fl})
             means = [sum(y for x, y in fl if x == mc) / sum(1 for x, _ in fl if x == mc) for mc in mcs]
-            ax.plot(mcs, means, "--", color="0.4", label="floor")
+            ax.plot(mcs, means, "-", color="0.6", lw=9, alpha=0.35, zorder=1, solid_capstyle="butt",
+                    label="floor: one MC sample's forward + backward")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log", base=2)
-        ax.set(xlabel="n_t (MC samples per response)", ylabel=ylabel, title=f"{device} · {model}")
+        ax.set(xlabel="n_t (MC samples per response)", ylabel=ylabel, title=panel_title(device, model))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -126,7 +158,8 @@ def validation_curves(runs: list[Any]) -> Any:
             ax.plot(steps, mean, color=color, lw=1.8, label=f"{LABELS.get(m, m)} (seeds={len(seeds)})")
             ax.fill_between(steps, [min(v) for v in vals], [max(v) for v in vals], color=color,
                             alpha=0.15, lw=0)
-        title = f"{task} ({sweep}{', later methods' if family else ''})"
+        what = "BGPO and the methods after it" if family else SWEEPS.get(sweep, sweep)
+        title = f"{TASKS.get(task, task)}: {what}"
         ax.set(xlabel="RL step", ylabel="validation accuracy (%)", title=title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
@@ -159,21 +192,50 @@ def interval_points(items: list[tuple[str, Any]], xlabel: str, title: str, base:
     return fig
 
 
+def std_interval(std: float, repeats: int) -> tuple[float, float]:
+    """The 95% interval of a standard deviation estimated from ``repeats`` draws (χ² with
+    repeats − 1 degrees of freedom; for ``grad_std``, a mean of per-parameter stds, it is wider
+    than needed, never narrower)."""
+    from scipy.stats import chi2
+
+    df = repeats - 1
+    return std * (df / chi2.ppf(0.975, df)) ** 0.5, std * (df / chi2.ppf(0.025, df)) ** 0.5
+
+
 def gradient_std_bias(rows: list[dict[str, Any]]) -> Any:
-    """Gradient std and bias against n_t per method (kind=grad); ELBO-difference variance (elbo_diff)."""
+    """BGPO Fig. 3 at tiny scale: gradient std (with its χ² interval) and bias against n_t per
+    method (kind=grad), and the variance of the ELBO-difference estimate (kind=elbo_diff)."""
     grad = [r for r in rows if r.get("kind") == "grad"]
     elbo = [r for r in rows if r.get("kind") == "elbo_diff"]
-    specs = [(f, lab) for f, lab in (("grad_std", "gradient std (mean over parameters)"),
-                                     ("bias_rel", "relative gradient bias vs n_t = 256"))
-             if any(isinstance(r.get(f), (int, float)) for r in grad)]
+    gold = sorted({int(r["gold_mc"]) for r in grad if isinstance(r.get("gold_mc"), int)})
+    gold_txt = f"n_t = {gold[0]}" if len(gold) == 1 else "a large n_t"
+    specs = [(f, lab, title) for f, lab, title in (
+        ("grad_std", "gradient std (mean over parameters)", "gradient std over repeated draws"),
+        ("bias_rel", "‖mean gradient − gold‖ / ‖gold‖", f"gradient bias (gold: {gold_txt}, not plotted)"))
+        if any(isinstance(r.get(f), (int, float)) for r in grad)]
     fig, axes = _panels(len(specs) + bool(elbo))
-    for ax, (f, lab) in zip(axes, specs, strict=False):
+    for ax, (f, lab, title) in zip(axes, specs, strict=False):
         for m in _methods(_key(str(r["method"])) for r in grad):
-            xy = sorted((int(r["mc"]), r[f]) for r in grad
-                        if _key(str(r["method"])) == m and isinstance(r.get(f), (int, float)))
-            if xy:
-                ax.plot(*zip(*xy, strict=True), "o-", color=COLORS.get(m), label=LABELS.get(m, m))
-        ax.set(yscale="log", xlabel="n_t", ylabel=lab)
+            pts = sorted((int(r["mc"]), r) for r in grad
+                         if _key(str(r["method"])) == m and isinstance(r.get(f), (int, float)))
+            if not pts:
+                continue
+            xs, ys = [x for x, _ in pts], [r[f] for _, r in pts]
+            if f == "grad_std" and all(isinstance(r.get("repeats"), int) for _, r in pts):
+                ivs = [std_interval(r[f], r["repeats"]) for _, r in pts]
+                err = [[y - lo for y, (lo, _) in zip(ys, ivs, strict=True)],
+                       [hi - y for y, (_, hi) in zip(ys, ivs, strict=True)]]
+                ax.errorbar(xs, ys, yerr=err, fmt="o-", capsize=3, color=COLORS.get(m),
+                            label=LABELS.get(m, m))
+            else:
+                ax.plot(xs, ys, "o-", color=COLORS.get(m), label=LABELS.get(m, m))
+            if f == "bias_rel" and all(isinstance(r.get("dist_rel"), (int, float)) for _, r in pts):
+                # about what an unbiased estimator shows from the repeats' noise alone: mean ‖ĝ − gold‖ / √R
+                noise = [r["dist_rel"] / r["repeats"] ** 0.5 for _, r in pts]
+                first = not any(ln.get_linestyle() == ":" for ln in ax.get_lines())
+                ax.plot(xs, noise, ":", color=COLORS.get(m), lw=1,
+                        label="dotted: noise level of an unbiased mean" if first else None)
+        ax.set(yscale="log", xlabel="n_t (MC samples per response)", ylabel=lab, title=title)
         ax.set_xscale("log", base=2)
     if elbo:
         ax = axes[-1]
@@ -183,11 +245,12 @@ def gradient_std_bias(rows: list[dict[str, Any]]) -> Any:
                         if (bool(r["coupled"]), str(r["level"]), bool(r["stratified"])) == c)
             label = f"{'coupled' if c[0] else 'independent'}, {c[1]}{', stratified' if c[2] else ''}"
             ax.plot(*zip(*xy, strict=True), "o-", label=label)
-        ax.set(yscale="log", xlabel="n (MC draws)", ylabel="Var[ℓ_θ − ℓ_old estimate]")
+        ax.set(yscale="log", xlabel="n (MC draws)", ylabel="Var[ℓ_θ − ℓ_old estimate]",
+               title="variance of the ELBO difference")
         ax.set_xscale("log", base=2)
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6)
     fig.tight_layout()
     return fig
 
@@ -253,7 +316,8 @@ def make_figures(runs: list[Any], memory: list[dict[str, Any]], variance: list[d
     both, png = ("png", "pdf"), ("png",)
     made_from = {
         "memory_vs_mc": (bool(memory), "peak memory of one RL update against n_t (log2 axis), one line per "
-                         "method, the floor (model + optimizer state) dashed; one panel per device · model",
+                         "method (methods with the same points share a line and a label), the floor (one MC "
+                         "sample's forward + backward) a grey band; one panel per device · model",
                          "results/bench/memory-*.jsonl", both,
                          lambda: bench_vs_mc(memory, "peak_bytes", "peak memory (MiB)", 2**20, True)),
         "step_time_vs_mc": (any(isinstance(r.get("step_time_s"), (int, float)) for r in memory),
@@ -277,9 +341,10 @@ def make_figures(runs: list[Any], memory: list[dict[str, Any]], variance: list[d
                          "results/tiny_equal_memory/*/eval_test.json", both,
                          lambda: equal_memory(eq_points, eq_base, eq_used, memory)),
         "gradient_std_bias": (any(r.get("kind") in ("grad", "elbo_diff") for r in variance),
-                              "gradient std and bias against n_t per method (BGPO Fig. 3) and the "
-                              "variance of the ELBO-difference estimate", "results/bench/variance-*.jsonl",
-                              png, lambda: gradient_std_bias(variance)),
+                              "gradient std (χ² 95% intervals) and bias (dotted: the bias the "
+                              "repeats' noise alone gives an unbiased estimator) against n_t per method "
+                              "(BGPO Fig. 3), and the variance of the ELBO-difference estimate",
+                              "results/bench/variance-*.jsonl", png, lambda: gradient_std_bias(variance)),
     }
     lines = ["# Figures", "", "Made by `python -m bgpo.paper` from the files named below; "
              "a figure with no data is not drawn.", "", "| figure | shows | data |", "|---|---|---|"]

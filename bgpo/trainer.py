@@ -36,6 +36,7 @@ import os
 import resource
 import signal
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -100,8 +101,80 @@ class NonFinite(RuntimeError):
         self.step, self.quantity, self.value, self.checkpoint_step = step, quantity, value, checkpoint_step
 
 
+@dataclass
+class Run:
+    """What the phases of one run share: its settings, processes, model, method, optimizer, and
+    where it stands (the resume point, the last good checkpoint, the best validation row)."""
+
+    cfg: DictConfig
+    run_dir: Path
+    dist: Dist
+    task: Any
+    policy: DLLM
+    method: Any
+    params: list[torch.nn.Parameter]
+    opt: torch.optim.Optimizer
+    sched: Any
+    key: str  # the run key, recorded in every checkpoint: never resumed by another run
+    shards: int  # the prompts of a step are cut into this many shards, each with its own generator
+    mu: int  # optimizer steps per rollout batch (BGPO §4's mini-batches or d1's inner updates)
+    std_adv: bool
+    skip_flat: bool  # skip groups whose advantages are all zero (exact; never under FSDP)
+    start: int = 0
+    saved: int = 0  # the step of the last good checkpoint
+    resumed_at: list[int] = field(default_factory=list)
+    commits: list[str] = field(default_factory=list)
+    best: dict[str, Any] | None = None  # rank 0: the best validation row so far
+
+    @property
+    def device(self) -> str:
+        return self.dist.device
+
+    @property
+    def ckpt(self) -> Path:
+        return self.run_dir / "checkpoints" / "last.pt"
+
+    @property
+    def metrics(self) -> Path:
+        return self.run_dir / "metrics.jsonl"
+
+
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Run (or resume) one RL run in ``run_dir``; return its summary (written by the caller)."""
+    run = build(cfg, run_dir)
+    resume(run)
+    train_data = run.task.train_examples(cfg.steps * cfg.prompts_per_step, cfg.seed)
+    t_run = time.time()
+    # trackers (TensorBoard, W&B) see every metrics row and the test sets; INFO lines go to the job log
+    tracker = Tracker.open(cfg.logger, run_dir, to_container(cfg), run.start, cfg.steps, log) \
+        if run.dist.rank == 0 else Tracker()
+    with Preemption() as preemption:
+        try:
+            if run.start == 0:
+                evaluate_base(run, tracker)
+            for step in progress_bar(run):
+                t0 = time.time()
+                reset_peak(run.device)  # mem/peak_bytes: this step's peak, not the model load's
+                prompts = train_data[step * cfg.prompts_per_step : (step + 1) * cfg.prompts_per_step]
+                work, rewards, lengths, gen_s = rollouts(run, step, prompts)
+                row = optimize(run, step, work, rewards, lengths)
+                row.update({"time/step_s": time.time() - t0,
+                            "time/tokens_per_s": sum(lengths) / max(gen_s, 1e-9),
+                            "mem/peak_bytes": peak_bytes(run.device)})
+                validate_and_select(run, step, row)
+                if run.dist.rank == 0:
+                    with open(run.metrics, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    tracker.log(row)
+                checkpoint(run, step, preemption)
+        except NonFinite:
+            tracker.close()
+            raise
+    return finish(run, tracker, t_run)
+
+
+def build(cfg: DictConfig, run_dir: Path) -> Run:
+    """Processes, task, policy (and the frozen reference when β > 0), method and optimizer."""
     dist = Dist.from_env(pick_device(cfg.device), cfg.parallel)
     device = dist.device  # several GPU processes: each on its own cuda:<local rank>
     shards = cfg.shards or dist.world
@@ -121,160 +194,196 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         ref.to(compute)  # the frozen reference needs no float32 master copy
     ref_model = DLLM(**{**policy.__dict__, "net": dist.shard(ref, compute)}) if ref is not None else None
     method = make_method(ref=ref_model)
-    std_adv = make_method.keywords["cfg"].std_adv
     # exact compute saving (not under FSDP, where every rank must run the same backward passes)
     free = getattr(method, "flat_groups_free", lambda: False)()
-    skip_flat = cfg.skip_flat_groups and free and not dist.fsdp
-    mu = cfg.minibatches * cfg.inner_updates  # optimizer steps per rollout batch
     dist.shard(policy.net, compute)  # parallel=fsdp: sharded before the optimizer sees the parameters
     params = [p for p in policy.net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, cfg.adam_beta2), weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
+    return Run(cfg, run_dir, dist, task, policy, method, params, opt, sched, key=run_key(to_container(cfg)),
+               shards=shards, mu=cfg.minibatches * cfg.inner_updates,
+               std_adv=make_method.keywords["cfg"].std_adv,
+               skip_flat=cfg.skip_flat_groups and free and not dist.fsdp)
 
-    ckpt, metrics_path = run_dir / "checkpoints" / "last.pt", run_dir / "metrics.jsonl"
-    start, resumed_at, commits = 0, [], []
-    commit = provenance(device)["commit"]
-    key = run_key(to_container(cfg))  # recorded in every checkpoint: never resumed by another run
-    state = resume_state(run_dir, cfg.steps, device, dist, key)
-    if state is not None:  # resume: model, optimizer, scheduler, RNG, step
-        dist.load_state_dicts(policy.net, opt, state["model"], state["opt"])
-        sched.load_state_dict(state["sched"])
+
+def resume(run: Run) -> None:
+    """Model, optimizer, scheduler, RNG and step from the last good checkpoint (``resume_state``),
+    and the commits the run was trained with so far (this one appended)."""
+    commit = provenance(run.device)["commit"]
+    state = resume_state(run.run_dir, run.cfg.steps, run.device, run.dist, run.key)
+    if state is not None:
+        run.dist.load_state_dicts(run.policy.net, run.opt, state["model"], state["opt"])
+        run.sched.load_state_dict(state["sched"])
         torch.set_rng_state(state["rng"])
-        start = state["step"]
-        resumed_at = [*state.get("resumed_at", []), start]
-        commits = list(state.get("commits", []))
-        if commits and commits[-1] != commit and dist.rank == 0:
-            warn(f"{run_dir}: resuming at step {start} with commit {commit}; the run was trained so far "
-                 f"with commit {commits[-1]} (both are recorded in the summary's 'commits')")
-    if not commits or commits[-1] != commit:
-        commits.append(commit)
-    saved = start  # the step of the last good checkpoint
+        run.start = run.saved = state["step"]
+        run.resumed_at = [*state.get("resumed_at", []), run.start]
+        run.commits = list(state.get("commits", []))
+        if run.commits and run.commits[-1] != commit and run.dist.rank == 0:
+            warn(f"{run.run_dir}: resuming at step {run.start} with commit {commit}; the run was trained so "
+                 f"far with commit {run.commits[-1]} (both are recorded in the summary's 'commits')")
+    if not run.commits or run.commits[-1] != commit:
+        run.commits.append(commit)
+    if run.dist.rank == 0:  # resumed: the best validation row so far (rows as resume_state left them)
+        rows = read_metrics(run.metrics)[0]
+        run.best = best_row([rows[k] for k in sorted(rows)])
 
-    # Preemption (Slurm sends USR2 through submitit): finish the step, checkpoint, then hand the
-    # signal to the handler that was there before (submitit's: requeue) or stop with Preempted.
-    stop: dict[str, Any] = {}
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR2, signal.SIGTERM)}
-    for sig in previous:
-        signal.signal(sig, lambda signum, frame: stop.update(signum=signum, frame=frame))
 
-    train_data = task.train_examples(cfg.steps * cfg.prompts_per_step, cfg.seed)
-    per_shard = cfg.prompts_per_step // shards
-    my_shards = list(range(dist.rank, shards, dist.world))
-    t_run = time.time()
+def evaluate_base(run: Run, tracker: Tracker) -> None:
+    """The base model, once: validation (the step-0 row) and the test sets (``eval_test.json``)."""
+    t0 = time.time()
+    row0 = evaluation(run.policy, run.task, run.cfg, run.dist, "val", run.cfg.eval_n) \
+        if has_validation(run.task) else {}
+    tests = test_sets(run.policy, run.task, run.cfg, run.dist)
+    if run.dist.rank == 0:
+        atomic_write_json(run.run_dir / "eval_test.json", {"base": tests})
+        with open(run.metrics, "a") as f:
+            row0 = {"step": 0, **prefixed(row0, "val/"), "time/step_s": time.time() - t0}
+            f.write(json.dumps(row0) + "\n")
+        tracker.log({**row0, **nested("test", tests)})
+
+
+def progress_bar(run: Run) -> Any:
     from tqdm.auto import tqdm
 
-    bar = tqdm(range(start, cfg.steps), desc=run_dir.name, disable=not cfg.progress or dist.rank != 0,
-               initial=start, total=cfg.steps)
-    # trackers (TensorBoard, W&B) see every metrics row and the test sets; INFO lines go to the job log
-    tracker = Tracker.open(cfg.logger, run_dir, to_container(cfg), start, cfg.steps, log) if dist.rank == 0 \
-        else Tracker()
-    validate = has_validation(task)
-    rows = read_metrics(metrics_path)[0] if dist.rank == 0 else {}  # as resume_state left them
-    best = best_row([rows[k] for k in sorted(rows)]) if dist.rank == 0 else None  # resumed: best so far
-    if start == 0:  # the base model: validation (the step-0 row) and the test sets, once
-        t0 = time.time()
-        row0 = evaluation(policy, task, cfg, dist, "val", cfg.eval_n) if validate else {}
-        tests = test_sets(policy, task, cfg, dist)
-        if dist.rank == 0:
-            atomic_write_json(run_dir / "eval_test.json", {"base": tests})
-            with open(metrics_path, "a") as f:
-                row0 = {"step": 0, **prefixed(row0, "val/"), "time/step_s": time.time() - t0}
-                f.write(json.dumps(row0) + "\n")
-            tracker.log({**row0, **nested("test", tests)})  # the base model's test sets
-    for step in bar:
-        t0 = time.time()
-        reset_peak(device)  # mem/peak_bytes: this step's peak, not the model load's
-        policy.net.train()
-        step_prompts = train_data[step * cfg.prompts_per_step : (step + 1) * cfg.prompts_per_step]
-        work, rewards, lengths, gen_s = [], [], [], 0.0
-        for s in my_shards:
-            g = shard_generator(cfg.seed, step, s, device)
-            # rollout
-            t_gen = time.time()
-            with dist.full_params(policy.net):  # the method may ask for its rollout order (JustGRPO)
-                ro = rollout(policy, task, step_prompts[s * per_shard : (s + 1) * per_shard], cfg.task,
-                             cfg.group_size, cfg.temperature, g, fast=cfg.sampler,
-                             order=getattr(method, "ROLLOUT_ORDER", "blocks"))
-            gen_s += time.time() - t_gen
-            # reward → advantages
-            adv = advantages(ro.rewards, cfg.group_size, std_adv).to(device)
-            # method.prepare: MC draws once per rollout batch, θ_old / reference statistics
-            work.append((ro.batch, adv, method.prepare(policy, ro.batch, mu, g)))
-            rewards += ro.rewards.tolist()
-            lengths += (ro.batch.completion != policy.eos_token_id).sum(-1).tolist()
-        # μ optimizer steps per rollout batch: BGPO §4's mini-batches or d1's inner updates
-        stats, norms, bad = update(method, policy, work, minibatches=cfg.minibatches, mu=mu,
-                                   skip_flat=skip_flat, shards=shards, dist=dist, params=params, opt=opt,
-                                   sched=sched, grad_clip=cfg.grad_clip)
-        if bad is not None:
-            raise _stop(previous, tracker, NonFinite(step + 1, *bad, saved))
-        grad_norm = sum(norms) / len(norms)
-        rewards, lengths = dist.gather(rewards), dist.gather(lengths)
-        # every rank computes the same number of shards; each checks its own parameters (shard)
-        per_rank = dist.gather([(stats, first_non_finite(policy.net))])
-        bad_param = next((name for _, name in per_rank if name), None)
-        stats = {k: sum(r[k] for r, _ in per_rank) / len(per_rank) for k in stats}
-        if bad_param or not math.isfinite(stats.get("loss", 0.0)):
-            bad = (f"parameter {bad_param}", "nan/inf") if bad_param else ("loss", stats["loss"])
-            raise _stop(previous, tracker, NonFinite(step + 1, *bad, saved))
-        r = torch.tensor(rewards).view(-1, cfg.group_size)
-        row = {"step": step + 1, "reward": r.mean().item(), "reward_std": r.std(-1).mean().item(),
-               "frac_reward_zero_std": (r.std(-1) == 0).float().mean().item(),
-               "completions/mean_length": sum(lengths) / len(lengths), "grad_norm": grad_norm,
-               "lr": sched.get_last_lr()[0], **stats, "time/step_s": time.time() - t0,
-               "time/tokens_per_s": sum(lengths) / max(gen_s, 1e-9), "mem/peak_bytes": peak_bytes(device)}
-        if validate and (cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
-            row.update(prefixed(evaluation(policy, task, cfg, dist, "val", cfg.eval_n), "val/"))
-            if dist.any(dist.rank == 0 and better(row, best)):  # checkpoint selection: validation only
-                best = row if dist.rank == 0 else None
-                save_weights(run_dir / "checkpoints" / "best.pt", dist, policy, step + 1, key)
-        if dist.rank == 0:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            tracker.log(row)
-        bar.set_postfix(reward=f"{row['reward']:.3f}")
-        stopping = dist.any(bool(stop))  # every rank stops after the same step
-        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps or stopping:
-            save_checkpoint(ckpt, dist, policy, opt, sched, step + 1, resumed_at, commits, key)
-            saved = step + 1
-        if stopping and step + 1 < cfg.steps:
-            for sig, h in previous.items():
-                signal.signal(sig, h)
-            handler = previous.get(stop.get("signum"))
-            if callable(handler):
-                handler(stop["signum"], stop["frame"])  # submitit: checkpoint() + requeue + exit
-            raise Preempted(f"stopped by signal after step {step + 1}; checkpoint in {ckpt}")
-    for sig, h in previous.items():
-        signal.signal(sig, h)
+    return tqdm(range(run.start, run.cfg.steps), desc=run.run_dir.name, initial=run.start,
+                total=run.cfg.steps, disable=not run.cfg.progress or run.dist.rank != 0)
+
+
+def rollouts(run: Run, step: int, prompts: list[Any]) -> tuple[list[tuple[Any, torch.Tensor, Any]],
+                                                               list[float], list[int], float]:
+    """This rank's shards of the step: rollout → reward → advantages → ``method.prepare`` (the MC
+    draws, once per rollout batch, and θ_old / reference statistics), each from its shard's generator."""
+    cfg, policy = run.cfg, run.policy
+    policy.net.train()
+    per_shard = cfg.prompts_per_step // run.shards
+    work, rewards, lengths, gen_s = [], [], [], 0.0
+    for s in range(run.dist.rank, run.shards, run.dist.world):
+        g = shard_generator(cfg.seed, step, s, run.device)
+        t_gen = time.time()
+        with run.dist.full_params(policy.net):  # the method may ask for its rollout order (JustGRPO)
+            ro = rollout(policy, run.task, prompts[s * per_shard : (s + 1) * per_shard], cfg.task,
+                         cfg.group_size, cfg.temperature, g, fast=cfg.sampler,
+                         order=getattr(run.method, "ROLLOUT_ORDER", "blocks"))
+        gen_s += time.time() - t_gen
+        adv = advantages(ro.rewards, cfg.group_size, run.std_adv).to(run.device)
+        work.append((ro.batch, adv, run.method.prepare(policy, ro.batch, run.mu, g)))
+        rewards += ro.rewards.tolist()
+        lengths += (ro.batch.completion != policy.eos_token_id).sum(-1).tolist()
+    return work, rewards, lengths, gen_s
+
+
+def optimize(run: Run, step: int, work: list[Any], rewards: list[float],
+             lengths: list[int]) -> dict[str, Any]:
+    """μ optimizer steps on the rollout batch (``bgpo.update``), the non-finite checks of every rank
+    (:class:`NonFinite`), and the step's metrics row (without its times and memory)."""
+    cfg, dist = run.cfg, run.dist
+    stats, norms, bad = update(run.method, run.policy, work, minibatches=cfg.minibatches, mu=run.mu,
+                               skip_flat=run.skip_flat, shards=run.shards, dist=dist, params=run.params,
+                               opt=run.opt, sched=run.sched, grad_clip=cfg.grad_clip)
+    if bad is not None:
+        raise NonFinite(step + 1, *bad, run.saved)
+    grad_norm = sum(norms) / len(norms)
+    rewards, lengths = dist.gather(rewards), dist.gather(lengths)
+    # every rank computes the same number of shards; each checks its own parameters (shard)
+    per_rank = dist.gather([(stats, first_non_finite(run.policy.net))])
+    bad_param = next((name for _, name in per_rank if name), None)
+    stats = {k: sum(r[k] for r, _ in per_rank) / len(per_rank) for k in stats}
+    if bad_param or not math.isfinite(stats.get("loss", 0.0)):
+        bad = (f"parameter {bad_param}", "nan/inf") if bad_param else ("loss", stats["loss"])
+        raise NonFinite(step + 1, *bad, run.saved)
+    r = torch.tensor(rewards).view(-1, cfg.group_size)
+    return {"step": step + 1, "reward": r.mean().item(), "reward_std": r.std(-1).mean().item(),
+            "frac_reward_zero_std": (r.std(-1) == 0).float().mean().item(),
+            "completions/mean_length": sum(lengths) / len(lengths), "grad_norm": grad_norm,
+            "lr": run.sched.get_last_lr()[0], **stats}
+
+
+def validate_and_select(run: Run, step: int, row: dict[str, Any]) -> None:
+    """Every ``eval_every`` steps and at the end: the validation row, and ``best.pt`` when it is the
+    best so far (checkpoint selection sees validation only, never a test set)."""
+    cfg = run.cfg
+    if not has_validation(run.task) or not (cfg.eval_every and (step + 1) % cfg.eval_every == 0
+                                            or step + 1 == cfg.steps):
+        return
+    row.update(prefixed(evaluation(run.policy, run.task, cfg, run.dist, "val", cfg.eval_n), "val/"))
+    if run.dist.any(run.dist.rank == 0 and better(row, run.best)):
+        run.best = row if run.dist.rank == 0 else None
+        save_weights(run.run_dir / "checkpoints" / "best.pt", run.dist, run.policy, step + 1, run.key)
+
+
+def checkpoint(run: Run, step: int, preemption: Preemption) -> None:
+    """``last.pt`` every ``ckpt_every`` steps, at the end, and when a signal asked the run to stop
+    (every rank stops after the same step); then the signal is handed over."""
+    stopping = run.dist.any(preemption.asked is not None)
+    if (step + 1) % run.cfg.ckpt_every == 0 or step + 1 == run.cfg.steps or stopping:
+        save_checkpoint(run.ckpt, run.dist, run.policy, run.opt, run.sched, step + 1, run.resumed_at,
+                        run.commits, run.key)
+        run.saved = step + 1
+    if stopping and step + 1 < run.cfg.steps:
+        preemption.hand_over(f"stopped by signal after step {step + 1}; checkpoint in {run.ckpt}")
+
+
+def finish(run: Run, tracker: Tracker, t_run: float) -> dict[str, Any]:
+    """The parameter fingerprint, the test sets of the final and the validation-selected policy
+    (``eval_test.json``), and the run's summary."""
+    cfg, dist, policy = run.cfg, run.dist, run.policy
     # one fingerprint of the final parameters per rank (they must agree): from each rank's shards,
     # one parameter at a time (never the whole model in float64: 64 GB at 8B), summed over ranks
     fingerprint = dist.fingerprint(policy.net.parameters())
-    # the test sets, once each: the final policy, then the validation-selected checkpoint
-    tests = {"final": test_sets(policy, task, cfg, dist)}
-    best_step = dist.gather([best["step"] if best else None])[0]
+    tests = {"final": test_sets(policy, run.task, cfg, dist)}
+    best_step = dist.gather([run.best["step"] if run.best else None])[0]
     if best_step is not None and best_step != cfg.steps:
-        state = load_weights(run_dir / "checkpoints" / "best.pt", best_step, device, dist, key)
+        state = load_weights(run.run_dir / "checkpoints" / "best.pt", best_step, run.device, dist, run.key)
         if state is None:  # unreadable: reported; the selected checkpoint's test result is lost
             best_step = None
         else:
             dist.load_model_state_dict(policy.net, state["model"])
     if best_step is not None:
-        tests["best"] = tests["final"] if best_step == cfg.steps else test_sets(policy, task, cfg, dist)
+        tests["best"] = tests["final"] if best_step == cfg.steps else test_sets(policy, run.task, cfg, dist)
     if dist.rank == 0:
-        stored = read_json(run_dir / "eval_test.json", "the base model's test results are missing from it")
-        atomic_write_json(run_dir / "eval_test.json", {**stored, **tests, "best_step": best_step,
-                                                       "selection": SELECTION})
+        out = run.run_dir / "eval_test.json"
+        stored = read_json(out, "the base model's test results are missing from it")
+        atomic_write_json(out, {**stored, **tests, "best_step": best_step, "selection": SELECTION})
         tracker.log({"step": cfg.steps, **nested("test", tests["final"]),
                      **nested("test_selected", tests.get("best", {}))})
     tracker.close()
     summarise = lambda t: {src: {k: v for k, v in r.items() if k != "per_problem"} for src, r in t.items()}  # noqa: E731
     return {"final": summarise(tests["final"]), "selected": summarise(tests.get("best", {})),
             "best_step": best_step, "selection": SELECTION, "steps": cfg.steps,
-            "resumed_at": resumed_at, "commits": commits, "param_fingerprints": dist.gather([fingerprint]),
+            "resumed_at": run.resumed_at, "commits": run.commits,
+            "param_fingerprints": dist.gather([fingerprint]),
             "world_size": dist.world, "parallel": dist.strategy,
             "local_param_numel": dist.gather([sum(dist.local(p).numel() for p in policy.net.parameters())]),
-            "wall_s_this_session": round(time.time() - t_run, 1),
-            **provenance(device)}
+            "wall_s_this_session": round(time.time() - t_run, 1), **provenance(run.device)}
+
+
+class Preemption:
+    """Slurm asks a job to stop with SIGUSR2 (through submitit) or SIGTERM: the run finishes its
+    step and checkpoints, then hands the signal to the handler that was there before (submitit's:
+    requeue) or stops with :class:`Preempted`. The handlers are restored on leaving."""
+
+    SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+
+    def __enter__(self) -> Preemption:
+        self.asked: tuple[int, Any] | None = None
+        self.previous = {sig: signal.getsignal(sig) for sig in self.SIGNALS}
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._ask)
+        return self
+
+    def _ask(self, signum: int, frame: Any) -> None:
+        self.asked = (signum, frame)
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, h in self.previous.items():
+            signal.signal(sig, h)
+
+    def hand_over(self, message: str) -> None:
+        self.__exit__()
+        handler = self.previous.get(self.asked[0]) if self.asked else None
+        if callable(handler):
+            handler(*self.asked)  # submitit: checkpoint() + requeue + exit
+        raise Preempted(message)
 
 
 def prefixed(out: dict[str, Any], prefix: str) -> dict[str, Any]:
@@ -387,14 +496,6 @@ def atomic_torch_save(obj: Any, path: Path, keep_previous: bool = False) -> None
         os.replace(path, path.with_name("prev.pt"))
     os.replace(tmp, path)
     fsync_dir(path.parent)
-
-
-def _stop(previous: dict[int, Any], tracker: Tracker, err: Exception) -> Exception:
-    """Hand the signals back and close the trackers before the run stops with ``err``."""
-    for sig, h in previous.items():
-        signal.signal(sig, h)
-    tracker.close()
-    return err
 
 
 @torch.no_grad()

@@ -249,6 +249,29 @@ def test_figures_are_written(tree: tuple[Path, Path]) -> None:
     assert (figs / "memory_vs_mc.png").read_bytes() == png  # deterministic for one matplotlib
 
 
+def test_figures_read_at_a_glance() -> None:
+    """Issue 26.7: coincident lines share one labelled line (none hides under another), panels have
+    human titles, and a std from R repeats gets its χ² interval."""
+    import matplotlib.pyplot as plt
+
+    from bgpo import paper_figures as pf
+
+    rows = [{"device": "cpu", "model": "tiny", "method": m, "mc": mc, "peak_bytes": b * 2**20,
+             "floor_bytes": 128 * 2**20}
+            for m, scale in (("bgpo", 0), ("vrpo", 1), ("diffu_grpo", 1), ("wd1", 1.005)) for mc, b in
+            ((1, 128), (2, 128 + 128 * scale), (4, 128 + 384 * scale))]
+    fig = pf.bench_vs_mc(rows, "peak_bytes", "MiB", 2**20, True)
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["BGPO", "VRPO-OL = diffu-GRPO = wd1", "floor: one MC sample's forward + backward"]
+    assert ax.get_title() == "tiny dLLM: BGPO and its baselines (CPU)"
+    plt.close(fig)
+    assert not pf.same_curve([(1, 100.0), (2, 200.0)], [(1, 100.0), (2, 203.0)])
+    assert not pf.same_curve([(1, 100.0), (2, 200.0)], [(1, 100.0), (4, 200.0)])
+    lo, hi = pf.std_interval(1.0, 8)  # chi2(7): 1.690, 16.013 at 2.5% / 97.5%
+    assert abs(lo - (7 / 16.0128) ** 0.5) < 1e-3 and abs(hi - (7 / 1.68987) ** 0.5) < 1e-3
+
+
 def test_check_reports_stale_tables(tree: tuple[Path, Path]) -> None:
     results, out = tree
     generate(results, out, "--tables-only")

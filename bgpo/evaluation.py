@@ -53,17 +53,22 @@ def test_sources(task_cfg: Any) -> list[str]:
 
 
 def evaluate_on(policy: DLLM, task: Any, task_cfg: Any, source: str, n: int | None = None,
-                per_problem: bool = False) -> dict[str, Any]:
+                per_problem: bool = False, dist: Any = None) -> dict[str, Any]:
     """Greedy accuracy and reward of ``policy`` on a set: ``val``, ``own`` (the test set in use),
-    ``d1``, or the name of one of ``task.eval_tasks``; the first ``n`` problems when given."""
+    ``d1``, or the name of one of ``task.eval_tasks``; the first ``n`` problems when given.
+    ``dist`` (``bgpo.parallel.Dist``, every rank calling): the problems are split over the ranks
+    and gathered, each rank returning the whole result; an lm-eval suite task runs on rank 0 alone
+    (the others return ``{}``)."""
     if source in (getattr(task_cfg, "eval_tasks", None) or {}):
         from bgpo.tasks import get_task
 
         sub = eval_task_config(task_cfg, source)
         files = {"test_file": sub.test_file} if sub.test_file else {}
         task = get_task(sub.name, n_test=sub.n_test, **files, **sub.options)
-        return evaluate_on(policy, task, sub, "own", n, per_problem)
+        return evaluate_on(policy, task, sub, "own", n, per_problem, dist)
     if suite_task(task_cfg.name):
+        if dist is not None and dist.rank != 0:
+            return {}
         from bgpo.lm_eval_model import evaluate_suite_task
 
         return evaluate_suite_task(policy, task_cfg.name, task_cfg, n, source=source, per_problem=per_problem)
@@ -72,7 +77,8 @@ def evaluate_on(policy: DLLM, task: Any, task_cfg: Any, source: str, n: int | No
     if source == "d1":
         raise ValueError(f"task {task_cfg.name!r} has no d1 test file")
     data = task.val_examples() if source == "val" else task.test_examples()
-    out = evaluate(policy, task, data[:n] if n is not None else data, task_cfg)
+    split = {"rank": dist.rank, "world": dist.world, "gather": dist.gather} if dist is not None else {}
+    out = evaluate(policy, task, data[:n] if n is not None else data, task_cfg, **split)
     if not per_problem:
         out.pop("per_problem")
     return out

@@ -234,15 +234,18 @@ def load_dllm(kind: str, path: str | Path, dtype: str = "float32", device: str =
         hint = f" (it is a model.kind={other[0]} checkpoint)" if other else ""
         raise ValueError(f"{config_file} has model_type={model_type!r} but model.kind={kind!r} needs "
                          f"model_type {' or '.join(map(repr, MODEL_TYPES[kind]))}{hint}")
+    # on an accelerator the weights go straight to it, one checkpoint shard at a time (the model is
+    # built on the meta device): the host never holds the whole model (8 ranks × 32 GB at 8B in fp32)
+    place = {"device_map": {"": device}} if torch.device(device).type != "cpu" else {}
     if kind == "tiny":
-        net = _from_pretrained(AutoModelForCausalLM, path, dtype, **hub)
+        net = _from_pretrained(AutoModelForCausalLM, path, dtype, **hub, **place)
     elif remote_code:  # the published modeling code (transformers 4.46-era)
-        net = AutoModel.from_pretrained(path, trust_remote_code=True, dtype=_DTYPES[dtype], **hub)
+        net = AutoModel.from_pretrained(path, trust_remote_code=True, dtype=_DTYPES[dtype], **hub, **place)
     else:
         cls = NATIVE[kind]
         config = cls.config_class.from_pretrained(path, **hub)
         config.check_supported()  # a setting the native class does not implement: say which
-        net = _from_pretrained(cls, path, dtype, config=config, **hub)
+        net = _from_pretrained(cls, path, dtype, config=config, **hub, **place)
         if mask_token_id is None:
             mask_token_id = getattr(config, "mask_token_id", None)
     tokenizer = _load_tokenizer(kind, path, remote_code or bool(trust_remote_code),

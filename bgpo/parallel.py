@@ -37,6 +37,7 @@ import contextlib
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -62,6 +63,24 @@ def export_launcher_env() -> None:
     TorchDistributedEnvironment().export(set_cuda_visible_devices=False)  # accelerate: cuda:LOCAL_RANK
 
 
+TIMEOUT_ENV = "BGPO_DIST_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 4 * 3600
+
+
+def pg_timeout() -> timedelta:
+    """How long a collective waits for the slowest rank: ``$BGPO_DIST_TIMEOUT_S``, default 4 hours
+    (NCCL's own default, 10 minutes, is shorter than one rank's lm-eval test set at 8B while the
+    others wait in the next collective)."""
+    raw = os.environ.get(TIMEOUT_ENV, str(DEFAULT_TIMEOUT_S))
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ValueError(f"{TIMEOUT_ENV}={raw!r} must be a positive number of seconds")
+    return timedelta(seconds=seconds)
+
+
 @dataclass
 class Dist:
     """Process layout (one process: rank 0 of 1) and the model-parallel strategy."""
@@ -77,9 +96,9 @@ class Dist:
         """``strategy`` is ``cfg.parallel``, checked at start-up by ``bgpo.validate.validate_train``."""
         if int(os.environ.get("WORLD_SIZE", "1")) == 1:
             return cls(strategy=strategy, device=device)
-        from accelerate import Accelerator
+        from accelerate import Accelerator, InitProcessGroupKwargs
 
-        acc = Accelerator(cpu=device == "cpu")
+        acc = Accelerator(cpu=device == "cpu", kwargs_handlers=[InitProcessGroupKwargs(timeout=pg_timeout())])
         local = "cpu" if acc.device.type == "cpu" else str(acc.device)  # accelerate says cpu:0
         return cls(acc.process_index, acc.num_processes, strategy, local)
 

@@ -392,12 +392,13 @@ def prefixed(out: dict[str, Any], prefix: str) -> dict[str, Any]:
 
 def evaluation(policy: DLLM, task: Any, cfg: DictConfig, dist: Dist, source: str, n: int | None = None,
                per_problem: bool = False) -> dict[str, Any]:
-    """Greedy evaluation on rank 0 (other ranks get ``{}``): ``source`` = ``val`` | ``own`` | ``d1``
-    (``bgpo.evaluation``). Every rank calls it (under FSDP the parameters are gathered first)."""
+    """Greedy evaluation over every rank (each a slice of the problems, gathered; an lm-eval suite
+    task on rank 0 alone), the result on rank 0 (the others get ``{}``): ``source`` = ``val`` |
+    ``own`` | ``d1`` (``bgpo.evaluation``). Every rank calls it (under FSDP the parameters are
+    gathered first)."""
     with dist.full_params(policy.net):
-        if dist.rank != 0:
-            return {}
-        return evaluate_on(policy, task, cfg.task, source, n, per_problem)
+        out = evaluate_on(policy, task, cfg.task, source, n, per_problem, dist=dist)
+    return out if dist.rank == 0 else {}
 
 
 def test_sets(policy: DLLM, task: Any, cfg: DictConfig, dist: Dist) -> dict[str, Any]:

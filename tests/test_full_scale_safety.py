@@ -249,3 +249,64 @@ def test_cuda_peak_is_reset_on_the_step_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d=None: calls.append(("peak", d)) or 7)
     trainer.reset_peak("cuda:1")
     assert trainer.peak_bytes("cuda:1") == 7 and calls == [("reset", "cuda:1"), ("peak", "cuda:1")]
+
+
+# ---- evaluation over every rank, and a process-group timeout for it ---------------------------
+def test_evaluation_split_over_ranks_equals_one_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each rank evaluates every world-th batch of the one-process split; gathered, every rank has
+    exactly the one-process result (two ranks played in turn, the gather joining their parts)."""
+    import bgpo.rollout as rollout_mod
+    from bgpo.config import TaskConfig
+    from tests.toy_task import ToyTask
+
+    model, task = micro_model(dtype=torch.float64), ToyTask()
+    cfg = TaskConfig(name="toy", gen_length=8, block_length=4, diffusion_steps=4)
+    problems = task.train_examples(7, 3)
+    one = rollout_mod.evaluate(model, task, problems, cfg, batch_size=2)
+    real, calls = rollout_mod.rollout, []
+    monkeypatch.setattr(rollout_mod, "rollout", lambda m, t, exs, *a, **k: calls.append(len(exs)) or real(
+        m, t, exs, *a, **k))
+    parts: list = []
+    rank1 = rollout_mod.evaluate(model, task, problems, cfg, batch_size=2, rank=1, world=2,
+                                 gather=lambda mine: parts.extend(mine) or mine)
+    assert calls == [2, 1]  # rank 1: batches 1 and 3 of four (the last holds one problem)
+    rank0 = rollout_mod.evaluate(model, task, problems, cfg, batch_size=2, rank=0, world=2,
+                                 gather=lambda mine: mine + parts)
+    assert calls == [2, 1, 2, 2]  # rank 0: batches 0 and 2
+    assert rank0 == one and rank0["n"] == 7 and len(rank0["per_problem"]["accuracy"]) == 7
+    assert rank1["n"] == 7  # a rank's own view before the real gather: its batches only
+    with pytest.raises(ValueError, match="needs their gather"):
+        rollout_mod.evaluate(model, task, problems, cfg, rank=0, world=2)
+
+
+def test_the_process_group_waits_long_enough_for_a_test_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(parallel.TIMEOUT_ENV, raising=False)
+    assert parallel.pg_timeout().total_seconds() == 4 * 3600  # NCCL's default is 600 s
+    monkeypatch.setenv(parallel.TIMEOUT_ENV, "90")
+    assert parallel.pg_timeout().total_seconds() == 90
+    for bad in ("0", "-5", "soon", "nan"):
+        monkeypatch.setenv(parallel.TIMEOUT_ENV, bad)
+        with pytest.raises(ValueError, match=parallel.TIMEOUT_ENV):
+            parallel.pg_timeout()
+
+
+def test_weights_load_straight_onto_the_accelerator(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU the checkpoint is loaded shard by shard onto the rank's device (``device_map``):
+    no rank builds the whole model on the host first. On CPU nothing changes."""
+    from bgpo.model import NATIVE, load_dllm
+    from tests.test_native_models import folder
+
+    path, seen = folder("llada"), []
+
+    class Stop(Exception):
+        pass
+
+    def record(cls: type, *_a: object, **kw: object) -> None:
+        seen.append(kw.get("device_map"))
+        raise Stop
+
+    monkeypatch.setattr(NATIVE["llada"], "from_pretrained", classmethod(record))
+    for device in ("cuda:3", "cpu"):
+        with pytest.raises(Stop):
+            load_dllm("llada", path, device=device)
+    assert seen == [{"": "cuda:3"}, None]

@@ -1,0 +1,153 @@
+"""What every method promises the loop around it, and the draws' corner cases (the survivors of
+the mutation run, README "Mutation testing"): the names of the statistics it reports, the
+reference it keeps, when skipping flat groups is exact, VRPO-OL's single chunk, independent draws
+per row, and the normalisations at their smallest counts (one scored token, one informative
+response, one trajectory group)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from baselines.coupled_grpo import CoupledGRPO, CoupledGRPOConfig
+from baselines.diffu_grpo import DiffuGRPO, DiffuGRPOConfig
+from baselines.espo import ESPO, ESPOConfig
+from baselines.just_grpo import JustGRPO, JustGRPOConfig
+from baselines.spg import SPG, SPGConfig
+from baselines.tracerl import TraceRL, TraceRLConfig
+from baselines.vrpo import VRPO, VRPOConfig
+from baselines.wd1 import WD1, WD1Config
+from bgpo import elbo
+from bgpo.elbo import Batch, ELBOConfig
+from bgpo.objective import BGPO, BGPOConfig
+from tests.helpers import micro_model, random_batch
+from tests.test_methods_beyond import gen, ref_just_grpo, ref_tracerl, with_trace
+from tests.test_objectives import ref_token_logp, run_method
+
+METHODS = {"bgpo": (BGPO, BGPOConfig), "vrpo": (VRPO, VRPOConfig), "diffu_grpo": (DiffuGRPO, DiffuGRPOConfig),
+           "wd1": (WD1, WD1Config), "spg": (SPG, SPGConfig), "espo": (ESPO, ESPOConfig),
+           "coupled_grpo": (CoupledGRPO, CoupledGRPOConfig), "tracerl": (TraceRL, TraceRLConfig),
+           "just_grpo": (JustGRPO, JustGRPOConfig)}
+# the statistics each method reports (metrics.jsonl columns; the trainer averages them over ranks)
+BASE_STATS = {"loss", "kl", "clip_ratio", "elbo/ell"}
+STATS = {name: BASE_STATS for name in METHODS} | {"spg": BASE_STATS | {"elbo/eubo"},
+                                                  "tracerl": BASE_STATS | {"kl_old"}}
+ADV = torch.tensor([1.0, -0.5, 0.25, -1.0, 0.0, 0.5], dtype=torch.float64)
+
+
+def build(name: str, **over: object) -> tuple[object, object]:
+    cls, conf = METHODS[name]
+    cfg = conf(**over) if over else conf()
+    ref = micro_model(seed=5) if getattr(cfg, "beta", 0.0) > 0 else None
+    return cls(cfg, ref=ref), ref
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_every_method_reports_its_statistics_by_name(name: str) -> None:
+    model = micro_model()
+    method, _ = build(name)
+    batch = with_trace(random_batch(model)) if name == "tracerl" else random_batch(model)
+    prep = method.prepare(model, batch, 1, gen(0))
+    stats, _ = run_method(method, model, batch, ADV, prep)
+    assert set(stats) == STATS[name], f"{name} reports {sorted(stats)}"
+    assert all(torch.isfinite(torch.as_tensor(v)).all() for v in stats.values())
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_a_method_keeps_the_reference_it_is_given(name: str) -> None:
+    cls, conf = METHODS[name]
+    sentinel = micro_model(seed=7)
+    assert cls(conf(), ref=sentinel).ref is sentinel
+    if getattr(conf(), "beta", 0.0) > 0:  # a KL term needs the reference: one sentence at construction
+        with pytest.raises(ValueError, match="method.cfg.beta"):
+            cls(conf(), ref=None)
+
+
+@pytest.mark.parametrize("name", ["bgpo", "vrpo"])
+def test_flat_groups_are_free_only_without_a_kl_term(name: str) -> None:
+    cls, conf = METHODS[name]
+    assert cls(conf(beta=0.0)).flat_groups_free() is True
+    assert cls(conf(beta=0.04), ref=micro_model(seed=5)).flat_groups_free() is False
+
+
+def test_vrpo_takes_every_sample_in_one_chunk() -> None:
+    model = micro_model()
+    method = VRPO(VRPOConfig(n_t=4))
+    prep = method.prepare(model, random_batch(model), 1, gen(0))
+    (chunk,) = method.chunks(prep, 0)
+    assert list(range(4)[chunk]) == [0, 1, 2, 3]
+
+
+def test_ar_draws_are_independent_across_rows() -> None:
+    """Rows with the same scored window get their own random positions (not one order for all)."""
+    model = micro_model()
+    one = random_batch(model, n_prompts=1, G=1, L=12)
+    batch = Batch(one.input_ids.repeat(8, 1), one.attention_mask.repeat(8, 1), one.prompt_len, 8)
+    d = elbo.draw(batch, ELBOConfig(mode="ar", window="full"), 3, model.eos_token_id, gen(1))
+    chosen = {tuple(d.target[:, b].nonzero()[:, 1].tolist()) for b in range(8)}  # positions per row
+    assert len(chosen) > 1
+
+
+def test_ar_weight_of_a_row_with_one_scored_token_is_one() -> None:
+    model = micro_model()
+    batch = random_batch(model, n_prompts=1, G=2, L=6)
+    batch.input_ids[0, batch.prompt_len:] = model.eos_token_id  # row 0: only the first EOS is scored
+    d = elbo.draw(batch, ELBOConfig(mode="ar", window="eos"), 3, model.eos_token_id, gen(1))
+    assert d.scored[0].sum() == 1 and d.scored[1].sum() == 6
+    assert torch.equal(d.weight[:, 0], torch.ones(3, dtype=torch.float64))  # L_i / min(L_i, n) = 1
+    assert torch.equal(d.weight[:, 1], torch.full((3,), 2.0, dtype=torch.float64))  # 6 / 3
+
+
+def test_trajectory_groups_when_steps_do_not_divide_evenly() -> None:
+    """7 decoding steps in n_t = 3 groups: ceil(7 / 3) = 3 steps a group (0-2, 3-5, 6)."""
+    model = micro_model()
+    batch = with_trace(random_batch(model, n_prompts=1, G=2, L=7))
+    d = elbo.draw(batch, ELBOConfig(mode="trajectory", window="full"), 3, model.eos_token_id, gen(0))
+    for g in range(3):
+        assert torch.equal(d.target[g], batch.trace // 3 == g)
+
+
+def test_just_grpo_with_one_informative_response() -> None:
+    old = micro_model()
+    batch = random_batch(old)
+    adv = torch.zeros(6, dtype=torch.float64)
+    adv[1] = -0.75  # #(A ≠ 0) = 1
+    method = JustGRPO(JustGRPOConfig(n_t=6, mc_chunk=2, clip_eps=0.05))
+    stats, _ = run_method(method, old, batch, adv, method.prepare(old, batch, 1, gen(0)))
+    assert stats["loss"] == pytest.approx(ref_just_grpo(old, old, batch, adv, 0.05).item(), rel=1e-10)
+
+
+def test_tracerl_with_one_response_and_one_group() -> None:
+    old = micro_model()
+    batch = with_trace(random_batch(old, n_prompts=1, G=1))
+    adv = torch.tensor([0.5], dtype=torch.float64)
+    method = TraceRL(TraceRLConfig(n_t=1, clip_eps=0.05))
+    stats, _ = run_method(method, old, batch, adv, method.prepare(old, batch, 1, gen(0)))
+    assert stats["loss"] == pytest.approx(ref_tracerl(old, old, batch, adv, 1, 0.05).item(), rel=1e-10)
+
+
+def k3_ref(r: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    return torch.exp(r - p) - (r - p) - 1
+
+
+@pytest.mark.parametrize("name", ["diffu_grpo", "coupled_grpo"])
+def test_the_kl_statistic_is_the_mean_k3_over_scored_tokens(name: str) -> None:
+    """The reported KL, recomputed in float64 from the draws: the mean over scored tokens of
+    k3 = e^(r−p) − (r−p) − 1 (diffu-GRPO: per draw; coupled-GRPO: of the coupled log-probs)."""
+    model, refm = micro_model(), micro_model(seed=5)
+    batch = random_batch(model, eos_at=4)
+    cls, conf = METHODS[name]
+    method = cls(conf(beta=0.5), ref=refm)
+    prep = method.prepare(model, batch, 1, gen(0))
+    stats, _ = run_method(method, model, batch, ADV, prep)
+    d, scored = prep.draws, prep.draws.scored.double()
+    with torch.no_grad():
+        lp = torch.stack([ref_token_logp(model, batch, d.masked[j]) for j in range(d.n_t)])  # [n_t, B, L]
+        rp = torch.stack([ref_token_logp(refm, batch, d.masked[j]) for j in range(d.n_t)])
+    if name == "diffu_grpo":
+        kl = (k3_ref(rp, lp) * scored).sum() / (d.n_t * scored.sum())
+    else:
+        lam = method.lam  # Eq. 13: λ, plus one when the fully masked draw is taken too
+        w = d.weight[..., None] * d.hit(slice(None))  # [2λ+1, B, L]
+        kl = (k3_ref((w * rp).sum(0) / lam, (w * lp).sum(0) / lam) * scored).sum() / scored.sum()
+    assert kl > 1e-4 and stats["kl"] == pytest.approx(kl.item(), rel=1e-9)

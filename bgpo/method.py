@@ -41,6 +41,7 @@ from torch import Tensor
 
 from bgpo.elbo import Batch, Draws
 from bgpo.model import DLLM
+from bgpo.models.layers import is_fake
 
 OFF_POLICY_KINDS = ("minibatches", "inner_updates")
 
@@ -82,6 +83,8 @@ def backward(method: Method, policy: DLLM, batch: Batch, adv: Tensor, prep: Prep
         loss, st = method.loss(policy, batch, adv, prep, js)
         (loss if scale == 1.0 else loss * scale).backward()
         for k, v in st.items():
+            if is_fake(v):  # a memory plan on fake tensors (bgpo.plan): no values to report
+                continue
             stats[k] = stats.get(k, 0.0) + float(v) * (scale if k == "loss" else 1.0)
     return stats
 

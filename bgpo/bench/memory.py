@@ -118,7 +118,7 @@ class SavedTensorMeter:
     """
 
     def __init__(self, exclude: Iterable[Tensor] = ()) -> None:
-        self.skip = {t.untyped_storage().data_ptr() for t in exclude}
+        self.skip = {t.untyped_storage()._cdata for t in exclude}  # the storage itself (fake ones too)
         self.live: dict[int, list[int]] = {}  # key -> [references, bytes]
         self.now = self.peak = 0
         self._ctx: Any = None
@@ -126,7 +126,7 @@ class SavedTensorMeter:
     def _pack(self, t: Tensor) -> _Held:
         try:
             st = t.untyped_storage()
-            key, nbytes = st.data_ptr(), st.nbytes()
+            key, nbytes = st._cdata, st.nbytes()
         except (RuntimeError, NotImplementedError):  # sparse & co: no storage; count the tensor
             key, nbytes = id(t), t.numel() * t.element_size()
         if key in self.skip or nbytes == 0:

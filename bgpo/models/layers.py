@@ -129,10 +129,19 @@ def prepare_inputs(input_ids: Tensor, attention_mask: Tensor | None, position_id
             raise ValueError(f"attention_mask must be [batch, keys] with 1 on real tokens (what a tokenizer "
                              f"returns) or a 4-D SDPA mask; got shape {tuple(attention_mask.shape)}")
         real = attention_mask.bool()  # [B, S]
-        if not bool(real.all()):  # no padding: no mask, so SDPA may pick its fastest kernel
+        # no padding: no mask, so SDPA may pick its fastest kernel (a memory plan on fake tensors,
+        # bgpo.plan, cannot look at values: it takes the mask, the larger case)
+        if is_fake(real) or not bool(real.all()):
             real = real | ~real.any(-1, keepdim=True)
             key_mask = real[:, None, None, :]  # [B, 1, 1, S]
     return Inputs(key_mask, position_ids, cache)
+
+
+def is_fake(t: Tensor) -> bool:
+    """A tensor without data (``FakeTensorMode`` or the meta device): its values cannot be read."""
+    from torch._subclasses.fake_tensor import is_fake as _is_fake
+
+    return t.device.type == "meta" or _is_fake(t)
 
 
 def keep_positions(h: Tensor, logits_to_keep: int | Tensor) -> Tensor:

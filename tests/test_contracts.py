@@ -6,6 +6,8 @@ response, one trajectory group)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -20,7 +22,7 @@ from baselines.wd1 import WD1, WD1Config
 from bgpo import elbo
 from bgpo.elbo import Batch, ELBOConfig
 from bgpo.objective import BGPO, BGPOConfig
-from tests.helpers import micro_model, random_batch
+from tests.helpers import micro_model, perturb, random_batch
 from tests.test_methods_beyond import gen, ref_just_grpo, ref_tracerl, with_trace
 from tests.test_objectives import ref_token_logp, run_method
 
@@ -58,9 +60,9 @@ def test_a_method_keeps_the_reference_it_is_given(name: str) -> None:
     cls, conf = METHODS[name]
     sentinel = micro_model(seed=7)
     assert cls(conf(), ref=sentinel).ref is sentinel
-    if getattr(conf(), "beta", 0.0) > 0:  # a KL term needs the reference: one sentence at construction
+    if any(f.name == "beta" for f in dataclasses.fields(conf)):  # a KL term needs the reference
         with pytest.raises(ValueError, match="method.cfg.beta"):
-            cls(conf(), ref=None)
+            cls(conf(beta=0.5), ref=None)
 
 
 @pytest.mark.parametrize("name", ["bgpo", "vrpo"])
@@ -151,3 +153,38 @@ def test_the_kl_statistic_is_the_mean_k3_over_scored_tokens(name: str) -> None:
         w = d.weight[..., None] * d.hit(slice(None))  # [2λ+1, B, L]
         kl = (k3_ref((w * rp).sum(0) / lam, (w * lp).sum(0) / lam) * scored).sum() / scored.sum()
     assert kl > 1e-4 and stats["kl"] == pytest.approx(kl.item(), rel=1e-9)
+
+
+def test_draws_stay_on_the_batch_device_in_float64_weights() -> None:
+    """Every tensor a draw makes lives on the batch's device (on the meta device a stray CPU
+    tensor fails), and the weights are float64 (``Draws.weight``) in every mode."""
+    from bgpo.method import minibatch
+
+    model = micro_model()
+    batch = with_trace(random_batch(model, eos_at=5))
+    meta = Batch(batch.input_ids.to("meta"), batch.attention_mask.to("meta"), batch.prompt_len,
+                 batch.group_size, batch.trace.to("meta"))
+    for mode in ("elbo", "block", "ar", "complementary"):  # trajectory: torch.unique has no meta kernel
+        d = elbo.draw(meta, ELBOConfig(mode=mode, window="eos"), 3, model.eos_token_id, None)
+        assert {t.device.type for t in (d.masked, d.weight, d.scored)} == {"meta"}, mode
+    for mode in ("elbo", "block", "ar", "complementary", "trajectory"):
+        d = elbo.draw(batch, ELBOConfig(mode=mode, window="eos"), 3, model.eos_token_id, gen(0))
+        assert d.weight.dtype == torch.float64, mode
+    method = BGPO(BGPOConfig(n_t=2))
+    prep = method.prepare(model, batch, 2, gen(0))
+    prep_meta = dataclasses.replace(prep, draws=elbo.draw(meta, ELBOConfig(), 2, model.eos_token_id, None))
+    adv = torch.zeros(6, device="meta")
+    sub, sub_adv, _ = minibatch(meta, adv, prep_meta, 1, 2)
+    assert sub.input_ids.device.type == "meta" and sub_adv.shape == (3,)
+
+
+def test_the_clip_ratio_is_a_share_of_the_rows() -> None:
+    """VRPO-OL off-policy with a tight clip: some rows clipped, the statistic their share (≤ 1)."""
+    old = micro_model()
+    theta = micro_model()
+    perturb(theta, 0.2, 3)
+    batch = random_batch(old)
+    method = VRPO(VRPOConfig(n_t=2, clip_eps=1e-3))
+    prep = method.prepare(old, batch, 2, gen(0))
+    stats, _ = run_method(method, theta, batch, ADV, prep)
+    assert 0 < stats["clip_ratio"] <= 1

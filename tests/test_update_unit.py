@@ -116,3 +116,13 @@ def test_advantages_against_a_float64_reference(std_norm):
         std = math.sqrt(sum((v - mean) ** 2 for v in x) / 2)  # Bessel's, as torch.std
         want = [(v - mean) / (std + 1e-4) if std_norm else v - mean for v in x]
         assert got[3 * g: 3 * g + 3].tolist() == pytest.approx(want, rel=1e-12, abs=1e-12)
+
+
+def test_only_the_loss_decides_a_non_finite_stop(monkeypatch):
+    """A non-finite statistic other than the loss (a KL metric) does not stop the update; a
+    non-finite gradient norm of the only update is named with its value."""
+    losses = [{"loss": 1.0, "kl": math.inf}, {"loss": 2.0, "kl": math.inf}]
+    (stats, _, bad), _, opt, _, _ = drive(monkeypatch, losses, [0.5], mu=1)
+    assert bad is None and opt.n == 1 and stats["loss"] == 1.5
+    (_, norms, bad), _, opt, _, _ = drive(monkeypatch, [{"loss": 1.0}] * 2, [math.inf], mu=1)
+    assert bad == ("gradient norm", math.inf) and norms == [math.inf] and opt.n == 0

@@ -48,8 +48,7 @@ from bgpo.evaluation import SELECTION, best_row, better, evaluate_on, has_valida
 from bgpo.loggers import Tracker, nested
 from bgpo.model import DLLM, apply_lora, apply_precision, enable_activation_checkpointing, load_dllm
 from bgpo.parallel import Dist
-from bgpo.pretrain import ensure_base_model
-from bgpo.provision import pick_device
+from bgpo.provision import base_model_path, pick_device
 from bgpo.results import (
     atomic_write_json,
     check_checkpoint_run,
@@ -77,8 +76,8 @@ def shard_generator(seed: int, step: int, shard: int, device: str) -> torch.Gene
 
 
 def load_policy(cfg: DictConfig, device: str) -> DLLM:
-    m = cfg.model
-    path = ensure_base_model(cfg.task, m) if m.kind == "tiny" else m.path
+    m = cfg.model  # a tiny run's base model was provisioned by the entry point (bgpo.train.run)
+    path = base_model_path(cfg.task.name, m) if m.kind == "tiny" else m.path
     policy = load_dllm(m.kind, path, m.dtype, device, m.mask_token_id, m.use_chat_template, m.remote_code,
                        revision=m.get("revision"))
     if m.activation_checkpointing:  # before LoRA wraps the network

@@ -178,13 +178,70 @@ def test_draws_stay_on_the_batch_device_in_float64_weights() -> None:
     assert sub.input_ids.device.type == "meta" and sub_adv.shape == (3,)
 
 
-def test_the_clip_ratio_is_a_share_of_the_rows() -> None:
-    """VRPO-OL off-policy with a tight clip: some rows clipped, the statistic their share (≤ 1)."""
+@pytest.mark.parametrize("name", ["vrpo", "espo"])
+def test_the_clip_ratio_is_a_share_of_the_rows(name: str) -> None:
+    """Sequence-level ratios off-policy with a tight clip: some rows clipped, the statistic their
+    share (≤ 1)."""
     old = micro_model()
     theta = micro_model()
     perturb(theta, 0.2, 3)
     batch = random_batch(old)
-    method = VRPO(VRPOConfig(n_t=2, clip_eps=1e-3))
+    cls, conf = METHODS[name]
+    method = cls(conf(n_t=2, clip_eps=1e-3, beta=0.0))
     prep = method.prepare(old, batch, 2, gen(0))
     stats, _ = run_method(method, theta, batch, ADV, prep)
     assert 0 < stats["clip_ratio"] <= 1
+
+
+@pytest.mark.parametrize("mode", ["elbo", "block", "ar", "complementary", "trajectory"])
+def test_draws_come_from_their_generator(mode: str) -> None:
+    """The same seed replays the same draws whatever the global RNG did; another seed differs."""
+    model = micro_model()
+    batch = with_trace(random_batch(model, L=8))
+    cfg = ELBOConfig(mode=mode, window="full")
+    first = elbo.draw(batch, cfg, 2, model.eos_token_id, gen(3))
+    torch.rand(7)  # the global generator moves on
+    again = elbo.draw(batch, cfg, 2, model.eos_token_id, gen(3))
+    assert torch.equal(first.masked, again.masked) and torch.equal(first.weight, again.weight)
+    if mode != "trajectory":  # the trajectory's draws are the sampler's trace: nothing random
+        others = [elbo.draw(batch, cfg, 2, model.eos_token_id, gen(s)).masked for s in range(4, 8)]
+        assert any(not torch.equal(first.masked, o) for o in others)
+
+
+def test_backward_scales_the_loss_and_only_the_loss_statistic() -> None:
+    """``bgpo.method.backward(..., scale)``: the gradient and the "loss" statistic are scaled by
+    the share of rows; the other statistics are not."""
+    from bgpo.method import backward
+
+    model = micro_model()
+    w = next(model.net.parameters())
+
+    class Fake:
+        def chunks(self, prep: object, it: int) -> list[slice]:
+            return [slice(0, 1), slice(1, 2)]
+
+        def loss(self, policy: object, batch: object, adv: object, prep: object, js: slice) -> tuple:
+            loss = (w.double() ** 2).sum() * (js.start + 1)
+            return loss, {"loss": loss.detach(), "kl": torch.tensor(3.0)}
+
+    grads = {}
+    for scale in (1.0, 2.0, 0.25):
+        model.net.zero_grad(set_to_none=True)
+        stats = backward(Fake(), model, None, None, None, 0, scale)
+        grads[scale] = w.grad.clone()
+        base = 3 * (w.detach().double() ** 2).sum().item()
+        assert stats["loss"] == pytest.approx(scale * base, rel=1e-12) and stats["kl"] == 6.0
+    for scale in (2.0, 0.25):
+        torch.testing.assert_close(grads[scale], scale * grads[1.0], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("name", [n for n, (_, conf) in METHODS.items()
+                                  if any(f.name == "beta" for f in dataclasses.fields(conf))])
+def test_no_kl_term_at_beta_zero(name: str) -> None:
+    """β = 0: no reference needed, the KL statistic is 0."""
+    model = micro_model()
+    cls, conf = METHODS[name]
+    method = cls(conf(beta=0.0), ref=None)
+    batch = with_trace(random_batch(model)) if name == "tracerl" else random_batch(model)
+    stats, _ = run_method(method, model, batch, ADV, method.prepare(model, batch, 1, gen(0)))
+    assert stats["kl"] == 0.0

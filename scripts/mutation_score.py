@@ -1,11 +1,15 @@
 """The mutation score by file from mutmut's results (``mutants/*.meta``), as README's table.
 
-    python scripts/mutation_score.py [--equivalent scripts/mutation_equivalent.txt]
+    python scripts/mutation_score.py --export results/mutation/mutmut.json   # after `nox -s mutation`
+    python scripts/mutation_score.py --results results/mutation/mutmut.json \
+        --recheck results/mutation/recheck.txt                               # README's table
 
 A mutant is killed when a selected test failed (exit code 1), survived when every test passed
 (0), "no tests" when none covers it (33), not run when mutmut has not reached it yet. Mutants
 listed in the equivalent file (one mutmut name per line, then `#` and the reason) are counted apart:
-the score is killed / (mutants run − equivalent).
+the score is killed / (mutants run − equivalent). A re-check file (``name exit-code`` lines, from
+``scripts/mutation_recheck.sh``: each survivor applied alone and the tests added since the run
+executed against it) turns a survivor with a non-zero exit code into "killed by a later test".
 """
 
 from __future__ import annotations
@@ -43,15 +47,23 @@ def equivalents(path: Path | None) -> dict[str, str]:
     return out
 
 
-def table(res: dict[str, int | None], equiv: dict[str, str]) -> str:
+def recheck(path: Path | None) -> dict[str, int]:
+    if path is None or not path.is_file():
+        return {}
+    return {n: int(c) for n, c in (ln.split() for ln in path.read_text().splitlines() if ln.count(" ") == 1)}
+
+
+def table(res: dict[str, int | None], equiv: dict[str, str], later: dict[str, int] | None = None) -> str:
     by: dict[str, Counter] = defaultdict(Counter)
     for name, code in res.items():
         kind = {1: "killed", 0: "survived", 33: "no tests", None: "not run"}.get(code, f"exit {code}")
-        if kind == "survived" and name in equiv:
+        if kind in ("survived", "no tests") and name in equiv:
             kind = "equivalent"
+        elif kind in ("survived", "no tests") and (later or {}).get(name, 0) != 0:
+            kind = "killed later"
         by[file_of(name)][kind] += 1
-    lines = ["| file | mutants | killed | equivalent | survived | no tests | not run | score |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| file | mutants | killed | killed by a later test | equivalent | survived | no tests "
+             "| not run | score |", "|---|---|---|---|---|---|---|---|---|"]
     total: Counter = Counter()
     for f in sorted(by):
         c = by[f]
@@ -63,22 +75,31 @@ def table(res: dict[str, int | None], equiv: dict[str, str]) -> str:
 
 def row(name: str, c: Counter) -> str:
     n = sum(c.values())
-    scored = c["killed"] + c["survived"] + c["no tests"]
-    score = f"{100 * c['killed'] / scored:.1f}%" if scored else "–"
-    return (f"| {name} | {n} | {c['killed']} | {c['equivalent']} | {c['survived']} | {c['no tests']} | "
-            f"{c['not run']} | {score} |")
+    killed = c["killed"] + c["killed later"]
+    scored = killed + c["survived"] + c["no tests"]
+    score = f"{100 * killed / scored:.1f}%" if scored else "–"
+    return (f"| {name} | {n} | {c['killed']} | {c['killed later']} | {c['equivalent']} | {c['survived']} | "
+            f"{c['no tests']} | {c['not run']} | {score} |")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--equivalent", type=Path, default=ROOT / "scripts" / "mutation_equivalent.txt")
-    p.add_argument("--survivors", action="store_true", help="list the survivors not marked equivalent")
+    p.add_argument("--results", type=Path, help="exit codes by mutant (--export's file) instead of mutants/")
+    p.add_argument("--export", type=Path, help="write mutants/'s exit codes by mutant to this JSON file")
+    p.add_argument("--recheck", type=Path, help="scripts/mutation_recheck.sh's output")
+    p.add_argument("--survivors", action="store_true",
+                   help="list the survivors neither equivalent nor killed later")
     a = p.parse_args()
-    res, equiv = results(), equivalents(a.equivalent)
-    print(table(res, equiv))
+    res = json.loads(a.results.read_text()) if a.results else results()
+    if a.export:
+        a.export.parent.mkdir(parents=True, exist_ok=True)
+        a.export.write_text(json.dumps(res, indent=0, sort_keys=True, ensure_ascii=False) + "\n")
+    equiv, later = equivalents(a.equivalent), recheck(a.recheck)
+    print(table(res, equiv, later))
     if a.survivors:
         for name, code in sorted(res.items()):
-            if code == 0 and name not in equiv:
+            if code in (0, 33) and name not in equiv and later.get(name, 0) == 0:
                 print(name)
 
 

@@ -10,12 +10,14 @@ What it runs, in order, each step writing its rows at once (a run cut short keep
 2. ``matmul``: bfloat16 (and TF32 float32) matrix-product speed, TFLOP/s of 8192³ products
    (CUDA events, after warm-up) — the bf16 speed the step times below should be read against;
 3. the memory curve of BGPO's Fig. 1 at LLaDA-8B's shape in bf16-mixed precision:
-   ``python -m bgpo.bench memory --device cuda --arch llada8b --precision bf16-mixed --optimizer
-   sgd --methods bgpo,vrpo --mcs 1,2,4,...,32`` (the native ``LLaDAModelLM(LLaDAConfig())``, random
-   weights built on the GPU; 1 prompt × G 2, 128 + 512 tokens; peak, backward-peak and static
+   ``python -m bgpo.bench memory --device cuda --arch native=llada,layers=8 --precision bf16-mixed
+   --optimizer sgd --methods bgpo,vrpo --mcs 1,2,4,...,32`` (the native LLaDA at LLaDA-8B's width
+   with 8 of its 32 blocks — the shape ``bgpo.plan`` finds where BGPO's flat line and VRPO-OL's
+   slope both show 4+ points in 80 GB — random weights built on the GPU; 1 prompt × G 2, 128 + 512
+   tokens, ``expandable_segments``; peak, backward-peak and static
    bytes and step times per (method, n_t); VRPO-OL's out-of-memory points recorded as
    ``oom: true``, its larger n_t skipped), in a subprocess with the remaining budget
-   (``--budget-s``): its rows file ``memory-cuda-llada8b-bf16-mixed.jsonl`` is rewritten after
+   (``--budget-s``): its rows file ``memory-cuda-llada8b-l8-bf16-mixed.jsonl`` is rewritten after
    every round. Plain SGD: one GPU cannot hold 8B float32 weights, gradients AND AdamW moments;
 4. the one-sample floor with activation checkpointing (the same model, ``--activation-checkpointing``,
    BGPO at n_t = 1), when at least ``--ac-reserve-s`` is left;
@@ -133,14 +135,22 @@ def run_logged(cmd: list[str], timeout: float, env: dict[str, str]) -> tuple[int
     return rc, "".join(lines)[-3000:], round(time.time() - t0, 1)
 
 
+# LLaDA-8B's width with 8 of its 32 blocks: planned (python -m bgpo.plan --model llada-8b --layers 8
+# --precision bf16-mixed --optimizer sgd --prompts 1 --group 2 --prompt-length 128 --gen-length 512;
+# results/bench/plan-gpu-check.jsonl) to hold BGPO flat at ~31 GB for every n_t and VRPO-OL at n_t =
+# 1, 2, 4, 8 within 80 GB — at the full 32 blocks BGPO fits only n_t = 1 (the gradients of the
+# first chunk stay live through the next) and VRPO-OL only n_t = 1 on an 80 GB GPU
+GPU_ARCH, GPU_NAME = "native=llada,layers=8", "llada8b-l8"
+
+
 def memory_argv(dry: bool, device: str, out: Path, budget: float) -> list[str]:
     if dry:
         shape = ["--arch", "native=llada,hidden=32,layers=2,heads=2,intermediate=64,vocab=256",
                  "--name", "llada-dry", "--mcs", "1,2", "--prompts", "1", "--group", "2",
                  "--prompt-length", "4", "--gen-length", "8", "--repeats", "1", "--no-rss"]
     else:
-        shape = ["--arch", "llada8b", "--mcs", "1,2,4,8,16,32", "--prompts", "1", "--group", "2",
-                 "--prompt-length", "128", "--gen-length", "512", "--repeats", "2"]
+        shape = ["--arch", GPU_ARCH, "--name", GPU_NAME, "--mcs", "1,2,4,8,16,32", "--prompts", "1",
+                 "--group", "2", "--prompt-length", "128", "--gen-length", "512", "--repeats", "2"]
     return ["--device", device, *shape, "--methods", "bgpo,vrpo", "--precision", "bf16-mixed",
             "--optimizer", "sgd", "--budget-s", f"{max(budget, 1):.0f}", "--out", str(out), "--no-progress"]
 
@@ -239,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = Rows(out / f"gpu_check-{device}{'-dry' if args.dry else ''}.jsonl", cmd)
     left = lambda: args.budget_s - (time.time() - t0)  # noqa: E731
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1",
+           "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")}
 
     rows.add("env", **env_row(device))
     n = 256 if args.dry else 8192
@@ -256,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     budget = left() - args.rl_reserve_s - args.ac_reserve_s
     mem_cmd = [sys.executable, "-m", "bgpo.bench", "memory", *memory_argv(args.dry, device, out, budget)]
     rc, tail, secs = run_logged(mem_cmd, budget + 150, env)
-    name = "llada-dry" if args.dry else "llada8b"
+    name = "llada-dry" if args.dry else GPU_NAME
     rows_file = out / f"memory-{device}-{name}-bf16-mixed.jsonl"
     rows.add("memory_curve", rc=rc, seconds=secs, rows_file=str(rows_file), log_tail=tail if rc else "")
 

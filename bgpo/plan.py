@@ -96,7 +96,7 @@ def fakeify(net: torch.nn.Module, mode: Any) -> None:
                 mod._buffers[name] = mode.from_tensor(b)
 
 
-def build(model: str, dtype: torch.dtype, mode: Any) -> DLLM:
+def build(model: str, dtype: torch.dtype, mode: Any, layers: int | None = None) -> DLLM:
     """The model of ``model`` with fake weights: the tiny dLLM's default architecture (built for
     real, a few MB, then made fake), or the native LLaDA-8B / Dream-7B class at its published shape,
     built inside ``mode`` (nothing allocated)."""
@@ -114,7 +114,8 @@ def build(model: str, dtype: torch.dtype, mode: Any) -> DLLM:
 
     kind = model.split("-")[0]
     cls = NATIVE[kind]
-    config = cls.config_class()
+    depth = {"n_layers" if kind == "llada" else "num_hidden_layers": layers} if layers else {}
+    config = cls.config_class(**depth)
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -126,7 +127,7 @@ def build(model: str, dtype: torch.dtype, mode: Any) -> DLLM:
 
 
 def plan_update(model: str, method: str, n_t: int, spec: BatchSpec, precision: str = "fp32",
-                world: int = 1) -> dict[str, Any]:
+                world: int = 1, layers: int | None = None, optimizer: str = "adamw") -> dict[str, Any]:
     """The planned bytes of one RL update of ``method`` at ``n_t`` under ``model.precision``
     ``precision`` (one process; FSDP over ``world`` ranks modelled as the module docstring says)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -135,11 +136,13 @@ def plan_update(model: str, method: str, n_t: int, spec: BatchSpec, precision: s
 
     dtype = torch.bfloat16 if precision == "bf16-pure" else torch.float32
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    policy = apply_precision(build(model, dtype, mode), precision)  # bf16-mixed: autocast, as training
-    ref = build(model, dtype, mode) if needs_ref(method_partial(method, n_t)) else None
+    policy = apply_precision(build(model, dtype, mode, layers), precision)  # bf16-mixed: autocast
+    ref = build(model, dtype, mode, layers) if needs_ref(method_partial(method, n_t)) else None
     with mode:
         params = [p for p in policy.net.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-6, betas=(0.9, 0.999), weight_decay=0.01)
+        opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=1e-6)  # no state (the GPU check's choice)
+        if optimizer == "adamw":
+            opt = torch.optim.AdamW(params, lr=1e-6, betas=(0.9, 0.999), weight_decay=0.01)
         partial = method_partial(method, n_t)
         impl = partial(ref=ref)
         batch, rewards = synthetic_batch(policy, spec)
@@ -170,7 +173,8 @@ def plan_update(model: str, method: str, n_t: int, spec: BatchSpec, precision: s
     gathered = unit // (2 if precision == "bf16-mixed" else 1)
     per_rank = static / world + (live.peak - grads) + grads / world if world == 1 else (
         static / world + (live.peak - grads - copies) + grads / world + gathered)
-    return {"model": model, "method": method, "mc": n_t, "precision": precision,
+    return {"model": model, "layers": layers, "optimizer": optimizer, "method": method, "mc": n_t,
+            "precision": precision,
             "world": world, "batch_sequences": spec.prompts * spec.group, "prompt_length": spec.prompt_length,
             "gen_length": spec.gen_length, "params": sum(p.numel() for p in params), "static_bytes": static,
             "update_peak_bytes": live.peak, "saved_bytes": saved.peak, "grad_bytes": grads,
@@ -221,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gen-length", type=int, default=16)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16-mixed", "bf16-pure"])
     p.add_argument("--world", type=int, default=1)
+    p.add_argument("--layers", type=int, help="fewer transformer blocks at the model's width (native models)")
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
     p.add_argument("--gpu", default="80,141", help="GPU sizes in GB to give a verdict for")
     p.add_argument("--paper", action="store_true",
                    help="every job of sweeps/paper_main.yaml: LLaDA-8B, bf16-mixed, 8 ranks, 16 prompts x 8 "
@@ -234,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for task, method, n_t, spec in jobs(a):
         row = plan_update("llada-8b" if a.paper else a.model, method, n_t, spec,
-                          "bf16-mixed" if a.paper else a.precision, PAPER_WORLD if a.paper else a.world)
+                          "bf16-mixed" if a.paper else a.precision, PAPER_WORLD if a.paper else a.world,
+                          None if a.paper else a.layers, "adamw" if a.paper else a.optimizer)
         row.update({"task": task} if task else {})
         row["fits"] = {f"{g:g}GB": row["per_rank_peak_bytes"] <= g * GB for g in gpus}
         row["cmd"] = "python -m bgpo.plan " + " ".join(sys.argv[1:] if argv is None else argv)

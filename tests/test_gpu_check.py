@@ -34,7 +34,8 @@ def test_pieces_run_on_cpu_with_tiny_shapes(tmp_path):
     rows = memory.load_rows(tmp_path / "memory-cpu-llada-dry-bf16-mixed.jsonl")
     assert {r["method"] for r in rows} == {"bgpo", "vrpo"} and all(r["complete"] for r in rows)
     full = gpu_check.memory_argv(False, "cuda", tmp_path, 100)
-    assert full[full.index("--arch") + 1] == "llada8b" and full[full.index("--gen-length") + 1] == "512"
+    assert full[full.index("--arch") + 1] == "native=llada,layers=8"
+    assert full[full.index("--name") + 1] == "llada8b-l8" and full[full.index("--gen-length") + 1] == "512"
     with initialize_config_module("bgpo.conf", version_base="1.3"):
         cfg = compose("train", overrides=gpu_check.rl_job_argv(True, "cpu", tmp_path / "rl"))
     m = cfg.model

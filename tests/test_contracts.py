@@ -164,12 +164,12 @@ def test_draws_stay_on_the_batch_device_in_float64_weights() -> None:
     batch = with_trace(random_batch(model, eos_at=5))
     meta = Batch(batch.input_ids.to("meta"), batch.attention_mask.to("meta"), batch.prompt_len,
                  batch.group_size, batch.trace.to("meta"))
-    for mode in ("elbo", "block", "ar", "complementary"):  # trajectory: torch.unique has no meta kernel
+    for mode in ("elbo", "one_step", "block", "ar", "complementary"):  # trajectory: no meta torch.unique
         for stratified in (False, True):
             cfg = ELBOConfig(mode=mode, window="eos", stratified=stratified)
             d = elbo.draw(meta, cfg, 3, model.eos_token_id, None)
             assert {t.device.type for t in (d.masked, d.weight, d.scored)} == {"meta"}, mode
-    for mode in ("elbo", "block", "ar", "complementary", "trajectory"):
+    for mode in ("elbo", "one_step", "block", "ar", "complementary", "trajectory"):
         d = elbo.draw(batch, ELBOConfig(mode=mode, window="eos"), 3, model.eos_token_id, gen(0))
         assert d.weight.dtype == torch.float64, mode
     method = BGPO(BGPOConfig(n_t=2))

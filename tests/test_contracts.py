@@ -247,3 +247,47 @@ def test_no_kl_term_at_beta_zero(name: str) -> None:
     batch = with_trace(random_batch(model)) if name == "tracerl" else random_batch(model)
     stats, _ = run_method(method, model, batch, ADV, method.prepare(model, batch, 1, gen(0)))
     assert stats["kl"] == 0.0
+
+
+@pytest.mark.parametrize("mode", ["block", "ar", "complementary", "trajectory"])
+def test_length_norm_divides_each_rows_weights_by_its_scored_length(mode: str) -> None:
+    model = micro_model()
+    batch = with_trace(random_batch(model, L=6))
+    batch.input_ids[0, batch.prompt_len:] = model.eos_token_id  # row 0: one scored token (the EOS)
+    plain = elbo.draw(batch, ELBOConfig(mode=mode, window="eos"), 2, model.eos_token_id, gen(1))
+    cfg = ELBOConfig(mode=mode, window="eos", length_norm=True)
+    normed = elbo.draw(batch, cfg, 2, model.eos_token_id, gen(1))
+    L_i = plain.scored.sum(-1).double()  # [B]
+    assert L_i[0] == 1 and torch.equal(plain.masked, normed.masked)
+    torch.testing.assert_close(normed.weight, plain.weight / L_i, rtol=1e-15, atol=0)
+
+
+def test_stratified_block_levels_visit_every_block() -> None:
+    """Block mode, stratified, n_t = the number of blocks: each row's draws target every block once."""
+    model = micro_model()
+    batch = random_batch(model, L=8)
+    d = elbo.draw(batch, ELBOConfig(mode="block", level="count", block_length=2, window="full",
+                                        stratified=True), 4,
+                  model.eos_token_id, gen(2))
+    for b in range(batch.input_ids.shape[0]):
+        blocks = sorted({int(d.target[j, b].nonzero()[0, 0]) // 2 for j in range(4)})
+        assert blocks == [0, 1, 2, 3]
+
+
+def test_group_shared_draws_are_shared_in_groups_of_two() -> None:
+    model = micro_model()
+    batch = random_batch(model, n_prompts=3, G=2, L=8)
+    d = elbo.draw(batch, ELBOConfig(window="full", group_shared=True), 3, model.eos_token_id, gen(4))
+    comp = d.masked[:, :, batch.prompt_len:]
+    assert torch.equal(comp[:, 0::2], comp[:, 1::2]) and torch.equal(d.weight[:, 0::2], d.weight[:, 1::2])
+    assert not torch.equal(comp[:, 0], comp[:, 2])  # another prompt, other draws
+
+
+def test_complementary_levels_span_t_min_to_one_minus_t_min() -> None:
+    model = micro_model()
+    batch = random_batch(model, L=8)
+    cfg = ELBOConfig(mode="complementary", level="time", window="full", t_min=0.25, full_mask=True)
+    d = elbo.draw(batch, cfg, 16, model.eos_token_id, gen(5))
+    assert d.weight.shape[0] == d.masked.shape[0] == 33  # 16 pairs and the fully masked draw
+    t = 1 / d.weight[0:32:2]  # [16, B]: the masks' levels
+    assert t.min() > 0.25 and t.max() <= 0.75 + 1e-12 and t.max() > 0.6

@@ -291,3 +291,41 @@ def test_complementary_levels_span_t_min_to_one_minus_t_min() -> None:
     assert d.weight.shape[0] == d.masked.shape[0] == 33  # 16 pairs and the fully masked draw
     t = 1 / d.weight[0:32:2]  # [16, B]: the masks' levels
     assert t.min() > 0.25 and t.max() <= 0.75 + 1e-12 and t.max() > 0.6
+
+
+def test_block_masks_inside_the_target_block_are_the_target() -> None:
+    """Block mode: inside block b only the target is masked (earlier blocks get p_prompt noise,
+    later blocks are fully masked), for every draw and row."""
+    model = micro_model()
+    batch = random_batch(model, L=8)
+    d = elbo.draw(batch, ELBOConfig(mode="block", level="count", block_length=2, window="full",
+                                    p_prompt=0.5), 6, model.eos_token_id, gen(6))
+    comp = d.masked[:, :, batch.prompt_len:]  # [n_t, B, L]
+    for j in range(6):
+        for b in range(batch.input_ids.shape[0]):
+            lo = int(d.target[j, b].nonzero()[0, 0]) // 2 * 2  # the target block's first position
+            assert torch.equal(comp[j, b, lo : lo + 2], d.target[j, b, lo : lo + 2])
+
+
+def test_draws_for_several_updates_come_from_their_generator() -> None:
+    model = micro_model()
+    batch = random_batch(model)
+    a = elbo.draw_updates(batch, ELBOConfig(), 2, 3, model.eos_token_id, gen(8))
+    torch.rand(5)
+    b = elbo.draw_updates(batch, ELBOConfig(), 2, 3, model.eos_token_id, gen(8))
+    assert torch.equal(a.masked, b.masked) and a.n_t == 6
+
+
+def test_token_logprobs_of_several_samples_at_once_in_bf16_and_fp64() -> None:
+    """k samples in one forward equal k single-sample forwards; a bf16 model's log-probs come out
+    in float32."""
+    model = micro_model()
+    batch = random_batch(model)
+    d = elbo.draw(batch, ELBOConfig(), 3, model.eos_token_id, gen(9))
+    with torch.no_grad():
+        many = elbo.token_logprobs(model, batch, d, slice(0, 3))
+        one = torch.cat([elbo.token_logprobs(model, batch, d, slice(j, j + 1)) for j in range(3)])
+        torch.testing.assert_close(many, one, rtol=1e-10, atol=1e-10)
+        model.net.to(torch.bfloat16)
+        low = elbo.token_logprobs(model, batch, d, slice(0, 3))
+    assert low.dtype == torch.float32 and torch.isfinite(low).all()

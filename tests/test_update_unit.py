@@ -119,10 +119,12 @@ def test_advantages_against_a_float64_reference(std_norm):
 
 
 def test_only_the_loss_decides_a_non_finite_stop(monkeypatch):
-    """A non-finite statistic other than the loss (a KL metric) does not stop the update; a
-    non-finite gradient norm of the only update is named with its value."""
+    """A non-finite statistic other than the loss (a KL metric) does not stop the update, nor is a
+    stop named after it; a non-finite gradient norm of the only update is named with its value."""
     losses = [{"loss": 1.0, "kl": math.inf}, {"loss": 2.0, "kl": math.inf}]
     (stats, _, bad), _, opt, _, _ = drive(monkeypatch, losses, [0.5], mu=1)
     assert bad is None and opt.n == 1 and stats["loss"] == 1.5
+    (_, _, bad), _, opt, _, _ = drive(monkeypatch, losses, [math.inf], mu=1)
+    assert bad == ("gradient norm", math.inf) and opt.n == 0  # the loss was finite: the norm is named
     (_, norms, bad), _, opt, _, _ = drive(monkeypatch, [{"loss": 1.0}] * 2, [math.inf], mu=1)
     assert bad == ("gradient norm", math.inf) and norms == [math.inf] and opt.n == 0

@@ -249,7 +249,7 @@ def test_no_kl_term_at_beta_zero(name: str) -> None:
     assert stats["kl"] == 0.0
 
 
-@pytest.mark.parametrize("mode", ["block", "ar", "complementary", "trajectory"])
+@pytest.mark.parametrize("mode", ["elbo", "block", "ar", "complementary", "trajectory"])
 def test_length_norm_divides_each_rows_weights_by_its_scored_length(mode: str) -> None:
     model = micro_model()
     batch = with_trace(random_batch(model, L=6))

@@ -234,6 +234,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--validate", help="a memory benchmark .jsonl to check the planned saved bytes against")
     p.add_argument("--out", help="write the rows here (.jsonl)")
     a = p.parse_args(argv)
+    for key in ("world", "prompts", "group", "prompt_length", "gen_length", "layers"):
+        if getattr(a, key) is not None and getattr(a, key) < 1:
+            p.error(f"--{key.replace('_', '-')}={getattr(a, key)} must be >= 1")
+    if any(int(x) < 1 for x in a.mc.split(",")):
+        p.error(f"--mc={a.mc}: every n_t must be >= 1")
     if a.paper and "--prompt-length" not in (sys.argv if argv is None else argv):
         a.prompt_length = 256  # an assumed prompt length for the paper's tasks (chat template + problem)
     gpus = [float(g) for g in a.gpu.split(",") if g]

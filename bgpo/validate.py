@@ -340,6 +340,9 @@ def _validate_train(cfg: DictConfig) -> None:
     from bgpo.loggers import validate as validate_logger
 
     validate_logger(cfg.logger)
+    from bgpo.parallel import pg_timeout
+
+    pg_timeout()  # $BGPO_DIST_TIMEOUT_S, read when the process group starts: checked at start-up
     from bgpo.parallel import STRATEGIES
 
     if cfg.parallel not in STRATEGIES:

@@ -310,3 +310,13 @@ def test_weights_load_straight_onto_the_accelerator(monkeypatch: pytest.MonkeyPa
         with pytest.raises(Stop):
             load_dllm("llada", path, device=device)
     assert seen == [{"": "cuda:3"}, None]
+
+
+def test_a_bad_process_group_timeout_stops_at_start_up() -> None:
+    import subprocess
+    import sys
+
+    env = {**os.environ, parallel.TIMEOUT_ENV: "soon"}
+    res = subprocess.run([sys.executable, "-m", "bgpo.train", "validate_only=true"], env=env,
+                         capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert res.returncode == 2 and "BGPO_DIST_TIMEOUT_S='soon' must be a positive number" in res.stderr

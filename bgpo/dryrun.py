@@ -195,16 +195,16 @@ def launch(job: Job, nproc: int, timeout: float, env: dict[str, str]) -> None:
 def check_run(run_dir: Path) -> dict[str, Any]:
     """What a finished miniature run must have: its summary, the test sets, float32 master weights
     under bf16-mixed, and an export that loads back."""
-    import torch
     import yaml
 
     from bgpo.export import ExportConfig, export
     from bgpo.model import load_dllm
+    from bgpo.results import last_checkpoint, load_checkpoint
 
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     summary = json.loads((run_dir / "summary.json").read_text())
     tests = json.loads((run_dir / "eval_test.json").read_text())
-    state = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+    state = load_checkpoint(last_checkpoint(run_dir))
     dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in state["model"].values()})
     if cfg["model"].get("precision") == "bf16-mixed" and dtypes != ["float32"]:
         raise AssertionError(f"bf16-mixed checkpoint holds {dtypes} parameters, not float32")

@@ -81,6 +81,7 @@ from bgpo.results import (
     reading,
     reason,
     stored_config,
+    trainer_checkpoint,
     warn,
 )
 from bgpo.validate import (
@@ -146,7 +147,7 @@ def load_model(cfg: DictConfig, device: str) -> tuple[Any, Path]:
 
     path = Path(cfg.checkpoint).expanduser()
     m = cfg.model
-    if path.is_dir():
+    if path.is_dir() and not trainer_checkpoint(path):
         with reading(path, "model folder"):  # its config.json, weights, tokenizer
             m = exported_model(path, m)
             if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
@@ -154,9 +155,9 @@ def load_model(cfg: DictConfig, device: str) -> tuple[Any, Path]:
             model = load_dllm(m.kind, path, m.dtype, device, m.mask_token_id, m.use_chat_template,
                               m.remote_code)
         return apply_precision(model, m.precision), path
-    if path.suffix != ".pt" or not path.is_file():
+    if not trainer_checkpoint(path):
         raise FileNotFoundError(f"checkpoint={cfg.checkpoint!r} is neither a model folder nor a trainer "
-                                ".pt file")
+                                "checkpoint (.pt, or .dcp under FSDP)")
     from bgpo.provision import base_model_path
 
     run_dir = path.parent.parent
@@ -265,8 +266,9 @@ def validate_evaluate(cfg: DictConfig) -> None:
             for sub in cfg.task.eval_tasks or {}:  # math: gsm8k and math500; deepcoder: humaneval and mbpp
                 validate_task(eval_task_config(cfg.task, sub))
         path = Path(cfg.checkpoint).expanduser()
-        if not path.is_dir() and not (path.is_file() and path.suffix == ".pt"):
-            raise ValueError(f"checkpoint={cfg.checkpoint}: neither a model folder nor a trainer .pt file")
+        if not path.is_dir() and not trainer_checkpoint(path):
+            raise ValueError(f"checkpoint={cfg.checkpoint}: neither a model folder nor a trainer checkpoint "
+                             "(.pt, or .dcp under FSDP)")
         if cfg.base and not Path(cfg.base).expanduser().is_dir():
             raise ValueError(f"base={cfg.base}: no such model folder")
         if cfg.task_mismatch not in TASK_MISMATCH:
@@ -287,7 +289,7 @@ def trained_tasks(checkpoint: Path) -> tuple[list[str], Path] | None:
     a folder made elsewhere)."""
     from bgpo.export import SETTINGS, export_settings
 
-    if checkpoint.is_dir():
+    if checkpoint.is_dir() and not trainer_checkpoint(checkpoint):
         saved, source = export_settings(checkpoint), checkpoint / SETTINGS
         name, extra = saved.get("task"), saved.get("eval_tasks")
         if name is None:  # an export made before it recorded the task: its run's name says it
@@ -440,7 +442,7 @@ def trained_protocol(checkpoint: Path) -> tuple[dict[str, Any] | None, list[str]
     if known is None:
         return None
     tasks, source = known
-    if checkpoint.is_dir():
+    if checkpoint.is_dir() and not trainer_checkpoint(checkpoint):
         protocol = export_settings(checkpoint).get("protocol")
         return (protocol if isinstance(protocol, dict) else None), tasks, checkpoint / SETTINGS
     task = stored_config(checkpoint.parent.parent, "cannot tell which task the run trained on").get("task")

@@ -73,10 +73,12 @@ from bgpo.results import (
     reading,
     reason,
     stored_config,
+    trainer_checkpoint,
     warn,
 )
 
-WHICH = {"final": "last.pt", "best": "best.pt", "last": "last.pt"}
+WHICH = {"final": "last", "best": "best", "last": "last"}
+"""which checkpoint each ``which`` exports: ``<name>.pt``, or ``<name>.dcp`` of an FSDP run"""
 PROTOCOL = ("format", "gen_length", "block_length", "diffusion_steps", "shots", "n_test")
 """the task keys that make the trained protocol (prompt format, lengths, few-shot, test-set size):
 recorded in ``bgpo_export.json`` (``protocol``) and applied by ``bgpo.evaluate``"""
@@ -134,8 +136,11 @@ def _run_files(run_dir: Path, which: str) -> tuple[dict[str, Any], Path]:
         if why:
             raise FileNotFoundError(f"run_dir={str(run_dir)!r} is not complete ({why}): "
                                     "which=last exports its latest checkpoint")
-    ckpt = run_dir / "checkpoints" / WHICH[which]
-    if not ckpt.is_file():
+    found = [p for p in (run_dir / "checkpoints" / f"{WHICH[which]}{s}" for s in (".pt", ".dcp"))
+             if trainer_checkpoint(p)]
+    latest = max(found, key=lambda p: p.stat().st_mtime) if found else None  # a run that changed layout
+    ckpt = latest or run_dir / "checkpoints" / f"{WHICH[which]}.pt"
+    if not found:
         why = " (selected on validation: the task has none, or no evaluation ran)" if which == "best" else ""
         raise FileNotFoundError(f"which={which}: {ckpt} does not exist{why}")
     return cfg, ckpt

@@ -187,14 +187,15 @@ def rl_job_argv(dry: bool, device: str, results: Path) -> list[str]:
 
 def rl_job_row(results: Path) -> dict[str, Any]:
     """What the short RL run measured (its metrics, summary and whether the weights moved)."""
-    import torch
+
+    from bgpo.results import last_checkpoint, load_checkpoint
 
     (summary_path,) = results.glob("*-s*-*/summary.json")
     run = summary_path.parent
     summary = json.loads(summary_path.read_text())
     rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if r["step"] > 0]
-    state = torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)["model"]
+    state = load_checkpoint(last_checkpoint(run))["model"]
     import yaml
 
     from bgpo.model import load_dllm

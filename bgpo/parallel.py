@@ -35,9 +35,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -223,6 +225,45 @@ class Dist:
 
         set_model_state_dict(net, model, options=StateDictOptions(full_state_dict=True,
                                                                   broadcast_from_rank0=self.fsdp))
+
+    def save_sharded(self, folder: Path, net: nn.Module, opt: torch.optim.Optimizer | None = None) -> None:
+        """``torch.distributed.checkpoint``: each rank writes its own shards of the model (and the
+        optimizer's state) into ``folder``, fsynced; nothing is gathered. Every rank calls it."""
+        import torch.distributed.checkpoint as dcp
+
+        with self._quiet():
+            writer = dcp.FileSystemWriter(str(folder), sync_files=True)
+            dcp.save(self._sharded(net, opt), storage_writer=writer, no_dist=self.world == 1)
+
+    def load_sharded(self, folder: Path, net: nn.Module, opt: torch.optim.Optimizer | None = None) -> None:
+        """Inverse of ``save_sharded``: each rank reads the slices of ``folder`` its shards hold
+        (written by any world size, or by one process)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        state = self._sharded(net, opt)
+        with self._quiet():
+            dcp.load(state, storage_reader=dcp.FileSystemReader(str(folder)), no_dist=self.world == 1)
+        set_state_dict(net, opt or [], model_state_dict=state["model"],
+                       optim_state_dict=state.get("opt", {}))
+
+    @contextlib.contextmanager
+    def _quiet(self) -> Iterator[None]:
+        """One process: DCP's warning that no process group exists says what is meant."""
+        with warnings.catch_warnings():
+            if self.world == 1:
+                warnings.simplefilter("ignore", UserWarning)
+            yield
+
+    @staticmethod
+    def _sharded(net: nn.Module, opt: torch.optim.Optimizer | None) -> dict[str, Any]:
+        """The model's (and optimizer's) state as this rank holds it: DTensor shards under FSDP."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+        if opt is None:
+            return {"model": get_model_state_dict(net)}
+        model, optim = get_state_dict(net, opt)
+        return {"model": model, "opt": optim}
 
     def load_state_dicts(self, net: nn.Module, opt: torch.optim.Optimizer, model: dict,
                          optim: dict) -> None:

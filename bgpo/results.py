@@ -40,6 +40,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -544,7 +545,8 @@ def load_checkpoint(path: Path, device: str = "cpu") -> dict[str, Any]:
     import torch
 
     try:
-        state = torch.load(path, map_location=device, weights_only=False)
+        state = read_sharded(path) if Path(path).is_dir() else torch.load(path, map_location=device,
+                                                                           weights_only=False)
     except Exception as e:  # noqa: BLE001  (a torn or corrupt file: any loader error)
         raise UnreadableFile(f"{path} is not a readable checkpoint ({reason(e)})") from None
     if not isinstance(state, dict) or "step" not in state or "model" not in state:
@@ -552,6 +554,38 @@ def load_checkpoint(path: Path, device: str = "cpu") -> dict[str, Any]:
     if not isinstance(state["step"], int) or isinstance(state["step"], bool):
         raise UnreadableFile(f"{path} records no integer step (step={state['step']!r})")
     return state
+
+
+def trainer_checkpoint(path: Path) -> bool:
+    """A checkpoint the trainer wrote: a ``.pt`` file, or a sharded ``.dcp`` folder (FSDP)."""
+    return path.is_file() and path.suffix == ".pt" or path.is_dir() and path.suffix == ".dcp"
+
+
+def last_checkpoint(run_dir: Path) -> Path:
+    """A run's ``checkpoints/last.pt``, or ``last.dcp`` when FSDP wrote it sharded."""
+    dcp = run_dir / "checkpoints" / "last.dcp"
+    return dcp if trainer_checkpoint(dcp) else run_dir / "checkpoints" / "last.pt"
+
+
+def read_sharded(folder: Path) -> dict[str, Any]:
+    """A sharded checkpoint folder (``last.dcp``, ``bgpo.checkpoints``) read whole into this one
+    process: its header and its full ``model`` state (every rank's shards put together; the
+    optimizer's state is not read)."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    state = torch.load(Path(folder) / "header.pt", map_location="cpu", weights_only=False)
+    if not isinstance(state, dict):
+        raise ValueError("header.pt is not a checkpoint header")
+    reader = dcp.FileSystemReader(str(folder))
+    entries = reader.read_metadata().state_dict_metadata
+    model = {k.removeprefix("model."): torch.empty(m.size, dtype=m.properties.dtype)
+             for k, m in entries.items() if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}
+    with warnings.catch_warnings():  # "torch.distributed is ... uninitialized": one process, as meant
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load({"model": model}, storage_reader=reader, no_dist=True)
+    return {**state, "model": model}
 
 
 @contextlib.contextmanager

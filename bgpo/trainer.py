@@ -12,13 +12,12 @@ all-reduce per optimizer step, bit-exact; ``parallel=fsdp``: sharded parameters)
 Nothing non-finite is stored (issue 15): the run stops at the first non-finite loss, gradient norm
 (before the optimizer step) or parameter (after it) with :class:`NonFinite` naming the step and
 the quantity; that step is neither logged nor checkpointed, so the last checkpoint is a good one.
-Resume trusts nothing: ``last.pt``, then ``prev.pt``, is used only if it loads, has the
-checkpoint's fields, records this run's key (``bgpo.results.run_key``) and every step up to it has
-a valid metrics row; otherwise the run restarts. A checkpoint recording ANOTHER run's key is refused
-(``StoreMismatch``); one recording none (written before checkpoints carried the key) is used with a
-warning that its run cannot be verified. A checkpoint that fails for a reason of the machine (out of
-memory, CUDA, I/O: ``bgpo.results.machine_error``) is not corrupt: every rank stops with the error
-and no file is set aside (only a file that fails to parse is renamed ``*.corrupt``, by name).
+Resume trusts nothing (``bgpo.checkpoints``): ``last``, then ``prev``, is used only if it loads,
+has the checkpoint's fields, records this run's key (``bgpo.results.run_key``) and every step up to
+it has a valid metrics row; otherwise the run restarts. A checkpoint recording ANOTHER run's key is
+refused (``StoreMismatch``); a failure of the machine (out of memory, CUDA, I/O) while loading
+stops every rank and sets nothing aside. Under ``parallel=fsdp`` checkpoints are sharded
+(``last.dcp/``: each rank writes and reads only its shards, nothing is gathered).
 
 Memory at full scale (issue 25): the end-of-run parameter fingerprint is summed from each rank's
 shards, one parameter chunk at a time (``Dist.fingerprint``), never as a float64 copy of the model;
@@ -32,7 +31,6 @@ import copy
 import json
 import logging
 import math
-import os
 import resource
 import signal
 import time
@@ -43,6 +41,15 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from bgpo.checkpoints import (
+    existing,
+    load_into,
+    load_weights,
+    path_of,
+    resume_state,
+    save_checkpoint,
+    save_weights,
+)
 from bgpo.config import to_container
 from bgpo.evaluation import SELECTION, best_row, better, evaluate_on, has_validation, test_sources
 from bgpo.loggers import Tracker, nested
@@ -51,14 +58,8 @@ from bgpo.parallel import Dist
 from bgpo.provision import base_model_path, pick_device
 from bgpo.results import (
     atomic_write_json,
-    check_checkpoint_run,
-    fsync_dir,
-    keep_metrics,
-    machine_error,
-    missing_step,
     provenance,
     read_metrics,
-    reason,
     run_key,
     set_aside,
     warn,
@@ -131,7 +132,8 @@ class Run:
 
     @property
     def ckpt(self) -> Path:
-        return self.run_dir / "checkpoints" / "last.pt"
+        """``last.pt``, or ``last.dcp`` (every rank's shards) under FSDP: ``bgpo.checkpoints``."""
+        return path_of(self.run_dir / "checkpoints", "last", self.dist)
 
     @property
     def metrics(self) -> Path:
@@ -211,7 +213,7 @@ def resume(run: Run) -> None:
     commit = provenance(run.device)["commit"]
     state = resume_state(run.run_dir, run.cfg.steps, run.device, run.dist, run.key)
     if state is not None:
-        run.dist.load_state_dicts(run.policy.net, run.opt, state["model"], state["opt"])
+        load_into(state, run.dist, run.policy.net, run.opt)
         run.sched.load_state_dict(state["sched"])
         torch.set_rng_state(state["rng"])
         run.start = run.saved = state["step"]
@@ -307,15 +309,16 @@ def validate_and_select(run: Run, step: int, row: dict[str, Any]) -> None:
     row.update(prefixed(evaluation(run.policy, run.task, cfg, run.dist, "val", cfg.eval_n), "val/"))
     if run.dist.any(run.dist.rank == 0 and better(row, run.best)):
         run.best = row if run.dist.rank == 0 else None
-        save_weights(run.run_dir / "checkpoints" / "best.pt", run.dist, run.policy, step + 1, run.key)
+        save_weights(path_of(run.run_dir / "checkpoints", "best", run.dist), run.dist, run.policy.net,
+                     step + 1, run.key)
 
 
 def checkpoint(run: Run, step: int, preemption: Preemption) -> None:
-    """``last.pt`` every ``ckpt_every`` steps, at the end, and when a signal asked the run to stop
+    """``last`` every ``ckpt_every`` steps, at the end, and when a signal asked the run to stop
     (every rank stops after the same step); then the signal is handed over."""
     stopping = run.dist.any(preemption.asked is not None)
     if (step + 1) % run.cfg.ckpt_every == 0 or step + 1 == run.cfg.steps or stopping:
-        save_checkpoint(run.ckpt, run.dist, run.policy, run.opt, run.sched, step + 1, run.resumed_at,
+        save_checkpoint(run.ckpt, run.dist, run.policy.net, run.opt, run.sched, step + 1, run.resumed_at,
                         run.commits, run.key)
         run.saved = step + 1
     if stopping and step + 1 < run.cfg.steps:
@@ -332,11 +335,10 @@ def finish(run: Run, tracker: Tracker, t_run: float) -> dict[str, Any]:
     tests = {"final": test_sets(policy, run.task, cfg, dist)}
     best_step = dist.gather([run.best["step"] if run.best else None])[0]
     if best_step is not None and best_step != cfg.steps:
-        state = load_weights(run.run_dir / "checkpoints" / "best.pt", best_step, run.device, dist, run.key)
-        if state is None:  # unreadable: reported; the selected checkpoint's test result is lost
-            best_step = None
-        else:
-            dist.load_model_state_dict(policy.net, state["model"])
+        best = path_of(run.run_dir / "checkpoints", "best", dist)  # or the other format's (a resumed run
+        best = best if best.exists() else next(iter(existing(best.parent, "best")), best)  # changed layout)
+        if not load_weights(best, best_step, dist, policy.net, run.key):
+            best_step = None  # unreadable: reported; the selected checkpoint's test result is lost
     if best_step is not None:
         tests["best"] = tests["final"] if best_step == cfg.steps else test_sets(policy, run.task, cfg, dist)
     if dist.rank == 0:
@@ -409,65 +411,6 @@ def test_sets(policy: DLLM, task: Any, cfg: DictConfig, dist: Dist) -> dict[str,
             for src in test_sources(cfg.task)}
 
 
-def save_weights(path: Path, dist: Dist, policy: DLLM, step: int, key: str) -> None:
-    """The model's full state (no optimizer) and the run key, written atomically by rank 0; every
-    rank calls it."""
-    model = dist.model_state_dict(policy.net)
-    if dist.rank != 0:
-        return
-    atomic_torch_save({"step": step, "model": model, "run": key}, path)
-
-
-def load_weights(path: Path, step: int, device: str, dist: Dist, key: str) -> dict[str, Any] | None:
-    """``best.pt`` of ``step``, or None (reported, set aside by rank 0) when it is unreadable; one
-    of another run than ``key`` is refused (``StoreMismatch``), one recording no run key is used with
-    a warning."""
-    state, unparsed, machine = None, None, None
-    try:
-        state = torch.load(path, map_location=device, weights_only=False)
-        if not isinstance(state, dict) or state.get("step") != step or "model" not in state:
-            raise ValueError(f"not the weights of step {step}")
-    except Exception as e:  # noqa: BLE001  (a torn or corrupt file: any loader error)
-        if machine_error(e):  # out of memory, CUDA, I/O: the file is not to blame
-            machine = e
-        else:
-            unparsed = e
-    stop_together(dist, machine, path)
-    if unparsed is not None:
-        if dist.rank == 0 and path.exists():
-            set_aside(path, f"unreadable ({type(unparsed).__name__}); the test result of the "
-                            f"validation-selected checkpoint (step {step}) is not reported")
-        return None
-    if not check_checkpoint_run(state, path, key) and dist.rank == 0:
-        warn(UNVERIFIED.format(path=path))
-    return state
-
-
-def stop_together(dist: Dist, err: BaseException | None, path: Path) -> None:
-    """Every rank says whether loading ``path`` failed for a reason of the machine (``err``: out of
-    memory, CUDA, I/O); if one did, every rank raises — that rank its own error, the others one
-    naming it — so none is left waiting in the next collective, and no file is set aside. Every
-    rank calls it once per load."""
-    if err is not None:
-        not_corrupt(err, path)
-    told = dist.gather([reason(err) if err is not None else None])
-    if err is not None:
-        raise err
-    failed = [(r, why) for r, why in enumerate(told) if why]
-    if failed:
-        raise RuntimeError(f"{path}: rank {failed[0][0]} could not load it ({failed[0][1]}): an error of the "
-                           "machine, not of the file; nothing was set aside")
-
-
-def not_corrupt(e: BaseException, path: Path) -> None:
-    """Note on ``e`` (raised while loading checkpoint ``path`` for a reason of the machine), and log,
-    that the file was kept: the run stops (``e`` propagates) instead of setting a good checkpoint
-    aside and restarting from step 0."""
-    e.add_note(f"while loading {path}: {type(e).__name__} is an error of the machine (memory, device or "
-               "I/O), not of the file; it is kept as it is (nothing was set aside)")
-    log.error(f"[bgpo] {path}: could not be loaded ({reason(e)}); not set aside as corrupt")
-
-
 def read_json(path: Path, consequence: str) -> dict[str, Any]:
     """A JSON object the run wrote earlier; a missing or corrupt one is reported (and set aside)."""
     try:
@@ -483,21 +426,6 @@ def read_json(path: Path, consequence: str) -> dict[str, Any]:
         return {}
 
 
-def atomic_torch_save(obj: Any, path: Path, keep_previous: bool = False) -> None:
-    """``torch.save`` to a temp file, fsync, rename (the old file kept as ``prev.pt`` when
-    ``keep_previous``), fsync the folder: a crash leaves the old file or the new one, whole."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    if keep_previous and path.exists():
-        os.replace(path, path.with_name("prev.pt"))
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
 @torch.no_grad()
 def first_non_finite(net: torch.nn.Module) -> str | None:
     """Name of the first trained parameter (this rank's shard) holding a NaN or inf; one sync."""
@@ -506,80 +434,6 @@ def first_non_finite(net: torch.nn.Module) -> str | None:
     if not params or torch.stack([torch.isfinite(p).all() for _, p in params]).all():
         return None
     return next(n for n, p in params if not torch.isfinite(p).all())
-
-
-def save_checkpoint(path: Path, dist: Dist, policy: DLLM, opt: torch.optim.Optimizer, sched: Any,
-                    step: int, resumed_at: list[int], commits: list[str], key: str) -> None:
-    """Model + optimizer (full state, keyed by parameter name), scheduler, RNG, the commits the run
-    was trained with and its run key ``key``; written atomically (fsynced) by rank 0, the previous
-    checkpoint kept as ``prev.pt`` (a last good one if this one is found corrupt). Every rank calls
-    it (under FSDP the state is gathered)."""
-    model, optim = dist.state_dicts(policy.net, opt)
-    if dist.rank != 0:
-        return
-    atomic_torch_save({"step": step, "model": model, "opt": optim, "sched": sched.state_dict(),
-                       "rng": torch.get_rng_state(), "resumed_at": resumed_at, "commits": commits,
-                       "run": key}, path, keep_previous=True)
-
-
-CHECKPOINT_FIELDS = ("step", "model", "opt", "sched", "rng")
-UNVERIFIED = ("{path} records no run key (written before checkpoints carried one): used, but that it is this "
-              "run's cannot be verified")
-
-
-def resume_state(run_dir: Path, steps: int, device: str, dist: Dist, key: str) -> dict[str, Any] | None:
-    """The checkpoint to resume from: ``last.pt``, else ``prev.pt``, the first that loads, has the
-    checkpoint's fields, records the run key ``key`` and has a valid metrics row for every step up
-    to it (rows before the resume point are history that cannot be recomputed; rows after it are
-    recomputed exactly). None: start from step 0. A checkpoint of another run is refused
-    (``StoreMismatch``, before anything is touched); one recording no run key (written before
-    checkpoints carried one) is used, with a warning. Every rank decides from the same files; rank 0
-    then reports, sets corrupt files aside (``*.corrupt``) and rewrites ``metrics.jsonl`` up to the
-    resume point."""
-    metrics_path = run_dir / "metrics.jsonl"
-    rows, problems = read_metrics(metrics_path)
-    notes, corrupt, chosen, machine = [], [], None, None
-    for name in ("last.pt", "prev.pt"):
-        path = run_dir / "checkpoints" / name
-        if not path.exists():
-            continue
-        try:
-            state = torch.load(path, map_location=device, weights_only=False, mmap=True)
-            if not isinstance(state, dict) or any(k not in state for k in CHECKPOINT_FIELDS):
-                raise ValueError(f"not a trainer checkpoint (fields {list(CHECKPOINT_FIELDS)})")
-            if not isinstance(state["step"], int) or not 1 <= state["step"] <= steps:
-                raise ValueError(f"step={state['step']!r} is not in 1..{steps}")
-        except Exception as e:  # noqa: BLE001  (a torn or corrupt file: any loader error)
-            if machine_error(e):  # out of memory, CUDA, I/O: never taken for corruption
-                machine = (e, path)
-                break
-            why = " ".join(str(e).split())[:200]
-            corrupt.append((path, f"unreadable checkpoint ({type(e).__name__}: {why})"))
-            continue
-        verified = check_checkpoint_run(state, path, key)  # another run's key: StoreMismatch
-        gap = missing_step(rows, state["step"])
-        if gap is None:
-            chosen = state
-            if not verified:
-                notes.append(UNVERIFIED.format(path=path))
-            break
-        notes.append(f"{path} (step {state['step']}) is not used: {metrics_path} has no valid row for "
-                     f"step {gap}")
-    stop_together(dist, *(machine or (None, run_dir / "checkpoints")))  # every rank raises, none hangs
-    start = chosen["step"] if chosen is not None else 0
-    if dist.gather([start]) != [start] * dist.world:
-        raise RuntimeError(f"{run_dir}: the processes disagree on the resume point")
-    if dist.rank == 0:
-        for p in problems:
-            warn(p)
-        for path, why in corrupt:
-            set_aside(path, why)
-        for n in notes:
-            warn(n)
-        if chosen is None and (corrupt or notes):
-            warn(f"{run_dir}: no usable checkpoint; the run restarts from step 0")
-        keep_metrics(metrics_path, rows, start if chosen is not None else -1, problems)
-    return chosen
 
 
 def reset_peak(device: str) -> None:

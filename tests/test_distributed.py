@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from bgpo.export import load_run_policy
+from bgpo.results import last_checkpoint, load_checkpoint
 from tests.helpers import micro_model
 from tests.test_sweep import metrics  # rows without wall-clock and memory keys
 
@@ -47,7 +50,8 @@ def summary(run: Path) -> dict:
 
 
 def model_state(run: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run / "checkpoints" / "last.pt", weights_only=False)["model"]
+    """The full model of a run's last checkpoint (``last.pt``, or an FSDP run's shards put together)."""
+    return load_checkpoint(last_checkpoint(run))["model"]
 
 
 @pytest.fixture(scope="module")
@@ -86,11 +90,16 @@ def test_fsdp_matches_one_process(base, one_process, tmp_path):
     assert all(n < 0.6 * total for n in s["local_param_numel"])  # each rank holds ~half: sharded
     assert s["param_fingerprints"][0] == s["param_fingerprints"][1]  # gathered: identical on both ranks
     start, one, got = micro_model().net.state_dict(), model_state(one_process), model_state(fsdp)
-    assert set(got) == set(one)  # a full, unsharded checkpoint in the one-process format
+    assert set(got) == set(one)  # its shards (last.dcp) put together: the one-process model's keys
     for k in one:  # the update equals the one-process update up to the order of float sums
         d_one, d_fsdp = one[k] - start[k], got[k] - start[k]
         assert (d_fsdp - d_one).abs().max() <= 1e-9 * max(d_one.abs().max().item(), 1e-12), k
-    for row, ref in zip(metrics(fsdp), metrics(one_process), strict=True):  # same rollouts, same stats
+    same_rows(metrics(fsdp), metrics(one_process))
+
+
+def same_rows(rows: list[dict], expected: list[dict]) -> None:
+    """The same rollouts and statistics, up to the order of float sums (FSDP's reductions)."""
+    for row, ref in zip(rows, expected, strict=True):
         assert row.keys() == ref.keys()
         for k, v in ref.items():
             assert row[k] == pytest.approx(v, rel=1e-9, abs=1e-12), (row["step"], k)
@@ -128,11 +137,48 @@ def test_fsdp_preempted_on_one_rank_resumes_exactly(base, tmp_path):
         time.sleep(0.02)
     log = proc.communicate(timeout=240)[0]
     assert proc.returncode != 0 and "Preempted" in log, log[-3000:]
-    (ckpt,) = out.glob("*/checkpoints/last.pt")
-    stopped_at = torch.load(ckpt, weights_only=False)["step"]
+    (ckpt,) = out.glob("*/checkpoints/last.dcp")
+    stopped_at = torch.load(ckpt / "header.pt", weights_only=False)["step"]
     assert 1 <= stopped_at < 4 and not list(out.glob("*/summary.json"))
     print(f"stopped after step {stopped_at}")
 
     run = train(base, out, 2, *overrides, port=29521)
     assert summary(run)["resumed_at"] == [stopped_at]
     assert metrics(run) == expected
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoints_are_sharded_and_resume_in_any_layout(base, one_process, tmp_path):
+    """Under FSDP every rank writes its own shards (``last.dcp``: no file holds the whole model
+    with its AdamW state, no rank gathers it) and reads only them back; an FSDP checkpoint resumes
+    in ONE process (DCP reshards), and the run ends where the uninterrupted one-process run ends."""
+    fsdp = train(base, tmp_path, 2, "steps=3", "ckpt_every=1", "model.dtype=float64", "parallel=fsdp",
+                 port=29522)
+    ckpt = fsdp / "checkpoints"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["best.dcp", "last.dcp", "prev.dcp"]
+    shards = sorted((ckpt / "last.dcp").glob("*.distcp"))
+    state_bytes = 3 * sum(t.numel() * t.element_size() for t in micro_model().net.state_dict().values())
+    sizes = [p.stat().st_size for p in shards]
+    assert len(shards) == 2 and sum(sizes) > state_bytes  # between them: weights and both Adam moments
+    assert max(sizes) < 0.6 * sum(sizes)  # each rank wrote about half (nothing was gathered to rank 0)
+    headers = [torch.load(ckpt / f"{n}.dcp" / "header.pt", weights_only=False) for n in ("last", "prev")]
+    assert [h["step"] for h in headers] == [3, 2] and headers[0]["run"] == headers[1]["run"]
+
+    policy, _, info = load_run_policy(fsdp, "final")  # export and evaluate read the shards as one model
+    assert info["checkpoint"].endswith("last.dcp") and info["step"] == 3
+    for k, v in policy.net.state_dict().items():
+        assert torch.equal(v, model_state(fsdp)[k]), k
+
+    (fsdp / "summary.json").unlink()  # as if it had stopped after step 2: resume in one process
+    shutil.rmtree(ckpt / "last.dcp")
+    res = subprocess.run([*command(1, 0), f"model.path={base}", *COMMON, "steps=3", "ckpt_every=1",
+                          "model.dtype=float64",
+                          f"results_dir={tmp_path}"], env=ENV, cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert summary(fsdp)["resumed_at"] == [2] and summary(fsdp)["world_size"] == 1
+    same_rows(metrics(fsdp), metrics(one_process))
+    start, one, got = micro_model().net.state_dict(), model_state(one_process), model_state(fsdp)
+    for k in start:
+        d_one, d_got = one[k] - start[k], got[k] - start[k]
+        assert (d_got - d_one).abs().max() <= 1e-9 * max(d_one.abs().max().item(), 1e-12), k

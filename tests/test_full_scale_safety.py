@@ -23,6 +23,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+import bgpo.checkpoints as checkpoints
 import bgpo.parallel as parallel
 import bgpo.results as results
 import bgpo.trainer as trainer
@@ -160,12 +161,12 @@ def test_out_of_memory_while_resuming_keeps_the_checkpoints(error, tmp_path, mon
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     monkeypatch.setattr(torch, "load", raising(error))
     with caplog.at_level(logging.ERROR), pytest.raises(type(error)) as got:
-        trainer.resume_state(tmp_path, 4, "cpu", Dist(), "key")
+        checkpoints.resume_state(tmp_path, 4, "cpu", Dist(), "key")
     assert got.value is error and any("nothing was set aside" in n for n in getattr(error, "__notes__", []))
     assert sorted(p.name for p in ckpt.iterdir()) == ["last.pt", "prev.pt"]
     assert f"{ckpt / 'last.pt'}: could not be loaded" in caplog.text
     monkeypatch.undo()  # the same folder with the memory: resumes from last.pt
-    assert trainer.resume_state(tmp_path, 4, "cpu", Dist(), "key")["step"] == 2
+    assert checkpoints.resume_state(tmp_path, 4, "cpu", Dist(), "key")["step"] == 2
 
 
 class OtherRankOutOfMemory(Dist):
@@ -186,25 +187,27 @@ def test_out_of_memory_on_another_rank_stops_this_one_too(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in range(3)))
     two = OtherRankOutOfMemory(rank=0, world=2)
     with pytest.raises(RuntimeError, match="rank 1 could not load it .OutOfMemoryError"):
-        trainer.resume_state(tmp_path, 4, "cpu", two, "key")
-    torch.save({"step": 3, "model": {}, "run": "key"}, ckpt / "best.pt")
+        checkpoints.resume_state(tmp_path, 4, "cpu", two, "key")
+    net = torch.nn.Linear(2, 2)
+    torch.save({"step": 3, "model": net.state_dict(), "run": "key"}, ckpt / "best.pt")
     with pytest.raises(RuntimeError, match="rank 1 could not load it"):
-        trainer.load_weights(ckpt / "best.pt", 3, "cpu", two, "key")
+        checkpoints.load_weights(ckpt / "best.pt", 3, two, net, "key")
     assert sorted(p.name for p in ckpt.iterdir()) == ["best.pt", "last.pt"]
 
 
 def test_out_of_memory_loading_the_selected_weights_keeps_them(tmp_path, monkeypatch, caplog):
-    best = tmp_path / "best.pt"
-    torch.save({"step": 3, "model": {}, "run": "key"}, best)
+    best, net, trained = tmp_path / "best.pt", torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    torch.save({"step": 3, "model": trained.state_dict(), "run": "key"}, best)
     monkeypatch.setattr(torch, "load", raising(OOM[0]))
     with pytest.raises(torch.OutOfMemoryError):
-        trainer.load_weights(best, 3, "cpu", Dist(), "key")
+        checkpoints.load_weights(best, 3, Dist(), net, "key")
     assert best.exists() and not list(tmp_path.glob("*.corrupt"))
     monkeypatch.undo()
-    assert trainer.load_weights(best, 3, "cpu", Dist(), "key")["step"] == 3
+    assert checkpoints.load_weights(best, 3, Dist(), net, "key")
+    assert torch.equal(net.weight, trained.weight)
     best.write_bytes(b"not a checkpoint")  # a file that fails to parse: set aside, named
     with caplog.at_level(logging.WARNING):
-        assert trainer.load_weights(best, 3, "cpu", Dist(), "key") is None
+        assert not checkpoints.load_weights(best, 3, Dist(), net, "key")
     assert (tmp_path / "best.pt.corrupt").exists() and f"{best}: unreadable" in caplog.text
 
 
@@ -213,7 +216,7 @@ def test_garbage_checkpoint_is_still_set_aside_when_resuming(tmp_path, caplog):
     ckpt.mkdir()
     (ckpt / "last.pt").write_bytes(b"not a checkpoint")
     with caplog.at_level(logging.WARNING):
-        assert trainer.resume_state(tmp_path, 4, "cpu", Dist(), "key") is None
+        assert checkpoints.resume_state(tmp_path, 4, "cpu", Dist(), "key") is None
     assert (ckpt / "last.pt.corrupt").exists() and f"{ckpt / 'last.pt'}: unreadable checkpoint" in caplog.text
 
 
@@ -320,3 +323,51 @@ def test_a_bad_process_group_timeout_stops_at_start_up() -> None:
     res = subprocess.run([sys.executable, "-m", "bgpo.train", "validate_only=true"], env=env,
                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
     assert res.returncode == 2 and "BGPO_DIST_TIMEOUT_S='soon' must be a positive number" in res.stderr
+
+
+# ---- sharded checkpoints (parallel=fsdp writes last.dcp) ---------------------------------------
+def sharded_run(tmp_path: Path) -> tuple[torch.nn.Module, torch.optim.Optimizer, Path]:
+    """A run folder with ``last.dcp`` (step 2) and ``prev.dcp`` (step 1) of a small network."""
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    opt = torch.optim.AdamW(net.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    ckpt = tmp_path / "checkpoints" / "last.dcp"
+    for step in (1, 2):
+        net(torch.randn(3, 4)).sum().backward()
+        opt.step()
+        checkpoints.save_checkpoint(ckpt, Dist(), net, opt, sched, step, [], ["abc"], "key")
+    rows = [{"step": s, "reward": 0.0} for s in range(3)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return net, opt, ckpt
+
+
+def test_a_sharded_checkpoint_resumes_the_model_and_the_optimizer(tmp_path):
+    net, opt, ckpt = sharded_run(tmp_path)
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == ["last.dcp", "prev.dcp"]
+    state = checkpoints.resume_state(tmp_path, 4, "cpu", Dist(), "key")
+    assert state["step"] == 2 and state["commits"] == ["abc"]
+    fresh = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=0.1)
+    checkpoints.load_into(state, Dist(), fresh, fresh_opt)
+    for a, b in zip(net.parameters(), fresh.parameters(), strict=True):
+        assert torch.equal(a, b)
+        assert torch.equal(opt.state[a]["exp_avg_sq"], fresh_opt.state[b]["exp_avg_sq"])
+    assert results.load_checkpoint(ckpt)["model"].keys() == net.state_dict().keys()  # export's reader
+
+
+def test_a_sharded_checkpoint_missing_a_shard_is_set_aside_and_prev_used(tmp_path, caplog):
+    _, _, ckpt = sharded_run(tmp_path)
+    next(ckpt.glob("*.distcp")).unlink()  # a shard lost (a node's disk, a partial copy)
+    with caplog.at_level(logging.WARNING):
+        assert checkpoints.resume_state(tmp_path, 4, "cpu", Dist(), "key")["step"] == 1
+    assert (ckpt.parent / "last.dcp.corrupt").is_dir() and "shard files missing" in caplog.text
+
+
+def test_out_of_memory_reading_a_sharded_checkpoint_keeps_it(tmp_path, monkeypatch):
+    _, _, ckpt = sharded_run(tmp_path)
+    real = torch.load
+    monkeypatch.setattr(torch, "load", lambda p, *a, **k: (_ for _ in ()).throw(OOM[1])
+                        if str(p).endswith("header.pt") else real(p, *a, **k))
+    with pytest.raises(type(OOM[1])):
+        checkpoints.resume_state(tmp_path, 4, "cpu", Dist(), "key")
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == ["last.dcp", "prev.dcp"]

@@ -210,7 +210,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 def load_dllm(kind: str, path: str | Path, dtype: str = "float32", device: str = "cpu",
               mask_token_id: int | None = None, use_chat_template: bool = False,
               remote_code: bool = False, revision: str | None = None,
-              trust_remote_code: bool | None = None) -> DLLM:
+              trust_remote_code: bool | None = None, empty: bool = False) -> DLLM:
     """Load a dLLM of ``kind`` from a local folder or hub name (no download happens for ``tiny``).
 
     ``llada`` / ``dream`` load into the suite's native classes (``bgpo.models``) unless
@@ -219,7 +219,11 @@ def load_dllm(kind: str, path: str | Path, dtype: str = "float32", device: str =
     shipped as code may run (None: run it with a warning; the remote-code model path implies True).
     Raises ``FileNotFoundError`` for a missing folder and ``ValueError`` for a config of another
     ``model_type`` or a checkpoint whose parameter names do not match the class, each in one
-    sentence naming the folder."""
+    sentence naming the folder.
+
+    ``empty``: the network is built with its parameters on the meta device and no weights read
+    (buffers such as RoPE tables are real): FSDP shards it, then each rank reads only its own
+    slices of the checkpoint (``bgpo.parallel.Dist.materialize``). Native and tiny models only."""
     from transformers import AutoModel, AutoModelForCausalLM
 
     if kind not in KINDS:
@@ -237,7 +241,14 @@ def load_dllm(kind: str, path: str | Path, dtype: str = "float32", device: str =
     # on an accelerator the weights go straight to it, one checkpoint shard at a time (the model is
     # built on the meta device): the host never holds the whole model (8 ranks × 32 GB at 8B in fp32)
     place = {"device_map": {"": device}} if torch.device(device).type != "cpu" else {}
-    if kind == "tiny":
+    if empty and remote_code:
+        raise ValueError("model.remote_code=true cannot be built without its weights (FSDP's sharded load): "
+                         "use the native class (model.remote_code=false)")
+    if empty:
+        net = _empty(kind, path, dtype, hub)
+        if mask_token_id is None and kind != "tiny":
+            mask_token_id = getattr(net.config, "mask_token_id", None)
+    elif kind == "tiny":
         net = _from_pretrained(AutoModelForCausalLM, path, dtype, **hub, **place)
     elif remote_code:  # the published modeling code (transformers 4.46-era)
         net = AutoModel.from_pretrained(path, trust_remote_code=True, dtype=_DTYPES[dtype], **hub, **place)
@@ -250,7 +261,32 @@ def load_dllm(kind: str, path: str | Path, dtype: str = "float32", device: str =
             mask_token_id = getattr(config, "mask_token_id", None)
     tokenizer = _load_tokenizer(kind, path, remote_code or bool(trust_remote_code),
                                 trust_remote_code is False, hub)
-    return DLLM.wrap(net.to(device), tokenizer, kind, mask_token_id, use_chat_template, remote_code)
+    return DLLM.wrap(net if empty else net.to(device), tokenizer, kind, mask_token_id, use_chat_template,
+                     remote_code)
+
+
+def _empty(kind: str, path: str | Path, dtype: str, hub: dict) -> nn.Module:
+    """The network of ``kind`` at the folder's config, parameters on the meta device (no memory),
+    buffers real."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if kind == "tiny":
+        config = AutoConfig.from_pretrained(path, **hub)
+    else:
+        config = NATIVE[kind].config_class.from_pretrained(path, **hub)
+        config.check_supported()
+    want = _DTYPES[dtype] if dtype != "auto" else getattr(config, "dtype", None) or torch.float32
+    want = getattr(torch, want) if isinstance(want, str) else want
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(want)
+    try:
+        with init_empty_weights(include_buffers=False):
+            net = AutoModelForCausalLM.from_config(config) if kind == "tiny" else NATIVE[kind](config)
+        net.tie_weights()  # a tied LM head is the embedding (from_pretrained ties; the bare class not)
+        return net
+    finally:
+        torch.set_default_dtype(old)
 
 
 def _config_file(path: str | Path, revision: str | None = None) -> Path:

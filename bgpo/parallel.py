@@ -129,6 +129,44 @@ class Dist:
         fully_shard(net, mp_policy=mp)
         return net
 
+    def materialize(self, net: nn.Module, folder: str | Path) -> None:
+        """Weights for a network built on the meta device (``load_dllm(empty=True)``) and sharded:
+        each rank allocates its shards on its device and reads only their slices of the
+        checkpoint's safetensors files (``torch.distributed.checkpoint``'s Hugging Face reader):
+        no rank ever holds the whole model. Buffers (RoPE tables) keep the values they were built
+        with. A parameter the files lack must be tied to one they hold (a tied LM head);
+        otherwise one sentence names what is missing. Every rank calls it."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            set_model_state_dict,
+        )
+
+        first: dict[int, str] = {}  # a tied parameter (one object, several names) -> its first name
+        shared = {n: first.setdefault(id(p), n) for n, p in net.named_parameters(remove_duplicate=False)}
+        buffers = {n: b.clone() for n, b in net.named_buffers()}
+        net.to_empty(device=self.device)  # one process: this unties; FSDP keeps one parameter
+        with torch.no_grad():
+            for n, b in net.named_buffers():
+                b.copy_(buffers[n])
+        for name, tied_to in shared.items():
+            if name != tied_to and net.get_parameter(name) is not net.get_parameter(tied_to):
+                owner, _, attr = name.rpartition(".")
+                setattr(net.get_submodule(owner), attr, net.get_parameter(tied_to))
+        reader = dcp.HuggingFaceStorageReader(str(folder))
+        in_files = set(reader.read_metadata().state_dict_metadata)
+        state = get_model_state_dict(net)
+        lacking = sorted(k for k in state if k not in in_files and shared.get(k, k) not in in_files)
+        if lacking:
+            more = f" (+{len(lacking) - 3} more)" if len(lacking) > 3 else ""
+            raise ValueError(f"{folder}: the checkpoint's safetensors files lack {', '.join(lacking[:3])}"
+                             f"{more}: is it saved in the hub format of its model_type?")
+        state = {k: v for k, v in state.items() if k in in_files}
+        with self._quiet():
+            dcp.load(state, storage_reader=reader, no_dist=self.world == 1)
+        set_model_state_dict(net, state, options=StateDictOptions(strict=False))
+
     @contextlib.contextmanager
     def full_params(self, net: nn.Module) -> Iterator[None]:
         """FSDP: every block's parameters gathered once and kept whole inside the block (no

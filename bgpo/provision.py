@@ -124,3 +124,13 @@ def build_lock(out: Path) -> Iterator[None]:
             log.info(f"[provision] another process is building {out}: waiting for it")
             fcntl.flock(f, fcntl.LOCK_EX)
         yield
+
+
+def local_model_folder(path: str, revision: str | None = None) -> str:
+    """``path`` itself when it is a folder; a hub name's snapshot folder otherwise (its config and
+    safetensors files from the local cache, downloaded when missing unless ``HF_HUB_OFFLINE=1``)."""
+    if Path(path).expanduser().is_dir():
+        return str(Path(path).expanduser())
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(path, revision=revision, allow_patterns=["*.json", "*.safetensors"])

@@ -55,7 +55,7 @@ from bgpo.evaluation import SELECTION, best_row, better, evaluate_on, has_valida
 from bgpo.loggers import Tracker, nested
 from bgpo.model import DLLM, apply_lora, apply_precision, enable_activation_checkpointing, load_dllm
 from bgpo.parallel import Dist
-from bgpo.provision import base_model_path, pick_device
+from bgpo.provision import base_model_path, local_model_folder, pick_device
 from bgpo.results import (
     atomic_write_json,
     provenance,
@@ -76,11 +76,16 @@ def shard_generator(seed: int, step: int, shard: int, device: str) -> torch.Gene
     return torch.Generator(device=device).manual_seed(hash((seed, step, shard)) % 2**62)
 
 
-def load_policy(cfg: DictConfig, device: str) -> DLLM:
-    m = cfg.model  # a tiny run's base model was provisioned by the entry point (bgpo.train.run)
-    path = base_model_path(cfg.task.name, m) if m.kind == "tiny" else m.path
-    policy = load_dllm(m.kind, path, m.dtype, device, m.mask_token_id, m.use_chat_template, m.remote_code,
-                       revision=m.get("revision"))
+def model_folder(cfg: DictConfig) -> str:
+    """The base model's folder or hub name (a tiny run's was provisioned by ``bgpo.train.run``)."""
+    return str(base_model_path(cfg.task.name, cfg.model)) if cfg.model.kind == "tiny" else cfg.model.path
+
+
+def load_policy(cfg: DictConfig, device: str, empty: bool = False) -> DLLM:
+    """The policy to train; ``empty``: parameters on the meta device, for ``Dist.materialize``."""
+    m = cfg.model
+    policy = load_dllm(m.kind, model_folder(cfg), m.dtype, device, m.mask_token_id, m.use_chat_template,
+                       m.remote_code, revision=m.get("revision"), empty=empty)
     if m.activation_checkpointing:  # before LoRA wraps the network
         enable_activation_checkpointing(policy.net)
     if m.lora.enabled:
@@ -184,7 +189,9 @@ def build(cfg: DictConfig, run_dir: Path) -> Run:
                          f"itself a multiple of the {dist.world} processes")
     torch.manual_seed(cfg.seed)
     task = get_task(cfg.task.name, **task_args(cfg.task))
-    policy = load_policy(cfg, device)
+    # FSDP: built on the meta device, sharded, then each rank reads only its slices of the weights
+    empty = dist.fsdp and not cfg.model.lora.enabled and not cfg.model.remote_code
+    policy = load_policy(cfg, device, empty)
     # model.precision: bf16-mixed computes in bfloat16 over float32 weights (autocast, or FSDP's policy)
     compute = torch.bfloat16 if cfg.model.precision == "bf16-mixed" else None
     apply_precision(policy, cfg.model.precision, sharded=dist.fsdp)
@@ -194,10 +201,15 @@ def build(cfg: DictConfig, run_dir: Path) -> Run:
     if ref is not None and compute is not None:
         ref.to(compute)  # the frozen reference needs no float32 master copy
     ref_model = DLLM(**{**policy.__dict__, "net": dist.shard(ref, compute)}) if ref is not None else None
+    folder = local_model_folder(model_folder(cfg), cfg.model.get("revision")) if empty else None
+    if ref is not None and folder:
+        dist.materialize(ref, folder)
     method = make_method(ref=ref_model)
     # exact compute saving (not under FSDP, where every rank must run the same backward passes)
     free = getattr(method, "flat_groups_free", lambda: False)()
     dist.shard(policy.net, compute)  # parallel=fsdp: sharded before the optimizer sees the parameters
+    if folder:
+        dist.materialize(policy.net, folder)
     params = [p for p in policy.net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, cfg.adam_beta2), weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))

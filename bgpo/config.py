@@ -143,7 +143,8 @@ class PretrainConfig:
 
 @dataclass
 class SamplerConf:
-    """Rollout sampler of RL training (evaluation always uses the reference sampler)."""
+    """Rollout sampler of RL training (``sampler``), or of validation (``val_sampler``); the test
+    sets always use the reference sampler."""
 
     mode: str = "reference"
     """reference (LLaDA's algorithm, bit for bit) or cached (KV cache + threshold decoding)"""
@@ -159,6 +160,9 @@ class TrainConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     sampler: SamplerConf = field(default_factory=SamplerConf)
+    val_sampler: SamplerConf = field(default_factory=SamplerConf)
+    """sampler of the validation evaluations (checkpoint selection), one token per step: reference
+    (default), or cached for speed at full scale (the test sets always use the reference)"""
     mc: int = 16
     """n_t: Monte Carlo samples of the ELBO per response"""
     seed: int = 0

@@ -53,12 +53,14 @@ def test_sources(task_cfg: Any) -> list[str]:
 
 
 def evaluate_on(policy: DLLM, task: Any, task_cfg: Any, source: str, n: int | None = None,
-                per_problem: bool = False, dist: Any = None) -> dict[str, Any]:
+                per_problem: bool = False, dist: Any = None, fast: Any = None) -> dict[str, Any]:
     """Greedy accuracy and reward of ``policy`` on a set: ``val``, ``own`` (the test set in use),
     ``d1``, or the name of one of ``task.eval_tasks``; the first ``n`` problems when given.
     ``dist`` (``bgpo.parallel.Dist``, every rank calling): the problems are split over the ranks
     and gathered, each rank returning the whole result; an lm-eval suite task runs on rank 0 alone
-    (the others return ``{}``)."""
+    (the others return ``{}``). ``fast`` (``val_sampler``, validation only): the sampler's mode."""
+    if fast is not None and source != "val":
+        raise ValueError(f"a fast sampler scores validation only, never the test set {source!r}")
     if source in (getattr(task_cfg, "eval_tasks", None) or {}):
         from bgpo.tasks import get_task
 
@@ -78,7 +80,7 @@ def evaluate_on(policy: DLLM, task: Any, task_cfg: Any, source: str, n: int | No
         raise ValueError(f"task {task_cfg.name!r} has no d1 test file")
     data = task.val_examples() if source == "val" else task.test_examples()
     split = {"rank": dist.rank, "world": dist.world, "gather": dist.gather} if dist is not None else {}
-    out = evaluate(policy, task, data[:n] if n is not None else data, task_cfg, **split)
+    out = evaluate(policy, task, data[:n] if n is not None else data, task_cfg, **split, fast=fast)
     if not per_problem:
         out.pop("per_problem")
     return out

@@ -158,6 +158,8 @@ def identity(cfg: dict[str, Any]) -> dict[str, Any]:
     """What a run computes: the config minus paths and launcher settings; of ``base_model`` only
     the fields that identify the weights."""
     ident = {k: v for k, v in cfg.items() if k not in NON_IDENTITY_KEYS}
+    if (ident.get("val_sampler") or {}).get("mode", "reference") == "reference":
+        ident.pop("val_sampler", None)  # the validation every run had before the key existed: keys unchanged
     if isinstance(ident.get("base_model"), dict):
         ident["base_model"] = {k: v for k, v in ident["base_model"].items() if k in BASE_IDENTITY_FIELDS}
     return ident

@@ -35,14 +35,16 @@ ORDERS = ("blocks", "left_to_right")
 def sampler_config(task_cfg: TaskConfig, temperature: float, eval_mode: bool = False,
                    fast: SamplerConf | None = None, order: str = "blocks") -> SamplerConfig:
     """Rollouts use task.diffusion_steps (and the ``sampler.*`` mode); evaluation uses the
-    reference sampler with one token per step (docs/methods.md §5). ``order="left_to_right"`` (a method's
+    reference sampler with one token per step (docs/methods.md §5), or ``fast``'s mode when given
+    (``val_sampler``: validation only, never a test set). ``order="left_to_right"`` (a method's
     ``ROLLOUT_ORDER``, JustGRPO) decodes rollouts one token per step in blocks of one: exact
     autoregressive sampling with the future masked."""
     if order not in ORDERS:
         raise ValueError(f"rollout order {order!r} is not one of {list(ORDERS)}")
-    if eval_mode:
-        return SamplerConfig(task_cfg.gen_length, task_cfg.block_length, task_cfg.gen_length, temperature)
     fast = fast or SamplerConf()
+    if eval_mode:  # one token per step; the reference sampler unless ``fast`` (validation) says otherwise
+        return SamplerConfig(task_cfg.gen_length, task_cfg.block_length, task_cfg.gen_length, temperature,
+                             fast.mode, fast.threshold, fast.cache)
     block, steps = task_cfg.block_length, task_cfg.diffusion_steps
     if order == "left_to_right":
         block, steps = 1, task_cfg.gen_length
@@ -76,8 +78,10 @@ def rollout(model: DLLM, task: Task, examples: list[Example], task_cfg: TaskConf
 @torch.no_grad()
 def evaluate(model: DLLM, task: Task, examples: list[Example], task_cfg: TaskConfig,
              batch_size: int = 64, progress: bool = False, rank: int = 0, world: int = 1,
-             gather: Callable[[list[Any]], list[Any]] | None = None) -> dict[str, Any]:
-    """Greedy accuracy and mean reward on ``examples``, and both per problem (``per_problem``).
+             gather: Callable[[list[Any]], list[Any]] | None = None,
+             fast: SamplerConf | None = None) -> dict[str, Any]:
+    """Greedy accuracy and mean reward on ``examples``, and both per problem (``per_problem``),
+    with the reference sampler (``fast``: another mode, for validation: ``val_sampler``).
     Over several processes (``rank`` of ``world``; ``gather`` is ``Dist.gather``) each takes every
     ``world``-th batch of the one-process split and the batches are gathered in order: every rank
     returns exactly the one-process result, in about 1/world of its time."""
@@ -88,7 +92,7 @@ def evaluate(model: DLLM, task: Task, examples: list[Example], task_cfg: TaskCon
     mine: list[tuple[int, list[float], list[float]]] = []  # (first problem, accuracy, reward) per batch
     starts = list(range(0, len(examples), batch_size))[rank::world]
     for lo in tqdm(starts, desc="eval", disable=not progress, leave=False):
-        r = rollout(model, task, examples[lo : lo + batch_size], task_cfg, 1, 0.0, eval_mode=True)
+        r = rollout(model, task, examples[lo : lo + batch_size], task_cfg, 1, 0.0, eval_mode=True, fast=fast)
         assert r.correct is not None  # eval_mode scores accuracy too
         mine.append((lo, [float(c) for c in r.correct], r.rewards.tolist()))
     model.net.train(was_training)

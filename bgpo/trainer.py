@@ -244,8 +244,7 @@ def resume(run: Run) -> None:
 def evaluate_base(run: Run, tracker: Tracker) -> None:
     """The base model, once: validation (the step-0 row) and the test sets (``eval_test.json``)."""
     t0 = time.time()
-    row0 = evaluation(run.policy, run.task, run.cfg, run.dist, "val", run.cfg.eval_n) \
-        if has_validation(run.task) else {}
+    row0 = validation(run) if has_validation(run.task) else {}
     tests = test_sets(run.policy, run.task, run.cfg, run.dist)
     if run.dist.rank == 0:
         atomic_write_json(run.run_dir / "eval_test.json", {"base": tests})
@@ -318,7 +317,7 @@ def validate_and_select(run: Run, step: int, row: dict[str, Any]) -> None:
     if not has_validation(run.task) or not (cfg.eval_every and (step + 1) % cfg.eval_every == 0
                                             or step + 1 == cfg.steps):
         return
-    row.update(prefixed(evaluation(run.policy, run.task, cfg, run.dist, "val", cfg.eval_n), "val/"))
+    row.update(prefixed(validation(run), "val/"))
     if run.dist.any(run.dist.rank == 0 and better(row, run.best)):
         run.best = row if run.dist.rank == 0 else None
         save_weights(path_of(run.run_dir / "checkpoints", "best", run.dist), run.dist, run.policy.net,
@@ -404,14 +403,20 @@ def prefixed(out: dict[str, Any], prefix: str) -> dict[str, Any]:
 
 
 def evaluation(policy: DLLM, task: Any, cfg: DictConfig, dist: Dist, source: str, n: int | None = None,
-               per_problem: bool = False) -> dict[str, Any]:
+               per_problem: bool = False, fast: Any = None) -> dict[str, Any]:
     """Greedy evaluation over every rank (each a slice of the problems, gathered; an lm-eval suite
     task on rank 0 alone), the result on rank 0 (the others get ``{}``): ``source`` = ``val`` |
     ``own`` | ``d1`` (``bgpo.evaluation``). Every rank calls it (under FSDP the parameters are
     gathered first)."""
     with dist.full_params(policy.net):
-        out = evaluate_on(policy, task, cfg.task, source, n, per_problem, dist=dist)
+        out = evaluate_on(policy, task, cfg.task, source, n, per_problem, dist=dist, fast=fast)
     return out if dist.rank == 0 else {}
+
+
+def validation(run: Run) -> dict[str, Any]:
+    """The validation set's numbers (on rank 0), decoded by ``val_sampler`` (default: the reference)."""
+    fast = run.cfg.val_sampler if run.cfg.val_sampler.mode != "reference" else None
+    return evaluation(run.policy, run.task, run.cfg, run.dist, "val", run.cfg.eval_n, fast=fast)
 
 
 def test_sets(policy: DLLM, task: Any, cfg: DictConfig, dist: Dist) -> dict[str, Any]:

@@ -337,6 +337,10 @@ def _validate_train(cfg: DictConfig) -> None:
     from bgpo.sampler import validate_mode
 
     validate_mode(cfg.sampler.mode, cfg.sampler.threshold, cfg.sampler.cache)
+    try:
+        validate_mode(cfg.val_sampler.mode, cfg.val_sampler.threshold, cfg.val_sampler.cache)
+    except ValueError as e:
+        raise ValueError(str(e).replace("sampler.", "val_sampler.")) from None
     from bgpo.loggers import validate as validate_logger
 
     validate_logger(cfg.logger)

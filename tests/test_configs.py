@@ -90,6 +90,8 @@ BAD = [
     (["lr=0"], "lr"),
     (["mcc=4"], "mcc"),
     (["sampler.mode=fast"], "sampler.mode"),
+    (["val_sampler.mode=fast"], "val_sampler.mode"),
+    (["val_sampler.mode=cached", "val_sampler.cache=full"], "val_sampler.cache"),
     (["parallel=zero3"], "parallel"),
 ]
 

@@ -234,3 +234,33 @@ def test_skipping_flat_groups_trains_the_same_run(base_model, tmp_path):
     assert runs[True][1] == runs[False][1]
     fp = [s["param_fingerprints"][0] for s, _ in runs.values()]
     assert fp[0] == pytest.approx(fp[1], rel=1e-6)
+
+
+def test_validation_may_use_the_fast_sampler_but_the_test_sets_never(base_model, tmp_path, monkeypatch):
+    """``val_sampler.mode=cached`` decodes the validation problems with the KV-cached sampler (one
+    token per step); the test sets stay on the reference sampler; the setting is part of the run
+    key only when it is not the reference (run keys made before the key existed are unchanged)."""
+    import bgpo.rollout
+    from bgpo.config import to_container
+    from bgpo.results import run_key
+
+    modes = []
+    real = bgpo.rollout.generate
+
+    def spy(model, ids, mask, cfg, *a, **k):
+        if cfg.steps == cfg.gen_length and cfg.temperature == 0.0:  # an evaluation's schedule
+            modes.append(cfg.mode)
+        return real(model, ids, mask, cfg, *a, **k)
+
+    monkeypatch.setattr(bgpo.rollout, "generate", spy)
+    cfg = cfg_of(base_model, tmp_path, "method=bgpo", "val_sampler.mode=cached", "eval_test=true")
+    run(cfg)
+    # validation (one batch): the base model, step 2 (eval_every=2) and the last step; the test sets
+    # of the base and of the final policy (the best is the final or its own): the reference
+    assert modes.count("cached") == 3 and modes.count("reference") >= 2
+    assert set(modes) == {"cached", "reference"}
+    assert modes[0] == "cached" and modes[-1] == "reference"
+    default = cfg_of(base_model, tmp_path, "method=bgpo")
+    ident = to_container(default)
+    ident.pop("val_sampler")
+    assert run_key(to_container(default)) == run_key(ident) != run_key(to_container(cfg))

@@ -109,10 +109,14 @@ class Dist:
         return self.strategy == "fsdp" and self.world > 1
 
     # ---- the model on the ranks --------------------------------------------------------------
-    def shard(self, net: nn.Module, param_dtype: torch.dtype | None = None) -> nn.Module:
+    def shard(self, net: nn.Module, param_dtype: torch.dtype | None = None,
+              frozen: bool = False) -> nn.Module:
         """FSDP: shard every transformer block, then the root (in place); ``param_dtype``
         (bf16-mixed: bfloat16) is the dtype they compute in, gradients reduced in float32.
-        Otherwise: unchanged."""
+        ``frozen`` (the reference model, forward passes only): the root's own parameters (the
+        embedding and LM head) are resharded after each forward too — FSDP2 keeps a root's
+        gathered for the backward pass that never comes (2 GB a rank at LLaDA-8B in bf16, found
+        by ``bgpo.plan``). Otherwise: unchanged."""
         if not self.fsdp:
             return net
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -126,7 +130,7 @@ class Dist:
                              f"{type(net).__name__}")
         for m in units:
             fully_shard(m, mp_policy=mp)
-        fully_shard(net, mp_policy=mp)
+        fully_shard(net, mp_policy=mp, reshard_after_forward=True if frozen else None)
         return net
 
     def materialize(self, net: nn.Module, folder: str | Path) -> None:

@@ -200,7 +200,8 @@ def build(cfg: DictConfig, run_dir: Path) -> Run:
     ref = copy.deepcopy(policy).net.requires_grad_(False) if beta > 0 else None
     if ref is not None and compute is not None:
         ref.to(compute)  # the frozen reference needs no float32 master copy
-    ref_model = DLLM(**{**policy.__dict__, "net": dist.shard(ref, compute)}) if ref is not None else None
+    ref_model = DLLM(**{**policy.__dict__, "net": dist.shard(ref, compute, frozen=True)}) \
+        if ref is not None else None
     folder = local_model_folder(model_folder(cfg), cfg.model.get("revision")) if empty else None
     if ref is not None and folder:
         dist.materialize(ref, folder)

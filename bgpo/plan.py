@@ -336,7 +336,7 @@ def slurm_sizing(rows: list[dict[str, Any]], tasks_per_node: int,
     host_rank = HOST_BASE_GB * GB + max(max(r["host_bytes"]["load"], r["host_bytes"]["checkpoint"])
                                         for r in rows)
     step_s = max(step_seconds(r, diffusion_steps[r.get("task")]) for r in rows)
-    write_s = max(r["static_bytes"] / r["world"] / (FS_GB_PER_S * GB) for r in rows)
+    write_s = max(r["static_bytes"] / (FS_GB_PER_S * GB) for r in rows)  # a rank's shards (its static bytes)
     every = max(1, math.ceil(write_s / (CKPT_SHARE * min(step_seconds(r, diffusion_steps[r.get("task")])
                                                          for r in rows))))
     return {"mem_gb": math.ceil(1.25 * tasks_per_node * host_rank / GB),

@@ -123,3 +123,24 @@ def test_sharded_checkpoints_and_loads_keep_the_host_small() -> None:
     assert host["load"] < 3 * plan.GB and host["checkpoint"] < 3 * plan.GB
     assert host["load_whole_model"] > 32 * plan.GB and host["checkpoint_gathered"] > 96 * plan.GB
     assert row["phase_peak_bytes"]["checkpoint"] < 13 * plan.GB  # this rank's eighth of ~96 GB
+
+
+def test_the_slurm_preset_is_sized_from_the_plan() -> None:
+    """The committed plan of every paper job sizes the Slurm launcher (``mem_gb`` for 8 ranks a
+    node, ``signal_delay_s`` for a step and its checkpoint) and ``paper_main``'s ``ckpt_every``
+    (checkpoints at most 5% of the time); the presets hold at least that."""
+    import yaml
+
+    from bgpo.paper_settings import paper_task
+
+    rows = load_rows(ROOT / "results" / "bench" / "plan-paper-main.jsonl")
+    steps = {t: paper_task(t, "diffusion_steps") for t in plan.PAPER_TASKS}
+    sizing = plan.slurm_sizing(rows, plan.PAPER_WORLD, steps)
+    assert all(r["slurm"] == sizing for r in rows)  # what the committed rows say is what it computes
+    launcher = yaml.safe_load((ROOT / "bgpo" / "conf" / "hydra" / "launcher" / "slurm.yaml").read_text())
+    assert launcher["mem_gb"] >= sizing["mem_gb"] and launcher["signal_delay_s"] >= sizing["signal_delay_s"]
+    train = yaml.safe_load((ROOT / "bgpo" / "conf" / "train.yaml").read_text())
+    paper = yaml.safe_load((ROOT / "sweeps" / "paper_main.yaml").read_text())
+    assert paper.get("ckpt_every", train["ckpt_every"]) >= sizing["ckpt_every"]
+    slower = plan.slurm_sizing(rows, plan.PAPER_WORLD, {t: 10 * n for t, n in steps.items()})
+    assert slower["signal_delay_s"] > sizing["signal_delay_s"]  # the sizing follows the work of a step

@@ -19,6 +19,7 @@ from bgpo.bench._common import method_partial
 from bgpo.elbo import Batch
 from bgpo.method import backward as method_backward
 from bgpo.model import apply_lora, apply_precision, enable_activation_checkpointing, load_dllm
+from bgpo.results import last_checkpoint, load_checkpoint
 from bgpo.train import run
 from bgpo.trainer import advantages
 from tests.helpers import micro_model, random_batch
@@ -128,7 +129,7 @@ def test_fsdp_bf16_mixed_with_checkpointing_trains_and_keeps_fp32_parameters(bas
     s = json.loads(summary.read_text())
     assert s["world_size"] == 2 and s["parallel"] == "fsdp"
     assert s["param_fingerprints"][0] == s["param_fingerprints"][1]
-    state = torch.load(summary.parent / "checkpoints" / "last.pt", weights_only=False)
+    state = load_checkpoint(last_checkpoint(summary.parent))  # last.dcp: every rank's shards, put together
     start = load_dllm("tiny", base_model).net.state_dict()
     assert all(v.dtype == torch.float32 for v in state["model"].values())  # master weights
     moved = sum(int((state["model"][k] != v).sum()) for k, v in start.items())

@@ -224,6 +224,10 @@ PRESETS = {"tiny_repro": 24, "tiny_offpolicy": 6, "tiny_mc": 15, "tiny_bounds": 
            "beyond_tiny": 30}
 
 
+LIKE = {"tiny_bounds": "tiny_offpolicy", "tiny_mc": "tiny_repro", "tiny_equal_memory": "tiny_repro"}
+"""the measured preset whose runs a preset's not-yet-run ones resemble (for the time still to go)"""
+
+
 def preset_of(sweep: str, method: str) -> str | None:
     if sweep == "tiny_repro":
         return "tiny_offpolicy" if method == "bgpo_offpolicy" else "beyond_tiny" if method in LATER else sweep
@@ -262,7 +266,8 @@ def compute_table(results: Path) -> Table:
         spent = sum(ms) / 60
         left = max(planned - len(minutes[p]) - failed[p], 0)
         done_h += spent
-        left_h += left * (per or 10.0) / 60
+        like = sorted(m for m in minutes.get(LIKE.get(p, ""), []) if not math.isnan(m))
+        left_h += left * (per or (like[len(like) // 2] if like else 10.0)) / 60
         body.append([(f"`{p}`", ""), (f"{len(minutes[p])} of {planned}", ""), (str(failed[p]), ""),
                      (f"{per:.1f} ({min(ms):.1f}–{max(ms):.1f})" if per else "–", "" if per else "a"),
                      (f"{spent:.1f}", ""), (str(left), "")])
@@ -272,7 +277,9 @@ def compute_table(results: Path) -> Table:
     notes = ["Measured wall time of each complete run (`summary.json` `wall_s_this_session`: 60 RL steps, "
              "validation every 10 steps, the base/selected/final test evaluations), one thread, two runs "
              "side by side on a 2-core machine (each slows the other). Core-hours = the sum over complete "
-             "runs; to go = the runs left × the preset's median (10 min where none ran yet)."]
+             "runs; to go = the runs left × the preset's median (where none ran yet: the median of the "
+             "preset it resembles — `tiny_bounds` off-policy like `tiny_offpolicy`, the others like "
+             "`tiny_repro` — else 10 min)."]
     return Table("compute", "Compute of the tiny reproduction (one-thread core-minutes per run)",
                  ["preset", "runs complete", "failed", "minutes per run: median (range)", "core-hours spent",
                   "runs left"], body, notes)

@@ -152,7 +152,7 @@ def drive(monkeypatch: pytest.MonkeyPatch, tmp: Path, method_cls: type, rollouts
         trace.after.append(params_of(policy))
         return out
 
-    monkeypatch.setattr(trainer, "load_policy", lambda _cfg, _device: policy)
+    monkeypatch.setattr(trainer, "load_policy", lambda _cfg, _device, _empty=False: policy)
     monkeypatch.setattr(trainer, "has_validation", lambda _task: False)
     monkeypatch.setattr(trainer, "run_key", lambda _cfg: "update-loop-test")  # no base model folder to hash
     monkeypatch.setattr(trainer, "rollout", fake_rollout)

@@ -282,7 +282,9 @@ def _empty(kind: str, path: str | Path, dtype: str, hub: dict) -> nn.Module:
     torch.set_default_dtype(want)
     try:
         with init_empty_weights(include_buffers=False):
-            net = AutoModelForCausalLM.from_config(config) if kind == "tiny" else NATIVE[kind](config)
+            # from_config follows the config's dtype, not the default: told, as from_pretrained is
+            net = AutoModelForCausalLM.from_config(config, dtype=want) if kind == "tiny" \
+                else NATIVE[kind](config)
         net.tie_weights()  # a tied LM head is the embedding (from_pretrained ties; the bare class not)
         return net
     finally:

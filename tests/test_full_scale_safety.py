@@ -375,8 +375,9 @@ def test_out_of_memory_reading_a_sharded_checkpoint_keeps_it(tmp_path, monkeypat
 
 
 # ---- FSDP ranks build on the meta device and read only their shards ----------------------------
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("kind", ["tiny", "llada", "dream"])
-def test_a_model_built_empty_then_materialized_equals_the_loaded_one(kind, base_model):
+def test_a_model_built_empty_then_materialized_equals_the_loaded_one(kind, dtype, base_model):
     """``load_dllm(empty=True)`` reads no weight (every parameter on the meta device); ``materialize``
     then reads them from the safetensors files through DCP's Hugging Face reader — here one process
     holding all of it; under FSDP each rank reads only its slices (``test_distributed`` checks the
@@ -387,11 +388,13 @@ def test_a_model_built_empty_then_materialized_equals_the_loaded_one(kind, base_
 
     path = base_model if kind == "tiny" else folder(kind)
     mask = None if kind == "tiny" else ARCHS[kind][1]
-    full = load_dllm(kind, path, "float32", mask_token_id=mask)
-    empty = load_dllm(kind, path, "float32", mask_token_id=mask, empty=True)
+    full = load_dllm(kind, path, dtype, mask_token_id=mask)  # a float32 checkpoint, loaded in ``dtype``
+    empty = load_dllm(kind, path, dtype, mask_token_id=mask, empty=True)
     assert {p.device.type for p in empty.net.parameters()} == {"meta"}
     Dist().materialize(empty.net, path)
     ids = torch.randint(0, full.net.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
+    for (name, a), (_, b) in zip(full.net.named_buffers(), empty.net.named_buffers(), strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b), name  # e.g. Gemma3's embed_scale in the model dtype
     with torch.no_grad():
         assert torch.equal(full.net(ids).logits, empty.net(ids).logits)
 

@@ -156,18 +156,6 @@ def load_into(state: dict[str, Any], dist: Dist, net: torch.nn.Module,
         dist.load_model_state_dict(net, state["model"])
 
 
-def failures(e: BaseException) -> list[BaseException]:
-    """The errors behind ``e``: DCP gathers every rank's into one ``CheckpointException``."""
-    inner = getattr(e, "failures", None)
-    if isinstance(inner, dict) and inner:
-        return [f[0] if isinstance(f, tuple) else f for f in inner.values()]
-    return [e]
-
-
-def of_machine(e: BaseException) -> bool:
-    return any(machine_error(f) for f in failures(e))
-
-
 def stop_together(dist: Dist, err: BaseException | None, path: Path) -> None:
     """Every rank says whether loading ``path`` failed for a reason of the machine (``err``: out of
     memory, CUDA, I/O); if one did, every rank raises — that rank its own error, the others one
@@ -202,10 +190,8 @@ def load_weights(path: Path, step: int, dist: Dist, net: torch.nn.Module, key: s
         state = read_header(path, dist.device)
         if not isinstance(state, dict) or state.get("step") != step or "model" not in state:
             raise ValueError(f"not the weights of step {step}")
-    except BaseException as e:  # noqa: BLE001  (a torn or corrupt file: any loader error)
-        if not isinstance(e, Exception) and not hasattr(e, "failures"):
-            raise  # KeyboardInterrupt, SystemExit
-        if of_machine(e):  # out of memory, CUDA, I/O: the file is not to blame
+    except Exception as e:  # noqa: BLE001  (a torn or corrupt file: any loader error)
+        if machine_error(e):  # out of memory, CUDA, I/O: the file is not to blame
             machine = e
         else:
             unparsed = e

@@ -239,7 +239,7 @@ def bounds_table(runs: list[Run], reported: dict[str, Any], sweep: str) -> Table
     return variant_table("bounds", "Table 3: the bounds ablation, off-policy (test accuracy %)", runs, paper,
                          list(rows), f"Runs: results/{sweep}/ (BGPO off-policy, minibatches = 2). Lemma 1 "
                          "only: the tangent bound 1 + d_j for every sample; Lemma 2 only: exp(d_j) for every "
-                         f"sample. paper: {rep['source']} (MATH500 / GSM8K).", "bgpo_offpolicy")
+                         f"sample. paper: {rep['source']}.", "bgpo_offpolicy")
 
 
 def equal_memory_table(runs: list[Run], sweep: str) -> Table:

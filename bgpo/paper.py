@@ -247,7 +247,8 @@ def equal_memory_table(runs: list[Run], sweep: str) -> Table:
                          "RL update (test accuracy %)", runs, {}, ORDER,
                          f"Runs: results/{sweep}/; each method's n_t is the largest whose measured peak "
                          "memory fits the budget (sweeps/tiny_equal_memory.yaml says which budget and which "
-                         "benchmark rows), BGPO the n_t it likes (its memory does not grow with n_t).",
+                         "benchmark rows); BGPO's memory does not grow with n_t, so it keeps its paper's "
+                         "n_t 16 (the runs of tiny_repro with the same settings).",
                          "bgpo")
 
 

@@ -290,16 +290,23 @@ def _interval_series(runs: list[Any], sweep: str, by_mc: bool) -> tuple[list, An
 def equal_memory(points: list[tuple[str, Any]], base: Any, used: list[tuple[str, int]],
                  memory: list[dict[str, Any]]) -> Any:
     """Left: test accuracy per method at its equal-memory n_t; right: the peak memory each used
-    (the benchmark's row for that method and n_t on the tiny model, CPU)."""
+    (the benchmark's row for that method and n_t on the tiny model, CPU) under the budget line
+    (VRPO-OL's peak at n_t 2, ``bgpo.paper_settings``); a pair with no benchmark row is marked."""
     from bgpo.paper_runs import method_key
 
     fig = interval_points(points, "method (n_t)", "equal memory budget: test accuracy", base, panels=2)
     ax = fig.axes[1]
     tiny = [r for r in memory if (r.get("model"), r.get("device")) == ("tiny", "cpu")]
     peak = {(method_key(str(r["method"])), int(r["mc"])): r["peak_bytes"] / 2**20 for r in tiny
-            if not r.get("variant") and not r.get("oom")}
+            if not r.get("variant") and not r.get("overrides") and not r.get("oom")}
     vals = [peak.get(u, float("nan")) for u in used]
     ax.bar(range(len(vals)), vals, color=[COLORS.get(m, "C0") for m, _ in used])
+    for i, v in enumerate(vals):
+        if v != v:  # NaN: no benchmark row for this method and n_t
+            ax.annotate("not measured", (i, 0), ha="center", va="bottom", fontsize=7, color="0.4")
+    if ("vrpo", 2) in peak:
+        ax.axhline(peak[("vrpo", 2)], color="0.3", ls="--", lw=1, label="budget: VRPO-OL's peak at n_t 2")
+        ax.legend(loc="upper right", fontsize=7)
     ax.set_xticks(range(len(vals)), [name for name, _ in points], rotation=20, fontsize=7)
     ax.set(ylabel="peak memory of the RL update (MiB)", title="memory each used (tiny, CPU benchmark)")
     ax.grid(alpha=0.3, axis="y")

@@ -394,3 +394,43 @@ def test_report_claims_section_is_the_generated_table(tmp_path: Path) -> None:
     report.write_text("# Report without markers\n")
     assert paper.with_claims(report, claims) is None
     assert paper.with_claims(tmp_path / "absent.md", claims) is None
+
+
+def test_equal_memory_table_figure_and_claim(tree: tuple[Path, Path]) -> None:
+    """Issue 22.4: with tiny_equal_memory runs the table has a row per method (BGPO borrowed from
+    tiny_repro at n_t 16), the figure is drawn beside the memory each used, and the claim has its
+    paired intervals."""
+    results, out = tree
+    for method in ("vrpo", "diffugrpo", "wd1"):
+        for seed in range(3):
+            write_run(results, "tiny_equal_memory", method, "countdown", 2, seed, 0.4, sources=("own", "d1"))
+    assert generate(results, out) == 0
+    eq = (out / "tables" / "equal_memory.md").read_text()
+    for name in ("BGPO", "VRPO-OL", "diffu-GRPO", "wd1"):
+        cells = row(eq, "Countdown · suite test set", name)
+        assert "–" not in cells[2:5], cells
+    assert value(row(eq, "Countdown · suite test set", "VRPO-OL")[4]) == 40.0
+    assert (out / "figures" / "equal_memory.png").stat().st_size > 1000
+    assert "`equal_memory`: not drawn" not in (out / "figures" / "README.md").read_text()
+    claims = (out / "tables" / "claims.md").read_text()
+    line = next(x for x in claims.splitlines() if x.startswith("| BGPO beats the baselines at equal memory"))
+    assert "not yet run" not in line and "BGPO − VRPO-OL (n_t 2) +" in line
+
+
+def test_equal_memory_figure_draws_the_budget_and_marks_missing_rows() -> None:
+    import matplotlib.pyplot as plt
+
+    from bgpo import paper_figures as pf
+    from bgpo.stats import Interval
+
+    mem = [{"device": "cpu", "model": "tiny", "method": m, "mc": mc, "peak_bytes": b * 2**20, "overrides": []}
+           for m, mc, b in (("bgpo", 16, 100), ("vrpo", 2, 200), ("diffu_grpo", 2, 199))]
+    points = [(name, Interval(0.5, 0.4, 0.6, 40, 3)) for name in ("BGPO (n_t 16)", "VRPO-OL (n_t 2)",
+                                                          "diffu-GRPO (n_t 2)", "wd1 (n_t 2)")]
+    fig = pf.equal_memory(points, None, [("bgpo", 16), ("vrpo", 2), ("diffugrpo", 2), ("wd1", 2)], mem)
+    ax = fig.axes[1]
+    heights = [b.get_height() for b in ax.patches]
+    assert heights[:3] == [100, 200, 199] and heights[3] != heights[3]  # wd1 has no row: NaN, marked
+    assert [t.get_text() for t in ax.texts] == ["not measured"]
+    assert [line.get_ydata()[0] for line in ax.get_lines()] == [200]  # the budget: VRPO-OL at n_t 2
+    plt.close(fig)

@@ -10,10 +10,11 @@ Two formats of one content, chosen by the process layout (``bgpo.parallel``):
   with the rest. Resuming, each rank reads only its shard; a different world size is resharded by
   DCP, and either format resumes under either layout (``parallel`` is not part of the run key).
 
-The content: ``step``, ``model``, ``opt``, ``sched``, ``rng``, ``resumed_at``, ``commits`` and the
-run key ``run`` (``best`` holds ``step``, ``model`` and ``run``). ``last`` is written to a temporary
-name, fsynced and renamed, the one before it kept as ``prev``: a crash leaves the old checkpoint or
-the new one, whole. Reading: a file that fails to parse is set aside (``*.corrupt``, by name) and
+The content: ``step``, ``model``, ``opt``, ``sched``, ``rng``, ``resumed_at``, ``commits``, the
+run's wall seconds up to the checkpoint over all its sittings ``wall_s`` and the run key ``run``
+(``best`` holds ``step``, ``model`` and ``run``). ``last`` is written to a temporary name, fsynced
+and renamed, the one before it kept as ``prev``: a crash leaves the old checkpoint or the new one,
+whole. Reading: a file that fails to parse is set aside (``*.corrupt``, by name) and
 the run goes on without it; a failure of the machine (out of memory, CUDA, I/O:
 ``bgpo.results.machine_error``) is never taken for corruption: every rank stops with it.
 """
@@ -62,12 +63,14 @@ def existing(folder: Path, name: str) -> list[Path]:
 
 # ---- writing --------------------------------------------------------------------------------------
 def save_checkpoint(path: Path, dist: Dist, net: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any,
-                    step: int, resumed_at: list[int], commits: list[str], key: str) -> None:
+                    step: int, resumed_at: list[int], commits: list[str], key: str,
+                    wall_s: float | None = None) -> None:
     """Model + optimizer (keyed by parameter name), scheduler, RNG, the commits the run was trained
-    with and its run key ``key`` at ``path`` (``last.pt`` or ``last.dcp``), the previous checkpoint
-    kept as ``prev`` (a last good one if this one is found corrupt). Every rank calls it."""
+    with, its wall seconds so far (None: unknown) and its run key ``key`` at ``path`` (``last.pt`` or
+    ``last.dcp``), the previous checkpoint kept as ``prev`` (a last good one if this one is found
+    corrupt). Every rank calls it."""
     header = {"step": step, "sched": sched.state_dict(), "rng": torch.get_rng_state(),
-              "resumed_at": resumed_at, "commits": commits, "run": key}
+              "resumed_at": resumed_at, "commits": commits, "wall_s": wall_s, "run": key}
     if path.suffix == ".dcp":
         write_sharded(path, dist, {"model": net, "opt": opt}, header, keep_previous=True)
         return

@@ -236,9 +236,8 @@ def preset_of(sweep: str, method: str) -> str | None:
 
 def compute_table(results: Path) -> Table:
     """``tables/compute.md``: per tiny preset, runs complete and failed, and the measured wall time of
-    a run (``summary.json`` ``wall_s_this_session``: training, validation and the test evaluations,
-    one thread) — the core-hours the reproduction took and will take."""
-    import json
+    a run (``run_seconds``: training, validation and the test evaluations, one thread, over all its
+    sittings) — the core-hours the reproduction took and will take."""
     import math
 
     from bgpo.paper_runs import Table, method_key
@@ -246,17 +245,16 @@ def compute_table(results: Path) -> Table:
     nan = float("nan")
     minutes: dict[str, list[float]] = {p: [] for p in PRESETS}
     failed = {p: 0 for p in PRESETS}
+    pieced = 0
     for path in sorted(results.glob("*/*/config.yaml")):
         folder, sweep = path.parent, path.parent.parent.name
         p = preset_of(sweep, method_key(folder.name.split("-")[0], _config(path)))  # <method>-<task>-...
         if p is None:
             continue
         if (folder / "summary.json").exists():
-            s = json.loads((folder / "summary.json").read_text())
-            wall = s.get("wall_s_this_session")
-            # a resumed run's time is split over sittings: counted as complete, not timed
-            timed = isinstance(wall, (int, float)) and not s.get("resumed_at")
-            minutes[p].append(wall / 60 if timed else nan)
+            wall, partly = run_seconds(folder)
+            minutes[p].append(nan if wall is None else wall / 60)
+            pieced += partly
         elif (folder / "failed.json").exists():
             failed[p] += 1
     body, done_h, left_h = [], 0.0, 0.0
@@ -274,15 +272,44 @@ def compute_table(results: Path) -> Table:
     body.append([("total", ""), (f"{sum(len(v) for v in minutes.values())} of {sum(PRESETS.values())}", ""),
                  (str(sum(failed.values())), ""), ("", ""), (f"{done_h:.1f}", ""),
                  (f"≈ {left_h:.1f} core-hours to go", "")])
-    notes = ["Measured wall time of each complete run (`summary.json` `wall_s_this_session`: 60 RL steps, "
-             "validation every 10 steps, the base/selected/final test evaluations), one thread, two runs "
-             "side by side on a 2-core machine (each slows the other). Core-hours = the sum over complete "
-             "runs; to go = the runs left × the preset's median (where none ran yet: the median of the "
-             "preset it resembles — `tiny_bounds` off-policy like `tiny_offpolicy`, the others like "
-             "`tiny_repro` — else 10 min)."]
+    notes = ["Measured wall time of each complete run (`summary.json`: 60 RL steps, validation every 10 "
+             "steps, the base/selected/final test evaluations), one thread, two runs side by side on a "
+             "2-core machine (each slows the other). A run stopped and resumed counts each sitting up to "
+             "the checkpoint the next one resumed from (`wall_s_all_sittings`); work redone after a stop "
+             "is not counted. Core-hours = the sum over complete runs; to go = the runs left × the "
+             "preset's median (where none ran yet: the median of the preset it resembles — `tiny_bounds` "
+             "off-policy like `tiny_offpolicy`, the others like `tiny_repro` — else 10 min)."]
+    if pieced:
+        notes.append(f"{pieced} resumed run(s) began before checkpoints recorded their time: their earlier "
+                     "sittings count the logged step times (`metrics.jsonl` `time/step_s` up to the resume "
+                     "point, the base evaluation included) without those sittings' validation passes, a "
+                     "slight undercount.")
     return Table("compute", "Compute of the tiny reproduction (one-thread core-minutes per run)",
                  ["preset", "runs complete", "failed", "minutes per run: median (range)", "core-hours spent",
                   "runs left"], body, notes)
+
+
+def run_seconds(folder: Path) -> tuple[float | None, bool]:
+    """A complete run's wall seconds over all its sittings, and whether they were pieced together
+    from ``metrics.jsonl`` (a run resumed from a checkpoint that did not record its time): this
+    sitting's seconds + the logged step times up to the last resume point."""
+    import json
+
+    s = json.loads((folder / "summary.json").read_text())
+    total, this = s.get("wall_s_all_sittings"), s.get("wall_s_this_session")
+    if isinstance(total, (int, float)):
+        return float(total), False
+    if not isinstance(this, (int, float)):
+        return None, False
+    if not s.get("resumed_at"):
+        return float(this), False
+    last = max(s["resumed_at"])
+    rows = {}
+    for line in (folder / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line) if line.strip() else {}
+        if isinstance(row.get("step"), int) and row["step"] <= last:
+            rows[row["step"]] = row.get("time/step_s", 0.0)
+    return float(this) + sum(rows.values()), True
 
 
 def _config(path: Path) -> dict[str, Any]:

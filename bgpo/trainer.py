@@ -129,6 +129,8 @@ class Run:
     saved: int = 0  # the step of the last good checkpoint
     resumed_at: list[int] = field(default_factory=list)
     commits: list[str] = field(default_factory=list)
+    wall_before: float | None = 0.0  # seconds of the sittings before this one (None: not recorded)
+    t_sitting: float = 0.0  # time.time() when this sitting's training began
     best: dict[str, Any] | None = None  # rank 0: the best validation row so far
 
     @property
@@ -150,7 +152,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     run = build(cfg, run_dir)
     resume(run)
     train_data = run.task.train_examples(cfg.steps * cfg.prompts_per_step, cfg.seed)
-    t_run = time.time()
+    run.t_sitting = time.time()
     # trackers (TensorBoard, W&B) see every metrics row and the test sets; INFO lines go to the job log
     tracker = Tracker.open(cfg.logger, run_dir, to_container(cfg), run.start, cfg.steps, log) \
         if run.dist.rank == 0 else Tracker()
@@ -176,7 +178,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         except NonFinite:
             tracker.close()
             raise
-    return finish(run, tracker, t_run)
+    return finish(run, tracker)
 
 
 def build(cfg: DictConfig, run_dir: Path) -> Run:
@@ -232,6 +234,7 @@ def resume(run: Run) -> None:
         run.start = run.saved = state["step"]
         run.resumed_at = [*state.get("resumed_at", []), run.start]
         run.commits = list(state.get("commits", []))
+        run.wall_before = state.get("wall_s")  # None: a checkpoint written before it was recorded
         if run.commits and run.commits[-1] != commit and run.dist.rank == 0:
             warn(f"{run.run_dir}: resuming at step {run.start} with commit {commit}; the run was trained so "
                  f"far with commit {run.commits[-1]} (both are recorded in the summary's 'commits')")
@@ -331,13 +334,13 @@ def checkpoint(run: Run, step: int, preemption: Preemption) -> None:
     stopping = run.dist.any(preemption.asked is not None)
     if (step + 1) % run.cfg.ckpt_every == 0 or step + 1 == run.cfg.steps or stopping:
         save_checkpoint(run.ckpt, run.dist, run.policy.net, run.opt, run.sched, step + 1, run.resumed_at,
-                        run.commits, run.key)
+                        run.commits, run.key, wall_so_far(run))
         run.saved = step + 1
     if stopping and step + 1 < run.cfg.steps:
         preemption.hand_over(f"stopped by signal after step {step + 1}; checkpoint in {run.ckpt}")
 
 
-def finish(run: Run, tracker: Tracker, t_run: float) -> dict[str, Any]:
+def finish(run: Run, tracker: Tracker) -> dict[str, Any]:
     """The parameter fingerprint, the test sets of the final and the validation-selected policy
     (``eval_test.json``), and the run's summary."""
     cfg, dist, policy = run.cfg, run.dist, run.policy
@@ -367,7 +370,16 @@ def finish(run: Run, tracker: Tracker, t_run: float) -> dict[str, Any]:
             "param_fingerprints": dist.gather([fingerprint]),
             "world_size": dist.world, "parallel": dist.strategy,
             "local_param_numel": dist.gather([sum(dist.local(p).numel() for p in policy.net.parameters())]),
-            "wall_s_this_session": round(time.time() - t_run, 1), **provenance(run.device)}
+            "wall_s_this_session": round(time.time() - run.t_sitting, 1),
+            "wall_s_all_sittings": None if run.wall_before is None else round(wall_so_far(run), 1),
+            **provenance(run.device)}
+
+
+def wall_so_far(run: Run) -> float | None:
+    """The run's wall seconds over all its sittings, each counted up to the checkpoint the next one
+    resumed from (work redone after a stop is not counted); None when a checkpoint resumed from did
+    not record it."""
+    return None if run.wall_before is None else run.wall_before + time.time() - run.t_sitting
 
 
 class Preemption:

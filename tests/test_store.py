@@ -127,6 +127,37 @@ def test_incomplete_or_corrupt_summary_is_not_complete(content, reference, base_
 
 
 # ---- checkpoints ----------------------------------------------------------------------------
+def test_wall_time_adds_up_over_sittings(reference, base_model, tmp_path):
+    """Issue 22.2: every checkpoint records the run's seconds so far; a resumed run's summary counts
+    its earlier sittings up to the checkpoint it resumed from (``wall_s_all_sittings``). A checkpoint
+    written before that was recorded gives None, and ``bgpo.claims.run_seconds`` pieces the time
+    together from this sitting's seconds and the logged step times up to the resume point."""
+    from bgpo.claims import run_seconds
+
+    ref = json.loads((reference / "summary.json").read_text())
+    assert ref["wall_s_all_sittings"] == pytest.approx(ref["wall_s_this_session"], abs=0.2)
+    root, d = copy_of(reference, tmp_path)
+    (d / "summary.json").unlink()
+    (d / "checkpoints" / "last.pt").unlink()  # resume from prev.pt (step 2)
+    before = torch.load(d / "checkpoints" / "prev.pt", weights_only=False)["wall_s"]
+    assert 0 < before < ref["wall_s_this_session"]
+    s = run(cfg_of(base_model, root, *ARGS))
+    assert s["resumed_at"] == [2]
+    assert s["wall_s_all_sittings"] == pytest.approx(before + s["wall_s_this_session"], abs=0.2)
+    assert run_seconds(d) == (s["wall_s_all_sittings"], False)
+    # the same run resumed from a checkpoint of an older commit, which did not record its time
+    root, d = copy_of(reference, tmp_path / "old")
+    (d / "summary.json").unlink()
+    (d / "checkpoints" / "last.pt").unlink()
+    prev = torch.load(d / "checkpoints" / "prev.pt", weights_only=False)
+    torch.save({k: v for k, v in prev.items() if k != "wall_s"}, d / "checkpoints" / "prev.pt")
+    s = run(cfg_of(base_model, root, *ARGS))
+    assert s["resumed_at"] == [2] and s["wall_s_all_sittings"] is None
+    rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+    logged = sum(r["time/step_s"] for r in rows if r["step"] <= 2)
+    assert run_seconds(d) == (pytest.approx(s["wall_s_this_session"] + logged), True)
+
+
 @pytest.mark.parametrize("which", ["last", "both"])
 def test_corrupt_checkpoint_falls_back_to_the_previous_or_restarts(which, reference, base_model, tmp_path,
                                                                    caplog):

@@ -245,23 +245,27 @@ def compute_table(results: Path) -> Table:
     nan = float("nan")
     minutes: dict[str, list[float]] = {p: [] for p in PRESETS}
     failed = {p: 0 for p in PRESETS}
-    pieced = 0
+    lost = {p: 0.0 for p in PRESETS}  # core-minutes of failed runs (their logged step times)
+    pieced, threaded = 0, 0
     for path in sorted(results.glob("*/*/config.yaml")):
-        folder, sweep = path.parent, path.parent.parent.name
-        p = preset_of(sweep, method_key(folder.name.split("-")[0], _config(path)))  # <method>-<task>-...
+        folder, sweep, cfg = path.parent, path.parent.parent.name, _config(path)
+        p = preset_of(sweep, method_key(folder.name.split("-")[0], cfg))  # <method>-<task>-...
         if p is None:
             continue
+        threads = int(cfg.get("threads") or 1)  # core-minutes = wall minutes × the run's threads
         if (folder / "summary.json").exists():
             wall, partly = run_seconds(folder)
-            minutes[p].append(nan if wall is None else wall / 60)
+            minutes[p].append(nan if wall is None else wall / 60 * threads)
             pieced += partly
+            threaded += threads > 1
         elif (folder / "failed.json").exists():
             failed[p] += 1
+            lost[p] += logged_seconds(folder, None) / 60 * threads
     body, done_h, left_h = [], 0.0, 0.0
     for p, planned in PRESETS.items():
         ms = [m for m in minutes[p] if not math.isnan(m)]
         per = sorted(ms)[len(ms) // 2] if ms else None
-        spent = sum(ms) / 60
+        spent = (sum(ms) + lost[p]) / 60
         left = max(planned - len(minutes[p]) - failed[p], 0)
         done_h += spent
         like = sorted(m for m in minutes.get(LIKE.get(p, ""), []) if not math.isnan(m))
@@ -274,11 +278,15 @@ def compute_table(results: Path) -> Table:
                  (f"≈ {left_h:.1f} core-hours to go", "")])
     notes = ["Measured wall time of each complete run (`summary.json`: 60 RL steps, validation every 10 "
              "steps, the base/selected/final test evaluations), one thread, two runs side by side on a "
-             "2-core machine (each slows the other). A run stopped and resumed counts each sitting up to "
+             "2-core machine (each slows the other); a run with `threads` > 1 counts its wall time × "
+             "its threads. A failed run counts its logged step times in the core-hours spent, not in "
+             "the minutes per run. A run stopped and resumed counts each sitting up to "
              "the checkpoint the next one resumed from (`wall_s_all_sittings`); work redone after a stop "
-             "is not counted. Core-hours = the sum over complete runs; to go = the runs left × the "
+             "is not counted. Core-hours = the sum over the runs; to go = the runs left × the "
              "preset's median (where none ran yet: the median of the preset it resembles — `tiny_bounds` "
              "off-policy like `tiny_offpolicy`, the others like `tiny_repro` — else 10 min)."]
+    if threaded:
+        notes.append(f"{threaded} run(s) ran with more than one thread (alone on the machine).")
     if pieced:
         notes.append(f"{pieced} resumed run(s) began before checkpoints recorded their time: their earlier "
                      "sittings count the logged step times (`metrics.jsonl` `time/step_s` up to the resume "
@@ -303,13 +311,25 @@ def run_seconds(folder: Path) -> tuple[float | None, bool]:
         return None, False
     if not s.get("resumed_at"):
         return float(this), False
-    last = max(s["resumed_at"])
-    rows = {}
-    for line in (folder / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line) if line.strip() else {}
-        if isinstance(row.get("step"), int) and row["step"] <= last:
-            rows[row["step"]] = row.get("time/step_s", 0.0)
-    return float(this) + sum(rows.values()), True
+    return float(this) + logged_seconds(folder, max(s["resumed_at"])), True
+
+
+def logged_seconds(folder: Path, up_to: int | None) -> float:
+    """The sum of ``metrics.jsonl``'s ``time/step_s`` over steps ≤ ``up_to`` (None: all), one row a
+    step (a torn last line is skipped)."""
+    import json
+
+    rows: dict[int, float] = {}
+    path = folder / "metrics.jsonl"
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        step = row.get("step") if isinstance(row, dict) else None
+        if isinstance(step, int) and (up_to is None or step <= up_to):
+            rows[step] = float(row.get("time/step_s", 0.0))
+    return sum(rows.values())
 
 
 def _config(path: Path) -> dict[str, Any]:

@@ -89,3 +89,39 @@ def test_later_methods_name_who_is_ahead():
     assert rows["SPG against BGPO (Countdown)"][1] == "SPG ahead"
     assert rows["ESPO against BGPO (Countdown)"][1] == "no difference resolved"
     assert rows["TraceRL against BGPO (Countdown)"][1].startswith("not yet run")
+
+
+def test_compute_table_counts_threads_sittings_and_failed_runs(tmp_path):
+    """Issue 22.2: core-minutes = wall minutes × the run's threads; a resumed run counts its earlier
+    sittings (recorded, or pieced from the logged step times); a failed run's logged steps count as
+    spent but not in the minutes per run."""
+    import json
+
+    import yaml
+
+    from bgpo.claims import compute_table
+
+    def folder(name: str, threads: int, summary: dict | None, steps: dict[int, float]) -> None:
+        d = tmp_path / "tiny_mc" / name
+        d.mkdir(parents=True)
+        (d / "config.yaml").write_text(yaml.safe_dump({"method": {"_target_": "bgpo.objective.BGPO"},
+                                                       "threads": threads}))
+        (d / "metrics.jsonl").write_text("".join(json.dumps({"step": k, "time/step_s": v}) + "\n"
+                                                 for k, v in steps.items()) + '{"step": 9, "ti')
+        if summary is None:
+            (d / "failed.json").write_text("{}")
+        else:
+            (d / "summary.json").write_text(json.dumps(summary))
+
+    folder("bgpo-countdown-mc1-s0-a", 2, {"wall_s_this_session": 600.0, "resumed_at": []}, {0: 1.0})
+    folder("bgpo-countdown-mc1-s1-b", 1, {"wall_s_this_session": 300.0, "wall_s_all_sittings": 1200.0,
+                                         "resumed_at": [5]}, {0: 1.0})
+    folder("bgpo-countdown-mc1-s2-c", 1, {"wall_s_this_session": 300.0, "resumed_at": [2]},
+           {0: 60.0, 1: 120.0, 2: 120.0, 3: 999.0})
+    folder("bgpo-countdown-mc2-s0-d", 1, None, {0: 600.0, 1: 600.0})
+    t = compute_table(tmp_path)
+    row = next(r for r in t.rows if r[0][0] == "`tiny_mc`")
+    # minutes 20 (10 × 2 threads), 20 (all sittings), 10 (5 + 1 + 2 + 2 logged up to step 2)
+    assert [c[0] for c in row[1:6]] == ["3 of 15", "1", "20.0 (10.0–20.0)", f"{(50 + 20) / 60:.1f}", "11"]
+    assert any("1 run(s) ran with more than one thread" in n for n in t.notes)
+    assert any(n.startswith("1 resumed run(s) began before") for n in t.notes)

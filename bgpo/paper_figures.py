@@ -306,6 +306,7 @@ def equal_memory(points: list[tuple[str, Any]], base: Any, used: list[tuple[str,
             ax.annotate("not measured", (i, 0), ha="center", va="bottom", fontsize=7, color="0.4")
     if ("vrpo", 2) in peak:
         ax.axhline(peak[("vrpo", 2)], color="0.3", ls="--", lw=1, label="budget: VRPO-OL's peak at n_t 2")
+        ax.set_ylim(0, max([peak[("vrpo", 2)], *(v for v in vals if v == v)]) * 1.25)  # legend above bars
         ax.legend(loc="upper right", fontsize=7)
     ax.set_xticks(range(len(vals)), [name for name, _ in points], rotation=20, fontsize=7)
     ax.set(ylabel="peak memory of the RL update (MiB)", title="memory each used (tiny, CPU benchmark)")

@@ -315,21 +315,12 @@ def run_seconds(folder: Path) -> tuple[float | None, bool]:
 
 
 def logged_seconds(folder: Path, up_to: int | None) -> float:
-    """The sum of ``metrics.jsonl``'s ``time/step_s`` over steps ≤ ``up_to`` (None: all), one row a
-    step (a torn last line is skipped)."""
-    import json
+    """The sum of ``metrics.jsonl``'s ``time/step_s`` over steps ≤ ``up_to`` (None: all), of the rows
+    ``bgpo.results.read_metrics`` finds valid (a torn last line is skipped)."""
+    from bgpo.results import read_metrics
 
-    rows: dict[int, float] = {}
-    path = folder / "metrics.jsonl"
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        step = row.get("step") if isinstance(row, dict) else None
-        if isinstance(step, int) and (up_to is None or step <= up_to):
-            rows[step] = float(row.get("time/step_s", 0.0))
-    return sum(rows.values())
+    rows = read_metrics(folder / "metrics.jsonl")[0]
+    return sum(float(r.get("time/step_s", 0.0)) for k, r in rows.items() if up_to is None or k <= up_to)
 
 
 def _config(path: Path) -> dict[str, Any]:

@@ -371,7 +371,7 @@ def finish(run: Run, tracker: Tracker) -> dict[str, Any]:
             "world_size": dist.world, "parallel": dist.strategy,
             "local_param_numel": dist.gather([sum(dist.local(p).numel() for p in policy.net.parameters())]),
             "wall_s_this_session": round(time.time() - run.t_sitting, 1),
-            "wall_s_all_sittings": None if run.wall_before is None else round(wall_so_far(run), 1),
+            "wall_s_all_sittings": None if (wall := wall_so_far(run)) is None else round(wall, 1),
             **provenance(run.device)}
 
 
